@@ -1,0 +1,149 @@
+"""``ddx cache``: list, describe, verify and clean teacher stores."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+
+import click
+
+from cli.options import echo_json, library_errors
+
+STORE = click.argument("store")
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+
+
+@click.group("cache")
+def cache() -> None:
+    """Inspect, verify and clean a teacher store.
+
+    \b
+    Example:
+        ddx cache ls stores/gte7b
+        ddx cache verify stores/gte7b
+    """
+
+
+def _open(store: str):  # -> TeacherStore
+    from storage.store import TeacherStore
+
+    return TeacherStore.open(store)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@cache.command("ls")
+@STORE
+@AS_JSON
+@library_errors
+def ls(store: str, as_json: bool) -> None:
+    """List a store's segments: rows per role, size, when committed; and its teacher.
+
+    \b
+    Example:
+        ddx cache ls stores/gte7b
+    """
+    from storage.maintenance import store_info
+
+    info = store_info(_open(store))
+    if as_json:
+        echo_json(info)
+        return
+    spec = info["teacher_spec"]
+    click.echo(f"{info['store']}: {spec['model']} ({info['dim']}-d, {spec['pooling']} pooling, "
+               f"{info['storage_dtype']}), fingerprint {info['fingerprint']}")
+    click.echo(f"{'segment':<48} {'passages':>10} {'queries':>9} {'size':>11}  committed")
+    for s in info["segments"]:
+        when = datetime.fromtimestamp(s["committed_at"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+        flag = " (resumed)" if s["salvaged"] else ""
+        click.echo(f"{s['id']:<48} {s['roles']['passage']:>10,} {s['roles']['query']:>9,} {_size(s['bytes']):>11}  "
+                   f"{when}{flag}")
+    for u in info["uncommitted"]:
+        click.echo(f"{u['id']:<48} {'(uncommitted: ' + u['state'] + ')':>32}")
+    click.echo(f"total: {info['roles']['passage']:,} passages, {info['roles']['query']:,} queries, "
+               f"{_size(info['bytes'])}")
+
+
+@cache.command("info")
+@STORE
+@AS_JSON
+@library_errors
+def info(store: str, as_json: bool) -> None:
+    """Show a store's teacher spec, fingerprint, totals and format.
+
+    \b
+    Example:
+        ddx cache info stores/gte7b --json
+    """
+    from storage.maintenance import store_info
+
+    data = store_info(_open(store))
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"store:        {data['store']}")
+    click.echo(f"format:       {data['format_version']}   vectors: {data['dim']}-d {data['storage_dtype']}")
+    click.echo(f"fingerprint:  {data['fingerprint']}")
+    for key, value in data["teacher_spec"].items():
+        click.echo(f"  {key + ':':<16}{value!r}")
+    click.echo(f"keys:         {data['keys']:,} ({data['roles']['passage']:,} passages, {data['roles']['query']:,} "
+               f"queries) in {len(data['segments'])} segments, {_size(data['bytes'])}")
+    if data["duplicate_rows"]:
+        click.echo(f"duplicates:   {data['duplicate_rows']:,} rows repeat an earlier segment's key (harmless)")
+
+
+@cache.command("verify")
+@STORE
+@AS_JSON
+@library_errors
+def verify(store: str, as_json: bool) -> None:
+    """Check checksums, counts and index/vector agreement; exit status 1 on damage.
+
+    \b
+    Example:
+        ddx cache verify stores/gte7b || echo "store damaged"
+    """
+    from storage.maintenance import verify_store
+
+    report = verify_store(_open(store))
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
+        for problem in report.problems:
+            click.echo(f"DAMAGED: {problem}", err=True)
+        state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(f"{state}: {report.segments} segments, {report.rows:,} rows, {report.chunks} chunks checked")
+    if not report.ok:
+        sys.exit(1)
+
+
+@cache.command("gc")
+@STORE
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@AS_JSON
+@library_errors
+def gc(store: str, dry_run: bool, as_json: bool) -> None:
+    """Remove uncommitted leftovers of crashed runs (running writers and committed data are kept).
+
+    \b
+    Example:
+        ddx cache gc stores/gte7b --dry-run
+    """
+    from storage.maintenance import gc_store
+
+    removed = gc_store(_open(store), dry_run=dry_run)
+    if as_json:
+        echo_json({"dry_run": dry_run, "removed": removed})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        click.echo(f"{verb} {r['id']} ({_size(r['bytes'])})")
+    click.echo(f"{verb} {len(removed)} abandoned segment(s)")

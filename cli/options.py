@@ -1,0 +1,96 @@
+"""Shared CLI plumbing: config files (YAML/TOML) under flags, JSON output, and clean errors.
+
+A config file gives defaults; flags given on the command line override it (click's ``default_map``).
+Keys are option names with ``-`` or ``_``; a section named after the command (``train:``) is used
+when present, so one file can configure every command of an experiment.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+__all__ = ["config_option", "echo_json", "library_errors", "load_config_file"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
+    """Options for ``command`` from a YAML or TOML file, keys normalised to click's parameter names.
+
+    Raises:
+        click.BadParameter: the file is missing, unparsable, or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - yaml/toml raise their own types
+        raise click.BadParameter(f"config file {path} is not valid {path.suffix or 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"config file {path} must hold a mapping of option names to values.")
+    section = data.get(command, data)
+    if not isinstance(section, dict):
+        raise click.BadParameter(f"section {command!r} of {path} must be a mapping.")
+    return {str(k).replace("-", "_"): v for k, v in section.items() if not isinstance(v, dict) or k == "columns"}
+
+
+def _apply_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    values = load_config_file(value, ctx.info_name or "")
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s) {unknown} for 'ddx {ctx.info_name}'.", param=param)
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def config_option(func: F) -> F:
+    """``--config FILE``: YAML/TOML defaults for every other option (flags still win)."""
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_apply_config,
+        help="YAML or TOML file of option values; flags given here override it.",
+    )(func)
+
+
+def echo_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout (the machine-readable channel; progress goes to stderr)."""
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def library_errors(func: F) -> F:
+    """Turn ddx's own errors (and missing files) into one clean line and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from storage.errors import DdxError
+
+        try:
+            return func(*args, **kwargs)
+        except DdxError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".strip()) from exc
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Rerun the same command to resume; finished work is kept.", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

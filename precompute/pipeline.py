@@ -1,0 +1,321 @@
+"""``ddx precompute-teacher``: run the teacher once over every text not yet in the store.
+
+Two streaming passes over the sources keep memory flat whatever the corpus size:
+
+1. **scan**: read every text, compute its content key, drop keys seen before (within and across
+   sources) and keys the store already holds, keep this rank's slice. Only keys are kept: 16 bytes a
+   text. Bad input stops the run here, before any GPU time is spent.
+2. **encode**: read again, collect the texts still to do into windows, sort each window by token
+   length, cut token-budget batches, encode under ``torch.inference_mode`` and hand the vectors to a
+   writer thread, so the accelerator never waits for the disk.
+
+A crash loses at most one flush interval: the next run salvages the abandoned segment (its flushed
+rows become a committed segment) and encodes only what is still missing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from precompute.batching import padding_waste, token_budget_batches
+from precompute.sources import Source, SourceOptions, TextRecord, parse_source
+from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
+from storage.errors import BadSourceError, DdxError
+from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
+from storage.segment import SegmentWriter
+from storage.store import TeacherStore
+
+__all__ = ["PrecomputeConfig", "PrecomputeSummary", "precompute", "resolve_rank"]
+
+SCAN_BLOCK = 8192  # records hashed per numpy call
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecomputeConfig:
+    """Everything ``ddx precompute-teacher`` needs besides the teacher itself."""
+
+    store: str  # store path or fsspec URL (created on first use)
+    data: tuple[str, ...]  # source specs: "beir:path", "msmarco:path", "hf:name", ...
+    teacher: TeacherConfig
+    storage_dtype: str = "float16"  # vectors on disk; float32 doubles the size for ~1e-3 relative error saved
+    roles: tuple[str, ...] = ("query", "passage")  # which texts to encode
+    token_budget: int | None = None  # padded tokens per batch; default 65,536 on GPU, 8,192 on CPU
+    max_batch_size: int = 512  # texts per batch at most, however short
+    window: int = 65_536  # texts sorted together by length; larger = less padding, more RAM
+    flush_rows: int | None = None  # rows per chunk; default: 32 MiB chunks (4,096 rows at 3584-d fp16)
+    flush_seconds: float = 60.0  # write the partial chunk at least this often (the most a crash loses)
+    limit: int | None = None  # encode at most this many texts (dry runs)
+    rank: int | None = None  # this process's slice; default from torchrun/SLURM env, else 0
+    world_size: int | None = None
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping
+    title_join: str = "{title} {text}"  # how passage titles join their text (part of the key)
+    progress: bool = True  # progress bar on stderr (rank 0 only)
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("PrecomputeConfig.data is empty: pass at least one --data SOURCE.")
+        bad_roles = set(self.roles) - {"query", "passage"}
+        if bad_roles or not self.roles:
+            raise ValueError(f"PrecomputeConfig.roles must be 'query' and/or 'passage', got {self.roles}.")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {self.limit}.")
+        if self.window <= 0 or self.max_batch_size <= 0:
+            raise ValueError("window and max_batch_size must be positive.")
+
+
+@dataclass
+class PrecomputeSummary:
+    """What a run did; ``to_dict`` is the ``--json`` output."""
+
+    store: str
+    fingerprint: str
+    rank: int
+    world_size: int
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    texts_read: int = 0
+    unique_texts: int = 0
+    already_stored: int = 0
+    other_ranks: int = 0
+    to_encode: int = 0
+    encoded: int = 0
+    skipped_bad: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    forward_calls: int = 0
+    salvaged: list[dict[str, Any]] = field(default_factory=list)
+    segment: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def padding_waste(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        rate = self.encoded / self.seconds if self.seconds else 0.0
+        out.update(padding_waste=round(self.padding_waste, 4), texts_per_s=round(rate, 2),
+                   tokens_per_s=round(self.tokens / self.seconds, 1) if self.seconds else 0.0)
+        return out
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size) from the arguments, else torchrun's RANK/WORLD_SIZE, else SLURM, else (0, 1)."""
+    env_rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    env_world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS"))
+    r = rank if rank is not None else int(env_rank or 0)
+    w = world_size if world_size is not None else int(env_world or 1)
+    if not 0 <= r < w:
+        raise ValueError(f"Rank {r} is outside world size {w}.")
+    return r, w
+
+
+def precompute(config: PrecomputeConfig, *, encoder: TeacherEncoder | None = None,
+               sources: list[Source] | None = None) -> PrecomputeSummary:
+    """Encode every text of ``config.data`` the store lacks, and commit it as one new segment.
+
+    Args:
+        config: what to read, where to store, how to batch.
+        encoder: an already loaded teacher (tests, benchmarks); loaded from ``config.teacher`` when None.
+        sources: already opened sources; parsed from ``config.data`` when None.
+
+    Returns:
+        The run's summary (``encoded == 0`` when everything was already stored).
+
+    Raises:
+        BadSourceError: malformed input (nothing is encoded or written).
+        FingerprintMismatchError, DimensionMismatchError: the store holds another teacher's vectors.
+        DiskFullError: the disk filled; committed segments are intact and a rerun resumes.
+    """
+    started = time.perf_counter()
+    rank, world = resolve_rank(config.rank, config.world_size)
+    options = SourceOptions(skip_bad=config.skip_bad, title_join=config.title_join)
+    sources = sources if sources is not None else [parse_source(s, options) for s in config.data]
+    encoder = encoder or load_teacher(config.teacher)
+    store = TeacherStore.open_or_create(config.store, encoder.spec, dtype=config.storage_dtype)
+    summary = PrecomputeSummary(store=store.url, fingerprint=store.fingerprint, rank=rank, world_size=world)
+    summary.salvaged = [{"segment": s, "rows": n} for s, n in _salvage_all(store)]
+    todo = _scan(sources, store, config, rank, world, summary)
+    if len(todo):
+        _encode(sources, store, encoder, todo, config, rank, world, summary)
+    summary.forward_calls = encoder.forward_calls
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _salvage_all(store: TeacherStore, wait_s: float = 300.0) -> list[tuple[str, int]]:
+    """Salvage abandoned segments (each under its lock, so concurrent ranks split the work)."""
+    done = store.salvage()
+    deadline = time.monotonic() + wait_s
+    while any(state == "abandoned" for _, state in store.uncommitted_segments()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # another rank is salvaging it right now
+        done += store.salvage()
+    store.refresh()
+    return done
+
+
+def _iter_blocks(sources: list[Source], roles: tuple[str, ...]) -> Iterator[tuple[int, list[TextRecord]]]:
+    for i, source in enumerate(sources):
+        block: list[TextRecord] = []
+        for rec in source.iter_texts():
+            if rec.role not in roles:
+                continue
+            if not rec.text.strip():
+                raise BadSourceError(f"{rec.origin or source.spec}: empty text for id {rec.id!r} ({rec.role}).")
+            block.append(rec)
+            if len(block) == SCAN_BLOCK:
+                yield i, block
+                block = []
+        if block:
+            yield i, block
+
+
+def _block_keys(block: list[TextRecord]) -> np.ndarray:
+    return content_keys([r.role for r in block], [r.text for r in block])
+
+
+def _scan(sources: list[Source], store: TeacherStore, config: PrecomputeConfig, rank: int, world: int,
+          summary: PrecomputeSummary) -> np.ndarray:
+    """Pass 1: sorted keys this rank must encode."""
+    seen = KeySet()
+    todo_parts: list[np.ndarray] = []
+    per_source = [{"spec": s.spec, "queries": 0, "passages": 0} for s in sources]
+    for i, block in _iter_blocks(sources, config.roles):
+        keys = _block_keys(block)
+        n_query = sum(r.role == "query" for r in block)
+        per_source[i]["queries"] += n_query
+        per_source[i]["passages"] += len(block) - n_query
+        summary.texts_read += len(block)
+        keys = keys[first_occurrence(keys)]
+        keys = keys[~seen.contains(keys)]
+        seen.add(keys)
+        summary.unique_texts += len(keys)
+        stored = store.contains(keys)
+        summary.already_stored += int(stored.sum())
+        keys = keys[~stored]
+        mine = key_slice(keys, rank, world)
+        summary.other_ranks += int((~mine).sum())
+        todo_parts.append(keys[mine])
+    for i, s in enumerate(sources):
+        per_source[i]["skipped_bad"] = len(s.bad)
+        summary.skipped_bad += len(s.bad)
+    summary.sources = per_source
+    todo = np.concatenate(todo_parts) if todo_parts else np.empty(0, KEY_DTYPE)
+    if config.limit is not None:
+        todo = todo[: config.limit]
+    summary.to_encode = len(todo)
+    return np.sort(todo)
+
+
+def _encode(sources: list[Source], store: TeacherStore, encoder: TeacherEncoder, todo: np.ndarray,
+            config: PrecomputeConfig, rank: int, world: int, summary: PrecomputeSummary) -> None:
+    """Pass 2: encode the texts of ``todo`` into one new segment."""
+    budget = config.token_budget or (65_536 if encoder.device.startswith("cuda") else 8_192)
+    done = np.zeros(len(todo), dtype=bool)
+    bar = _progress(len(todo), config.progress and rank == 0)
+    writer = store.writer(rank=rank, world_size=world, chunk_rows=config.flush_rows,
+                          flush_seconds=config.flush_seconds)
+    summary.segment = writer.seg_id
+    with AsyncWriter(writer) as out:
+        window: list[tuple[bytes, TextRecord]] = []
+        for _, block in _iter_blocks(sources, config.roles):
+            keys = _block_keys(block)
+            pos = np.minimum(np.searchsorted(todo, keys), len(todo) - 1)
+            hit = (todo[pos] == keys) & ~done[pos] & first_occurrence(keys)
+            done[pos[hit]] = True
+            window.extend((keys[j], block[j]) for j in np.flatnonzero(hit))
+            if len(window) >= config.window:
+                _encode_window(window, encoder, out, budget, config.max_batch_size, summary, bar)
+                window = []
+        _encode_window(window, encoder, out, budget, config.max_batch_size, summary, bar)
+    bar.close()
+    if not done.all():
+        warnings.warn(f"{int((~done).sum())} texts found in the first pass were gone in the second "
+                      "(did a source file change during the run?); rerun to encode them.", stacklevel=2)
+
+
+def _encode_window(window: list[tuple[bytes, TextRecord]], encoder: TeacherEncoder, out: AsyncWriter,
+                   budget: int, max_batch: int, summary: PrecomputeSummary, bar: Any) -> None:
+    for role in ("query", "passage"):
+        items = [(k, r.text) for k, r in window if r.role == role]
+        if not items:
+            continue
+        keys = np.array([k for k, _ in items], dtype=KEY_DTYPE)
+        texts = [t for _, t in items]
+        lengths = encoder.token_lengths(texts, role)
+        batches = token_budget_batches(lengths, budget, max_batch)
+        real, padded = padding_waste(lengths, batches)
+        summary.tokens += real
+        summary.padded_tokens += padded
+        for b in batches:
+            vectors = encoder.encode([texts[i] for i in b], role)
+            out.put(keys[b], vectors, np.full(len(b), role_code(role), np.uint8), lengths[b])
+            summary.encoded += len(b)
+            bar.tokens = getattr(bar, "tokens", 0) + int(lengths[b].sum())
+            bar.update(len(b))
+            bar.set_postfix_str(f"{bar.tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="text", desc="precompute", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.05)
+
+
+class AsyncWriter:
+    """Feeds a SegmentWriter from a background thread so encoding never waits for disk.
+
+    The queue is bounded (8 batches), so a slow disk slows the encoder instead of filling RAM.
+    On success the segment is committed; on any error it is flushed and left for salvage.
+    """
+
+    def __init__(self, writer: SegmentWriter, depth: int = 8) -> None:
+        self.writer = writer
+        self._queue: queue.Queue[tuple[np.ndarray, ...] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ddx-writer", daemon=True)
+
+    def __enter__(self) -> AsyncWriter:
+        self._thread.start()
+        return self
+
+    def put(self, keys: np.ndarray, vectors: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray) -> None:
+        self._raise_if_failed()
+        self._queue.put((keys, vectors, roles, n_tokens))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.append(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is None:
+            self.writer.commit()
+            return
+        try:
+            if self._error is None:
+                self.writer.flush()
+        except (OSError, DdxError):
+            pass  # the original error is the one to report
+        finally:
+            self.writer.abort()
+        self._raise_if_failed()

@@ -1,0 +1,129 @@
+"""What every data source gives ddx: texts with roles, and where the format has them, qrels and
+training examples (query, positives, hard negatives).
+
+Sources stream: ``iter_texts`` yields one record at a time, so precompute's memory does not grow
+with the corpus (MS MARCO's 8.8 M passages never sit in a Python list). Qrels and training
+examples are small next to the corpus and are returned whole.
+
+Ids are the source's own (BEIR ``_id``, MS MARCO pid/qid, HotpotQA context id). Formats that have
+no ids (MS MARCO text triples) use the text's content key in hex. Ids never reach the store: the
+store is keyed by content, ids map to keys in the experiment's tables.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.errors import BadSourceError
+from storage.keys import content_key, key_hex
+
+__all__ = [
+    "Qrels",
+    "Source",
+    "SourceOptions",
+    "TextRecord",
+    "TrainExample",
+    "join_title",
+    "text_id",
+]
+
+Qrels = dict[str, dict[str, int]]  # query id -> {passage id: graded relevance}
+
+
+@dataclass(frozen=True, slots=True)
+class TextRecord:
+    """One text for the teacher: its source id, the exact text (no prompt) and its role."""
+
+    id: str
+    text: str
+    role: str  # "query" or "passage"
+    origin: str = ""  # "file:line" (or dataset:row) for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class TrainExample:
+    """A phase-2 example: one query, its positive passages, its hard negatives (source ids)."""
+
+    query_id: str
+    positive_ids: tuple[str, ...]
+    negative_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    """How sources read their files; shared by every source of a run."""
+
+    # Skip malformed lines and empty texts (counted in ``Source.bad``) instead of stopping.
+    skip_bad: bool = False
+    # How a passage title joins its text. Part of the text fed to the teacher, hence of the key.
+    # "{title} {text}" is what MTEB/BEIR evaluation does; an empty title leaves the bare text.
+    title_join: str = "{title} {text}"
+    # Column mapping for generic tables and HF datasets: ddx field -> column name
+    # (fields: id, text, title, query, positive, negative, query_id, passage_id, score).
+    columns: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.title_join:
+            raise ValueError(f"SourceOptions.title_join must contain '{{text}}', got {self.title_join!r}.")
+
+
+def join_title(title: str | None, text: str, rule: str) -> str:
+    """Passage text as fed to the teacher: ``rule`` applied when a title exists, else ``text``."""
+    title = (title or "").strip()
+    if not title:
+        return text.strip()
+    return rule.format(title=title, text=text).strip()
+
+
+def text_id(role: str, text: str) -> str:
+    """Id for formats without ids: the text's content key in hex (stable across runs)."""
+    return key_hex(content_key(role, text))
+
+
+class Source(ABC):
+    """A readable data set. Subclasses set ``kind`` and implement the abstract methods.
+
+    Attributes:
+        spec: the string the user gave (``beir:path/to/scifact``).
+        name: short display name (the folder or dataset name).
+        bad: origins ("file:line: reason") of records skipped under ``skip_bad``.
+    """
+
+    kind: str = ""
+
+    def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
+        self.spec = spec
+        self.location = location
+        self.options = options
+        self.name = Path(location.rstrip("/")).name or location
+        self.bad: list[str] = []
+
+    @abstractmethod
+    def iter_texts(self, role: str | None = None) -> Iterator[TextRecord]:
+        """Every text of ``role`` (both roles when None), streamed, each exactly once per id."""
+
+    def splits(self) -> list[str]:
+        """Splits that have qrels or training examples (e.g. ['train', 'test'])."""
+        return []
+
+    def qrels(self, split: str | None = None) -> Qrels:
+        """Relevance judgments of ``split``; {} when the format has none."""
+        return {}
+
+    def training_examples(self, split: str | None = None) -> Iterator[TrainExample]:
+        """Phase-2 examples of ``split`` (query, positives, hard negatives); none by default."""
+        return iter(())
+
+    def reject(self, origin: str, reason: str, fix: str = "") -> None:
+        """Record a bad record under ``skip_bad``, or raise a BadSourceError naming it."""
+        if self.options.skip_bad:
+            self.bad.append(f"{origin}: {reason}")
+            return
+        hint = f" {fix}" if fix else ""
+        raise BadSourceError(f"{origin}: {reason}.{hint} (Or pass --skip-bad to skip and count such records.)")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"

@@ -1,0 +1,223 @@
+"""Loading a teacher and pinning down its TeacherSpec; encoding one batch of texts.
+
+The spec is read from the model as loaded (pooling module, Normalize module, tokenizer padding
+side, max length) after the user's overrides are applied to the model itself, so the stored spec
+always describes what actually ran. Weights are identified by hub commit or by a hash of the local
+files (cached by path, size and mtime: hashing 15 GB of gte-Qwen2-7B takes ~20 s once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.errors import DdxError
+from storage.spec import POOLING_MODES, TeacherSpec
+
+__all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "load_teacher", "weights_identity"]
+
+GTE_QWEN2_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+
+# Named settings for well-known teachers (flags still override each field).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gte-qwen2": {"query_prompt": GTE_QWEN2_QUERY_PROMPT, "passage_prompt": "", "pooling": "lasttoken",
+                  "padding_side": "left", "normalize": True, "trust_remote_code": True},
+    "e5": {"query_prompt": "query: ", "passage_prompt": "passage: ", "pooling": "mean", "normalize": True},
+    "bge": {"query_prompt": "Represent this sentence for searching relevant passages: ", "passage_prompt": "",
+            "pooling": "cls", "normalize": True},
+    "none": {"query_prompt": "", "passage_prompt": ""},
+}
+_SKIP_HASH = {".md", ".txt", ".ini", ".png", ".jpg", ".gitattributes", ".lock"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    """How to load and run the teacher. ``None`` means: read it from the model (or the preset)."""
+
+    model: str  # hub id or local path of a sentence-transformers model
+    preset: str | None = None  # one of PRESETS; "gte-qwen2" is picked automatically for gte-Qwen2 models
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    pooling: str | None = None  # replaces the model's pooling when set
+    normalize: bool | None = None  # adds/removes L2 normalization when set
+    max_seq_length: int | None = None
+    padding_side: str | None = None
+    dtype: str | None = None  # compute dtype; default bfloat16 on CUDA, float32 on CPU
+    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is present, else cpu
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"Unknown teacher preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+        if self.pooling is not None and self.pooling not in POOLING_MODES:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; choose one of {POOLING_MODES}.")
+
+    def resolved(self) -> TeacherConfig:
+        """This config with the preset's values filled in where the user gave none."""
+        preset = self.preset or ("gte-qwen2" if "gte-qwen2" in self.model.lower() else None)
+        if preset is None:
+            return self
+        values = {k: v for k, v in PRESETS[preset].items() if getattr(self, k) is None}
+        return replace(self, preset=preset, **values)
+
+
+def weights_identity(model: str, revision: str | None = None) -> tuple[str, str]:
+    """(local folder, weights id) for a hub id or a local path.
+
+    Hub ids resolve to a snapshot (downloaded when online, the local cache otherwise) and are
+    identified by ``hub:<repo>@<commit>``; local folders by ``files:<blake2b of their files>``.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path), "files:" + _hash_folder(path)
+    if path.exists():
+        raise DdxError(f"Teacher {model!r} is a file; pass the model's folder (with modules.json) or a hub id.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
+        raise DdxError(
+            f"Cannot load teacher {model!r}: not a local folder and not available from the Hugging Face hub "
+            f"or its local cache ({type(exc).__name__}: {exc}). Pass a local path, or download it first "
+            f"('hf download {model}') where the hub is reachable."
+        ) from exc
+    return folder, f"hub:{model}@{Path(folder).name}"
+
+
+def _hash_folder(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in _SKIP_HASH
+                   and p.name not in _SKIP_HASH and ".cache" not in p.parts)
+    stat_key = json.dumps([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    cache_file = Path(os.environ.get("DDX_CACHE_DIR", Path.home() / ".cache" / "ddx")) / "weights-ids.json"
+    cache = _read_json(cache_file)
+    entry = f"{path.resolve()}:{hashlib.sha256(stat_key.encode()).hexdigest()}"
+    if entry in cache:
+        return cache[entry]
+    h = hashlib.blake2b(digest_size=16)
+    for p in files:
+        h.update(str(p.relative_to(path)).encode() + b"\x00")
+        with open(p, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    digest = h.hexdigest()
+    cache[entry] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache))
+    except OSError:
+        pass  # the cache only saves time
+    return digest
+
+
+def _read_json(path: Path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def load_teacher(config: TeacherConfig) -> TeacherEncoder:
+    """Load the teacher named by ``config`` and return an encoder that knows its exact spec."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    cfg = config.resolved()
+    device = cfg.device or default_device()
+    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    folder, weights_id = weights_identity(cfg.model, cfg.revision)
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
+    try:
+        model = SentenceTransformer(folder, device=device, trust_remote_code=bool(cfg.trust_remote_code),
+                                    model_kwargs=kwargs)
+    except (ValueError, ImportError) as exc:
+        if "sdpa" not in str(exc).lower() and "attn" not in str(exc).lower():
+            raise
+        model = SentenceTransformer(folder, device=device, trust_remote_code=bool(cfg.trust_remote_code),
+                                    model_kwargs={"dtype": getattr(torch, dtype)})
+    _apply_overrides(model, cfg)
+    return TeacherEncoder(model, _spec_of(model, cfg, weights_id, dtype), device)
+
+
+def _apply_overrides(model: Any, cfg: TeacherConfig) -> None:
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    if cfg.max_seq_length is not None:
+        model.max_seq_length = cfg.max_seq_length
+    if cfg.padding_side is not None:
+        model.tokenizer.padding_side = cfg.padding_side
+    names = list(model._modules)
+    pool_idx = next((i for i, n in enumerate(names) if isinstance(model._modules[n], Pooling)), None)
+    if cfg.pooling is not None and pool_idx is not None and model[pool_idx].pooling_mode != cfg.pooling:
+        model._modules[names[pool_idx]] = Pooling(model.get_embedding_dimension(), pooling_mode=cfg.pooling)
+    has_norm = any(isinstance(m, Normalize) for m in model)
+    if cfg.normalize is True and not has_norm:
+        model.append(Normalize())
+    elif cfg.normalize is False and has_norm:
+        for name in [n for n in model._modules if isinstance(model._modules[n], Normalize)]:
+            del model._modules[name]
+
+
+def _spec_of(model: Any, cfg: TeacherConfig, weights_id: str, dtype: str) -> TeacherSpec:
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    pooling = next((m.pooling_mode for m in model if isinstance(m, Pooling)), None)
+    if not isinstance(pooling, str):
+        raise DdxError(f"Teacher {cfg.model!r} has no single pooling mode ({pooling!r}); pass --pooling.")
+    prompts = getattr(model, "prompts", {}) or {}
+    return TeacherSpec(
+        model=cfg.model, weights_id=weights_id, pooling=pooling,
+        normalize=any(isinstance(m, Normalize) for m in model),
+        max_seq_length=int(model.max_seq_length or model.tokenizer.model_max_length),
+        dim=int(model.get_embedding_dimension()),
+        query_prompt=cfg.query_prompt if cfg.query_prompt is not None else prompts.get("query", ""),
+        passage_prompt=cfg.passage_prompt if cfg.passage_prompt is not None
+        else prompts.get("passage", prompts.get("document", "")),
+        padding_side=model.tokenizer.padding_side, dtype=dtype,
+    )
+
+
+class TeacherEncoder:
+    """Runs the teacher on batches of texts under ``torch.inference_mode``.
+
+    Attributes:
+        forward_calls: number of forward passes so far (tests assert a reuse run makes none).
+    """
+
+    def __init__(self, model: Any, spec: TeacherSpec, device: str) -> None:
+        self.model, self.spec, self.device = model, spec, device
+        self.forward_calls = 0
+        self.model.eval()
+
+    def token_lengths(self, texts: list[str], role: str) -> np.ndarray:
+        """Tokens each text takes (prompt included, truncated at max_seq_length)."""
+        prompt = self.spec.prompt(role)
+        enc = self.model.tokenizer([prompt + t for t in texts], truncation=True, max_length=self.spec.max_seq_length,
+                                   return_attention_mask=False, return_token_type_ids=False)
+        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int32, count=len(texts))
+
+    def encode(self, texts: list[str], role: str) -> np.ndarray:
+        """Vectors of one batch as float32, shape (len(texts), dim)."""
+        import torch
+
+        with torch.inference_mode():
+            features = self.model.preprocess(texts, prompt=self.spec.prompt(role) or None)
+            features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
+            out = self.model(features)["sentence_embedding"]
+            self.forward_calls += 1
+            return out.float().cpu().numpy()

@@ -1,0 +1,63 @@
+"""One error root for ddx, so callers (and the CLI) can catch every library error at once.
+
+Each class also inherits the builtin that fits, so ``except FileNotFoundError`` keeps working
+(the zarr-python pattern). Messages say what, where, expected vs got, and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadSourceError",
+    "DdxError",
+    "DimensionMismatchError",
+    "DiskFullError",
+    "FingerprintMismatchError",
+    "FormatVersionError",
+    "IntegrityError",
+    "MissingVectorsError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+]
+
+
+class DdxError(ValueError):
+    """Root of every error ddx raises on purpose; the CLI turns it into a clean message."""
+
+
+class StoreNotFoundError(DdxError, FileNotFoundError):
+    """No teacher store where one was expected (or the path is a file)."""
+
+
+class StoreExistsError(DdxError, FileExistsError):
+    """A store (or something else) already occupies a path that must be new."""
+
+
+class FingerprintMismatchError(DdxError):
+    """The store was made by another teacher spec; the message names the differing field."""
+
+
+class DimensionMismatchError(DdxError):
+    """Vector or model dimension disagrees with the store's or the model's."""
+
+
+class FormatVersionError(DdxError):
+    """The store was written by a newer ddx format than this one reads."""
+
+
+class IntegrityError(DdxError):
+    """Stored bytes do not match their checksums or counts."""
+
+
+class BadSourceError(DdxError):
+    """A data source is missing, unreadable or malformed; the message names file, line and field."""
+
+
+class MissingVectorsError(DdxError, KeyError):
+    """Texts asked for have no teacher vector in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DiskFullError(DdxError, OSError):
+    """The disk filled while writing; committed segments stay readable and a rerun resumes."""

@@ -1,0 +1,275 @@
+"""TeacherStore: the durable, content-addressed home of one teacher's vectors.
+
+A store is a directory (or fsspec URL) holding a Zarr v3 group. The root ``zarr.json`` carries the
+format version, the TeacherSpec and its fingerprint; ``segments/`` holds one segment per writer
+(see ``segment.py``). Readers see committed segments only, so a crashed or running writer never
+shows half its rows.
+
+Example:
+    >>> store = TeacherStore.create("stores/demo", spec)            # doctest: +SKIP
+    >>> with store.writer() as w:                                   # doctest: +SKIP
+    ...     w.append(keys, vectors, roles, n_tokens)
+    >>> TeacherStore.open("stores/demo").get(keys).shape            # doctest: +SKIP
+    (3, 768)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from storage.errors import (
+    FormatVersionError,
+    MissingVectorsError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from storage.fs import Location
+from storage.index import KeyIndex, RowGather
+from storage.keys import ROLES, as_key_array, key_hex
+from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, salvage_segment, segment_state
+from storage.spec import TeacherSpec
+
+__all__ = ["FORMAT_VERSION", "TeacherStore", "default_chunk_rows"]
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "float32")
+CHUNK_TARGET_BYTES = 32 << 20
+
+
+def default_chunk_rows(dim: int, dtype: str) -> int:
+    """Rows per chunk: the largest power of two whose chunk stays within 32 MiB (4,096 at 3584-d fp16)."""
+    row_bytes = dim * np.dtype(dtype).itemsize
+    rows = 1 << max(0, (CHUNK_TARGET_BYTES // row_bytes).bit_length() - 1)
+    return max(256, min(rows, 1 << 16))
+
+
+class TeacherStore:
+    """Vectors of one teacher, keyed by content, across any number of segments.
+
+    Use :meth:`create`, :meth:`open` or :meth:`open_or_create`; the constructor is internal.
+    """
+
+    def __init__(self, loc: Location, attrs: dict[str, Any]) -> None:
+        self.loc = loc
+        self.spec = TeacherSpec.from_dict(attrs["teacher_spec"])
+        self.dtype: str = attrs["storage_dtype"]
+        self.format_version: int = attrs["format_version"]
+        self._segments: list[SegmentReader] = []
+        self._index: KeyIndex | None = None
+        self._gather: RowGather | None = None
+        self.refresh()
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, url: str | os.PathLike[str], spec: TeacherSpec, *, dtype: str = "float16") -> TeacherStore:
+        """Create an empty store for ``spec``.
+
+        Raises:
+            StoreExistsError: something is already at ``url``.
+            ValueError: ``dtype`` is not float16 or float32.
+        """
+        import zarr
+
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"Store dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
+        loc = Location(url)
+        if loc.isfile():
+            raise StoreNotFoundError(f"{loc.url!r} is a file, not a store directory. Choose another --store path.")
+        if loc.exists() and loc.listdir():
+            raise StoreExistsError(f"{loc.url!r} already exists and is not empty; open it, or pick a new --store path.")
+        attrs = {"format_version": FORMAT_VERSION, "teacher_spec": spec.to_dict(), "fingerprint": spec.fingerprint,
+                 "dim": spec.dim, "storage_dtype": dtype}
+        root = zarr.open_group(store=loc.zarr_store(), mode="w-", attributes={"ddx": attrs})
+        root.create_group(SEGMENTS)
+        return cls(loc, attrs)
+
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], spec: TeacherSpec | None = None) -> TeacherStore:
+        """Open an existing store; when ``spec`` is given it must match the stored one.
+
+        Raises:
+            StoreNotFoundError: no store at ``url`` (or it is a file).
+            FormatVersionError: written by a newer ddx.
+            FingerprintMismatchError, DimensionMismatchError: ``spec`` differs from the store's.
+        """
+        loc = Location(url)
+        attrs = _read_attrs(loc)
+        store = cls(loc, attrs)
+        if spec is not None:
+            store.spec.check_matches(spec, loc.url)
+        return store
+
+    @classmethod
+    def open_or_create(cls, url: str | os.PathLike[str], spec: TeacherSpec, *, dtype: str = "float16") -> TeacherStore:
+        """Open the store at ``url`` checking ``spec``, or create it when nothing is there."""
+        loc = Location(url)
+        if loc.isdir() and loc.exists("zarr.json"):
+            store = cls.open(url, spec)
+            if store.dtype != dtype:
+                import warnings
+
+                warnings.warn(f"Store {loc.url!r} keeps {store.dtype} vectors; --dtype {dtype} is ignored.",
+                              stacklevel=2)
+            return store
+        return cls.create(url, spec, dtype=dtype)
+
+    # -- segments and index --------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Reload the list of committed segments (another writer may have committed since)."""
+        for seg in self._segments:
+            seg.close()
+        ids = [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
+        self._segments = [SegmentReader(self.loc, s) for s in ids]
+        self._index = None
+        self._gather = None
+
+    @property
+    def segments(self) -> list[SegmentReader]:
+        return list(self._segments)
+
+    def uncommitted_segments(self) -> list[tuple[str, str]]:
+        """(segment id, 'active' | 'abandoned') for every segment without COMMIT."""
+        ids = [s for s in self.loc.listdir(SEGMENTS) if not s.startswith(".") and self.loc.isdir(SEGMENTS, s)]
+        return [(s, segment_state(self.loc, s)) for s in ids if not self.loc.exists(SEGMENTS, s, "COMMIT")]
+
+    @property
+    def index(self) -> KeyIndex:
+        if self._index is None:
+            parts, offset = [], 0
+            for seg in self._segments:
+                cols = seg.index()
+                parts.append((cols.keys, cols.rows + offset, cols.roles, cols.n_tokens))
+                offset += seg.rows
+            self._index = KeyIndex.build(parts)
+        return self._index
+
+    @property
+    def rows(self) -> int:
+        """Rows over all committed segments (duplicates included)."""
+        return sum(s.rows for s in self._segments)
+
+    def __len__(self) -> int:
+        """Distinct keys stored."""
+        return len(self.index)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Boolean mask: which keys have a vector."""
+        return self.index.contains(as_key_array(keys))
+
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """Global row id per key (-1 when missing): pass these to :meth:`get_rows` repeatedly."""
+        return self.index.locate(as_key_array(keys))
+
+    def get(self, keys: np.ndarray, *, dtype: str | None = None) -> np.ndarray:
+        """Vectors of ``keys`` in order, shape (n, dim).
+
+        Raises:
+            MissingVectorsError: some keys have no vector (the message counts them).
+        """
+        gids = self.locate(keys)
+        missing = int((gids < 0).sum())
+        if missing:
+            first = key_hex(as_key_array(keys)[gids < 0][0])
+            raise MissingVectorsError(
+                f"{missing} of {len(gids)} keys have no vector in store {self.url!r} (first: {first}). "
+                f"Run 'ddx precompute-teacher --store {self.url} --data ...' over the texts they come from."
+            )
+        return self.get_rows(gids, dtype=dtype)
+
+    def get_rows(self, gids: np.ndarray, *, dtype: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Vectors at global rows ``gids`` (from :meth:`locate`): the training fast path."""
+        if out is None and dtype is not None and np.dtype(dtype) != np.dtype(self.dtype):
+            out = np.empty((len(gids), self.dim), dtype=dtype)
+        return self._row_gather().gather(np.asarray(gids), out=out)
+
+    def _row_gather(self) -> RowGather:
+        if self._gather is None:
+            starts, loaders, offset = [], [], 0
+            for seg in self._segments:
+                for c in range(seg.n_chunks):
+                    starts.append(offset + c * seg.chunk_rows)
+                    loaders.append((seg, c))
+                offset += seg.rows
+            self._gather = RowGather(np.array(starts, dtype=np.int64), lambda i: loaders[i][0].chunk(loaders[i][1]),
+                                     self.dim, np.dtype(self.dtype))
+        return self._gather
+
+    def iter_batches(self, batch_size: int = 65536, *, role: str | None = None,
+                     verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Sequential scan: (keys, vectors) batches over every committed row, chunk checksums verified."""
+        code = ROLES.index(role) if role is not None else None
+        for seg in self._segments:
+            cols = seg.index()
+            order = np.argsort(cols.rows)
+            keys, roles = cols.keys[order], cols.roles[order]
+            for c in range(seg.n_chunks):
+                if verify and (problem := seg.verify_chunk(c)):
+                    from storage.errors import IntegrityError
+
+                    raise IntegrityError(f"Segment {seg.seg_id!r} of {self.url!r}: {problem}. Run 'ddx cache verify'.")
+                lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
+                vecs = np.asarray(seg.chunk(c)[: hi - lo])
+                sel = slice(None) if code is None else roles[lo:hi] == code
+                for s in range(0, len(vecs[sel]), batch_size):
+                    yield keys[lo:hi][sel][s : s + batch_size], vecs[sel][s : s + batch_size]
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def writer(self, *, rank: int = 0, world_size: int = 1, chunk_rows: int | None = None,
+               flush_seconds: float = 60.0) -> SegmentWriter:
+        """A new segment for one writer (a run, or one rank of a run); commit it by closing it."""
+        rows = chunk_rows or default_chunk_rows(self.dim, self.dtype)
+        return SegmentWriter.create(self.loc, dim=self.dim, dtype=self.dtype, chunk_rows=rows, rank=rank,
+                                    world_size=world_size, flush_seconds=flush_seconds)
+
+    def salvage(self) -> list[tuple[str, int]]:
+        """Commit the flushed rows of every abandoned segment; returns (segment, rows kept)."""
+        done = [(s, salvage_segment(self.loc, s)) for s, state in self.uncommitted_segments() if state == "abandoned"]
+        if done:
+            self.refresh()
+        return done
+
+    def __repr__(self) -> str:
+        return f"TeacherStore({self.url!r}, model={self.spec.model!r}, dim={self.dim}, segments={len(self._segments)})"
+
+
+def _read_attrs(loc: Location) -> dict[str, Any]:
+    if loc.isfile():
+        raise StoreNotFoundError(f"{loc.url!r} is a file, not a teacher store directory. Pass the store's folder.")
+    if not loc.exists("zarr.json"):
+        raise StoreNotFoundError(
+            f"No teacher store at {loc.url!r} (zarr.json missing). "
+            f"Run 'ddx precompute-teacher --store {loc.url} ...' first."
+        )
+    try:
+        attrs = json.loads(loc.read_bytes("zarr.json"))["attributes"]["ddx"]
+    except (KeyError, ValueError) as exc:
+        raise StoreNotFoundError(f"{loc.url!r} is a Zarr group but not a ddx teacher store (no 'ddx' attributes).") from exc
+    version = attrs.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"Store {loc.url!r} has format version {version}; this ddx reads versions up to {FORMAT_VERSION}. "
+            "Upgrade ddx (pip install -U ddx) to read it."
+        )
+    return attrs
