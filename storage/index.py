@@ -53,6 +53,8 @@ class KeyIndex:
     def locate(self, keys: np.ndarray) -> np.ndarray:
         """Global row of each key, -1 where the store has no vector for it."""
         pos = self.positions(keys)
+        if len(self.gids) == 0:
+            return pos
         return np.where(pos >= 0, self.gids[np.maximum(pos, 0)], -1)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:

@@ -1,0 +1,187 @@
+"""The projection MLP that maps student sentence embeddings into the teacher's vector space.
+
+``student_dim → hidden_dim → teacher_dim`` as Linear → GELU → LayerNorm → Linear (768 → 1536 → 3584 for
+all-mpnet-base-v2 under gte-Qwen2-7B-instruct: 6.7 M parameters, 6 % of the 109 M-parameter student).
+
+The order of the layers is chosen so that the MLP is exactly expressible with sentence-transformers' built-in
+modules — ``Dense(in, hidden, activation_function=nn.GELU())``, ``LayerNorm(hidden)``,
+``Dense(hidden, out, activation_function=nn.Identity())`` — so a hybrid model (student + projection) saves as a
+plain SentenceTransformer folder that loads without ddx installed. Two details keep that round trip exact:
+
+* ``Dense`` saves its activation by class path and re-creates it with no arguments, so the GELU here is the
+  default exact (erf) GELU; ``nn.GELU(approximate="tanh")`` would silently come back as the exact one.
+* sentence-transformers' ``LayerNorm`` stores only its dimension, so the LayerNorm here keeps torch's default
+  ``eps=1e-5`` and elementwise affine parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from storage.errors import DdxError, DimensionMismatchError, FormatVersionError
+
+__all__ = ["FORMAT_VERSION", "PROJECTION_FILE", "ProjectionLayer", "ProjectionNotFoundError"]
+
+PROJECTION_FILE = "projection_layer.pt"
+FORMAT_VERSION = 1
+
+
+class ProjectionNotFoundError(DdxError, FileNotFoundError):
+    """No ``projection_layer.pt`` where one was expected."""
+
+
+class ProjectionLayer(nn.Module):
+    """Two-layer MLP from student space to teacher space: Linear → GELU → LayerNorm → Linear.
+
+    Args:
+        student_dim: Size of the student's sentence embedding (input).
+        teacher_dim: Size of the teacher's vectors (output).
+        hidden_dim: Width of the hidden layer; ``None`` means ``2 * student_dim``.
+
+    Raises:
+        DdxError: If a dimension is not a positive integer.
+
+    Example:
+        >>> import torch
+        >>> proj = ProjectionLayer(student_dim=4, teacher_dim=6)
+        >>> proj(torch.randn(2, 4)).shape
+        torch.Size([2, 6])
+    """
+
+    def __init__(self, *, student_dim: int, teacher_dim: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        hidden_dim = 2 * student_dim if hidden_dim is None else hidden_dim
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DdxError(f"ProjectionLayer {name} must be a positive integer, got {value!r}.")
+        self.student_dim = student_dim
+        self.hidden_dim = hidden_dim
+        self.teacher_dim = teacher_dim
+        self.fc1 = nn.Linear(student_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, teacher_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Project ``[..., student_dim]`` embeddings to ``[..., teacher_dim]``.
+
+        The input is cast to the layer's dtype, so a bf16 student feeds an fp32 projection without autocast.
+
+        Raises:
+            DimensionMismatchError: If the last dimension of ``x`` is not ``student_dim``.
+        """
+        if x.shape[-1] != self.student_dim:
+            raise DimensionMismatchError(
+                f"ProjectionLayer expects {self.student_dim}-d student embeddings, got shape {tuple(x.shape)}. "
+                "Build the projection with student_dim equal to the student's embedding dimension."
+            )
+        x = x.to(self.fc1.weight.dtype)
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+    def extra_repr(self) -> str:
+        return f"student_dim={self.student_dim}, hidden_dim={self.hidden_dim}, teacher_dim={self.teacher_dim}"
+
+    def to_sentence_transformer_modules(self) -> list[nn.Module]:
+        """The same MLP as sentence-transformers modules, with copied weights (outputs equal to 1e-6).
+
+        Returns:
+            ``[Dense(student_dim, hidden_dim, GELU), LayerNorm(hidden_dim), Dense(hidden_dim, teacher_dim, Identity)]``
+            on this layer's device and dtype, reading and writing ``features["sentence_embedding"]``.
+        """
+        from sentence_transformers.sentence_transformer.modules import Dense, LayerNorm
+
+        first = Dense(self.student_dim, self.hidden_dim, activation_function=nn.GELU())
+        norm = LayerNorm(self.hidden_dim)
+        second = Dense(self.hidden_dim, self.teacher_dim, activation_function=nn.Identity())
+        first.linear.load_state_dict(self.fc1.state_dict())
+        norm.norm.load_state_dict(self.norm.state_dict())
+        second.linear.load_state_dict(self.fc2.state_dict())
+        weight = self.fc1.weight
+        return [m.to(device=weight.device, dtype=weight.dtype) for m in (first, norm, second)]
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``directory/projection_layer.pt`` atomically (temp file + ``os.replace``).
+
+        The file holds ``{"state_dict", "student_dim", "hidden_dim", "teacher_dim", "format": 1}`` with CPU tensors.
+
+        Args:
+            directory: Folder to write into; created if missing.
+
+        Returns:
+            The path of the written file.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / PROJECTION_FILE
+        payload = {
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "student_dim": self.student_dim,
+            "hidden_dim": self.hidden_dim,
+            "teacher_dim": self.teacher_dim,
+            "format": FORMAT_VERSION,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{PROJECTION_FILE}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> ProjectionLayer:
+        """Restore a layer written by :meth:`save`.
+
+        Args:
+            path: The ``projection_layer.pt`` file, or the folder holding it.
+            map_location: Device to load the tensors onto.
+
+        Returns:
+            The restored layer (in training mode, as a freshly built module is).
+
+        Raises:
+            ProjectionNotFoundError: If the file does not exist.
+            FormatVersionError: If the file was written by a newer format.
+            DdxError: If the file is unreadable or malformed.
+        """
+        path = Path(path)
+        file = path / PROJECTION_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ProjectionNotFoundError(
+                f"No projection layer at '{file}'. Pass the folder a training run wrote (it holds {PROJECTION_FILE})."
+            )
+        payload = _read_payload(file, map_location)
+        layer = cls(
+            student_dim=payload["student_dim"], teacher_dim=payload["teacher_dim"], hidden_dim=payload["hidden_dim"]
+        )
+        try:
+            layer.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:
+            raise DdxError(f"Projection layer file '{file}' has weights that do not fit its dimensions: {exc}") from exc
+        return layer.to(map_location)
+
+
+def _read_payload(file: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """Read and validate the dict stored in a projection file."""
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
+        raise DdxError(f"Projection layer file '{file}' is unreadable ({type(exc).__name__}: {exc}).") from exc
+    required = ("state_dict", "student_dim", "hidden_dim", "teacher_dim", "format")
+    missing = [key for key in required if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise DdxError(f"Projection layer file '{file}' is malformed: missing {missing}. Re-save it with ddx.")
+    if payload["format"] != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"Projection layer file '{file}' has format {payload['format']!r}; this ddx reads format "
+            f"{FORMAT_VERSION}. Upgrade ddx to load it."
+        )
+    return payload

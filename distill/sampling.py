@@ -1,0 +1,95 @@
+"""Batch order: seeded per epoch, optionally length-grouped, never two copies of a positive in a batch.
+
+Length grouping sorts each window of ``group_batches × batch_size`` shuffled examples by length
+before cutting batches, then shuffles the batches: similar lengths share a batch, so padding falls,
+while every batch still draws from across the shuffled window. The order is a pure function of (seed, epoch), so
+a resumed run replays exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["DistillBatchSampler"]
+
+
+class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields lists of example indices, a fixed number of batches per epoch.
+
+    Args:
+        n: number of examples.
+        batch_size: examples per batch.
+        seed: base seed; the epoch is mixed in by :meth:`set_epoch`.
+        lengths: token length per example; enables length grouping when given.
+        positives: per example, the ids that must not repeat inside a batch (phase 2's positives).
+            A conflicting example is swapped with a later one when possible, else skipped this epoch.
+        group_batches: window size for length grouping, in batches.
+        drop_last: drop the final short batch.
+        on_epoch: called with the epoch by :meth:`set_epoch` (the dataset's own ``set_epoch``).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 42, lengths: np.ndarray | None = None,
+                 positives: Sequence[np.ndarray] | None = None, group_batches: int = 50,
+                 drop_last: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths, self.positives = lengths, positives
+        self.group_batches, self.drop_last = group_batches, drop_last
+        self.on_epoch = on_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(self.n)
+        if self.lengths is not None:
+            window = self.batch_size * self.group_batches
+            for s in range(0, self.n, window):
+                part = order[s : s + window]
+                order[s : s + window] = part[np.argsort(-self.lengths[part], kind="stable")]
+        batches = [order[s : s + self.batch_size] for s in range(0, self.n, self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        rng.shuffle(batches)
+        if self.positives is not None:
+            batches = self._deduplicate(batches)
+        for batch in batches:
+            yield batch.tolist()
+
+    def _deduplicate(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Make every batch's positives unique: swap a conflicting example with a later one, else skip it."""
+        assert self.positives is not None
+        out = []
+        for bi, batch in enumerate(batches):
+            seen: set[int] = set()
+            kept = []
+            for ex in batch.tolist():
+                ex = self._swap_if_conflicting(ex, seen, batches, bi)
+                if ex is None:
+                    continue
+                seen.update(self.positives[ex].tolist())
+                kept.append(ex)
+            out.append(np.array(kept, dtype=np.int64))
+        return out
+
+    def _swap_if_conflicting(self, ex: int, seen: set[int], batches: list[np.ndarray], bi: int) -> int | None:
+        if seen.isdisjoint(self.positives[ex].tolist()):  # type: ignore[index]
+            return ex
+        for later in batches[bi + 1 : bi + 4]:
+            for j, other in enumerate(later.tolist()):
+                if seen.isdisjoint(self.positives[other].tolist()):  # type: ignore[index]
+                    later[j] = ex
+                    return other
+        return None

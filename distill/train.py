@@ -1,0 +1,177 @@
+"""``ddx train``: phase 1 (MSE + cosine) and phase 2 (InfoNCE + MSE) through one training path.
+
+A phase is data: its loss, its dataset and its hyper-parameters. ``train`` resolves the sources
+against the store (every teacher vector must already be there: the teacher never runs), builds the
+dataset and batch sampler, hands them to :class:`distill.trainer.DistillTrainer`, and writes the run
+folder::
+
+    out/
+      student_base/          plain SentenceTransformer (student_dim vectors)
+      hybrid/                plain SentenceTransformer emitting teacher-space vectors
+      projection_layer.pt    projection weights and dims
+      ddx_run.json           resolved config, store fingerprint and teacher spec, data report, final losses
+      train_log.jsonl        every logged step (loss and its parts, learning rate)
+      checkpoints/           HF checkpoints (optimizer, scheduler, RNG): --resume continues from the last
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from storage.errors import DdxError, FingerprintMismatchError
+from storage.store import TeacherStore
+
+__all__ = ["RUN_FILE", "TrainConfig", "TrainResult", "read_run", "train", "train_phase1", "train_phase2"]
+
+RUN_FILE = "ddx_run.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. Defaults follow common distillation practice; each comment says why."""
+
+    phase: int  # 1: match teacher vectors on diverse text; 2: contrastive with hard negatives
+    store: str  # teacher store (read only)
+    data: tuple[str, ...]  # source specs, as for precompute
+    out: str  # run folder
+    student: str | None = None  # student model (phase 1, or phase 2 without --init)
+    init: str | None = None  # run folder to start from (phase 2 starts from phase 1)
+    split: str | None = "train"  # split of qrels/examples; phase 1 leaves out queries judged only in other splits
+    hard_negatives: tuple[str, ...] = ()  # extra example files (e.g. the ST MS MARCO hard-negatives jsonl)
+    mine_negatives: int = 0  # mine K negatives per query from the stored teacher vectors
+    mine_margin: float = 0.95  # mined negatives must score below margin × the weakest positive's score
+    num_negatives: int = 7  # hard negatives per query per step
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 32  # per device; phase 2 also uses every other query's positive as a negative
+    lr: float = 2e-5  # student learning rate (pretrained weights: keep it small)
+    projection_lr: float = 1e-3  # projection starts from random weights: it needs a larger rate
+    warmup: float = 0.1  # < 1: fraction of steps; >= 1: number of steps
+    weight_decay: float = 0.01
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    grad_accum: int = 1
+    max_seq_length: int | None = None  # student tokens per text (default: the student's own)
+    projection_hidden: int | None = None  # default 2 × student_dim
+    mse_weight: float | None = None  # default 0.4 (phase 1) / 0.2 (phase 2)
+    cos_weight: float = 0.6  # phase 1
+    infonce_weight: float = 0.8  # phase 2
+    temperature: float = 0.05  # InfoNCE softmax temperature on cosine similarities
+    infonce_space: str = "projected"  # "projected" (teacher space) or "student"
+    negatives_scope: str = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
+    length_grouping: bool = True  # batch similar lengths together (less padding)
+    allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
+    skip_bad: bool = False  # drop unknown ids / queries without positives instead of stopping
+    expect_teacher: str | None = None  # refuse a store made by another teacher (model id or path)
+    title_join: str = "{title} {text}"  # must match the precompute run's
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    num_workers: int = 2  # DataLoader workers
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    token_cache: str | None = None  # token tables folder (default: $DDX_CACHE_DIR or ~/.cache/ddx)
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.phase not in (1, 2):
+            raise ValueError(f"TrainConfig.phase must be 1 or 2, got {self.phase!r}.")
+        if not self.data and not self.hard_negatives:
+            raise ValueError("TrainConfig.data is empty: pass at least one --data SOURCE.")
+        if self.student is None and self.init is None:
+            raise ValueError("Pass --student (a sentence-transformers model) or --init (a previous run folder).")
+        if self.bf16 and self.fp16:
+            raise ValueError("Choose one of --bf16 and --fp16.")
+        if self.infonce_space not in ("projected", "student") or self.negatives_scope not in ("batch", "own"):
+            raise ValueError("infonce_space must be projected|student and negatives_scope batch|own.")
+        for name in ("batch_size", "grad_accum", "num_negatives"):
+            if getattr(self, name) < (0 if name == "num_negatives" else 1):
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+
+    @property
+    def resolved_mse_weight(self) -> float:
+        return self.mse_weight if self.mse_weight is not None else (0.4 if self.phase == 1 else 0.2)
+
+
+@dataclass
+class TrainResult:
+    """Paths of a finished run and what happened in it."""
+
+    out: str
+    student_base: str
+    hybrid: str
+    projection: str
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``ddx_run.json`` of a run folder.
+
+    Raises:
+        DdxError: the folder is not a finished ddx run.
+    """
+    file = Path(path) / RUN_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DdxError(f"{path!r} is not a finished ddx run ({RUN_FILE} missing or unreadable). Pass the --out "
+                       "folder of a completed 'ddx train' run.") from exc
+
+
+def check_run_store(run: dict[str, Any], run_path: str, store: TeacherStore) -> None:
+    """Refuse a run that was trained against another store fingerprint."""
+    if run.get("store_fingerprint") != store.fingerprint:
+        raise FingerprintMismatchError(
+            f"Run {run_path!r} was trained against teacher fingerprint {run.get('store_fingerprint')} "
+            f"({run.get('teacher_spec', {}).get('model')!r}), but store {store.url!r} holds {store.fingerprint} "
+            f"({store.spec.model!r}). Use the store the run was trained with, or retrain against this one."
+        )
+
+
+def _check_teacher(store: TeacherStore, expected: str | None) -> None:
+    if expected and expected not in (store.spec.model, store.spec.weights_id) and expected not in store.spec.weights_id:
+        raise FingerprintMismatchError(
+            f"Store {store.url!r} holds vectors of teacher {store.spec.model!r}, but this run expects {expected!r}. "
+            "Point --store at that teacher's store, or drop --expect-teacher."
+        )
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one phase end to end and write the run folder (see module docstring).
+
+    Raises:
+        StoreNotFoundError, FingerprintMismatchError: the store is missing or another teacher's.
+        MissingVectorsError: needed texts have no teacher vector (message has the command to add them).
+        BadSourceError: unknown ids, queries without positives, malformed data.
+        DimensionMismatchError: the student and projection (or --init run) disagree on dims.
+    """
+    from distill.run import run_training
+
+    store = TeacherStore.open(config.store)
+    _check_teacher(store, config.expect_teacher)
+    if config.init:
+        check_run_store(read_run(config.init), config.init, store)
+    return run_training(config, store)
+
+
+def train_phase1(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+    """Phase 1: ``0.4·MSE + 0.6·(1 − cos)`` between projected student and teacher vectors."""
+    base = config or TrainConfig(phase=1, **overrides)
+    return train(replace(base, phase=1, **(overrides if config else {})))
+
+
+def train_phase2(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+    """Phase 2: ``0.8·InfoNCE + 0.2·MSE`` with hard and in-batch negatives."""
+    base = config or TrainConfig(phase=2, **overrides)
+    return train(replace(base, phase=2, **(overrides if config else {})))

@@ -1,0 +1,162 @@
+"""The one training path for both phases: a ``transformers.Trainer`` fed from the store.
+
+Why ``transformers.Trainer`` rather than ``SentenceTransformerTrainer``: the sentence-transformers
+trainer collates *text* columns and tokenizes them per step, and runs losses that own modules (a
+projection inside a loss is neither checkpointed nor all-reduced). ddx's batches are pre-tokenized
+ids plus teacher vectors gathered from the store, and the projection is part of the model. One level
+down, the HF Trainer still gives bf16/fp16, gradient accumulation, warmup and schedules, checkpoints
+with optimizer/scheduler/RNG state, exact resume (batch skipping) and DDP via torchrun — with our
+own DataLoader (batch sampler + ``__getitems__``) plugged in through ``get_train_dataloader``.
+
+Phases differ only in the loss and the batch layout handled by :class:`DistillModule`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+from distill.losses import Phase1Loss, Phase2Loss
+from distill.model import StudentModelWithProjection
+
+__all__ = ["DistillModule", "DistillTrainer", "JsonLogCallback", "StderrProgressCallback"]
+
+
+class DistillModule(nn.Module):
+    """Student + projection + the phase's loss; ``forward(**batch)`` returns the loss and its parts."""
+
+    def __init__(self, model: StudentModelWithProjection, loss: Phase1Loss | Phase2Loss, phase: int) -> None:
+        super().__init__()
+        self.model, self.loss, self.phase = model, loss, phase
+
+    def forward(self, **batch: Tensor) -> dict[str, Tensor]:
+        if self.phase == 1:
+            out = self.model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+            loss, parts = self.loss(out["projected"], batch["teacher"])
+        else:
+            loss, parts = self._phase2(batch)
+        return {"loss": loss, **{f"loss_{k}": v for k, v in parts.items() if k != "loss"}}
+
+    def _encode(self, batch: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+        return self.model({"input_ids": batch[f"{name}_input_ids"], "attention_mask": batch[f"{name}_attention_mask"]})
+
+    def _phase2(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        q, p = self._encode(batch, "query"), self._encode(batch, "pos")
+        mask = batch["neg_mask"]
+        negs = {key: self._scatter(None, mask, q[key]) for key in ("student", "projected")}
+        if int(mask.sum()) > 0:
+            n = self._encode(batch, "neg")
+            negs = {key: self._scatter(n[key], mask, q[key]) for key in ("student", "projected")}
+        return self.loss(
+            query_projected=q["projected"], positive_projected=p["projected"], negatives_projected=negs["projected"],
+            neg_mask=mask, teacher_query=batch["teacher_query"], teacher_positive=batch["teacher_pos"],
+            teacher_negatives=batch["teacher_neg"], query=q["student"], positive=p["student"],
+            negatives=negs["student"],
+        )
+
+    @staticmethod
+    def _scatter(values: Tensor | None, mask: Tensor, like: Tensor) -> Tensor:
+        """[N, d] valid-negative rows into a [B, K, d] tensor at the mask's True slots (zeros elsewhere)."""
+        out = like.new_zeros((*mask.shape, like.shape[-1]))
+        if values is None:
+            return out
+        b, k = mask.nonzero(as_tuple=True)
+        return out.index_put((b, k), values.to(out.dtype))
+
+
+class DistillTrainer(Trainer):
+    """HF Trainer with ddx's batch sampler and collate, and per-component loss logging."""
+
+    def __init__(self, *args: Any, batch_sampler: Any, collate_fn: Any, projection_lr: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch_sampler, self._collate_fn = batch_sampler, collate_fn
+        self._projection_lr = projection_lr
+        self._parts: dict[str, float] = {}
+        self._parts_n = 0
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        workers = self.args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self._batch_sampler, collate_fn=self._collate_fn,
+            num_workers=workers, pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+            prefetch_factor=4 if workers else None, persistent_workers=False,
+        )
+        return self.accelerator.prepare(loader)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW with the projection on its own learning rate (it starts from random weights)."""
+        if self.optimizer is not None or self._projection_lr is None:
+            return super().create_optimizer(model)
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in (model or self.model).named_parameters():
+            if param.requires_grad:
+                no_decay = param.ndim < 2 or "norm" in name.lower()
+                groups.setdefault((name.startswith("model.projection."), no_decay), []).append(param)
+        self.optimizer = torch.optim.AdamW([
+            {"params": params, "lr": self._projection_lr if proj else self.args.learning_rate,
+             "weight_decay": 0.0 if no_decay else self.args.weight_decay}
+            for (proj, no_decay), params in groups.items()
+        ], betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
+        out = model(**inputs)
+        for key, value in out.items():
+            if key.startswith("loss_"):
+                self._parts[key] = self._parts.get(key, 0.0) + float(value)
+        self._parts_n += 1
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._parts_n and "loss" in logs:
+            logs.update({k: round(v / self._parts_n, 6) for k, v in self._parts.items()})
+            self._parts, self._parts_n = {}, 0
+        super().log(logs, start_time)
+
+
+class JsonLogCallback(TrainerCallback):
+    """Appends every log record to ``train_log.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class StderrProgressCallback(TrainerCallback):
+    """A progress bar on stderr (rank 0 only), showing the latest loss parts; stdout stays for --json."""
+
+    def __init__(self, desc: str, enabled: bool = True) -> None:
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.enabled and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                            file=sys.stderr, dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if self.bar is not None and logs:
+            shown = {k.removeprefix("loss_"): f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
