@@ -1,0 +1,273 @@
+"""File reading shared by the sources: path checks, exact line streaming, JSON lines, qrels, splits.
+
+Lines are read as bytes and split on ``\\n`` only, then decoded one by one. That keeps a stray
+``\\r`` or ``\\x85`` inside an MS MARCO passage from splitting its line (Python's text mode treats
+both as line ends), lets CRLF files (BEIR qrels) lose exactly their ``\\r\\n``, and turns one
+undecodable line into one rejected record instead of a dead stream. ``.gz`` files are read
+through gzip transparently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, cast
+
+from storage.errors import BadSourceError
+
+from .base import Qrels, Source, TrainExample
+
+__all__ = [
+    "check_role",
+    "chosen_splits",
+    "iter_json_lines",
+    "iter_lines",
+    "iter_objects",
+    "iter_parquet_rows",
+    "merge_qrels",
+    "open_bytes",
+    "parquet_columns",
+    "parse_grade",
+    "positives_only",
+    "read_qrels",
+    "require_dir",
+    "require_file",
+    "require_path",
+    "split_from_name",
+]
+
+ROLE_NAMES = ("query", "passage")
+SPLIT_WORDS = ("train", "dev", "validation", "val", "test", "eval")
+
+
+def check_role(role: str | None) -> None:
+    """Raise ValueError unless ``role`` is None, "query" or "passage"."""
+    if role is not None and role not in ROLE_NAMES:
+        raise ValueError(f"Unknown role {role!r}; expected 'query', 'passage' or None (both).")
+
+
+def require_path(path: Path, kind: str, expect: str) -> Path:
+    """``path`` if it exists, else a BadSourceError naming it and saying what ``kind:`` expects."""
+    if not path.exists():
+        raise BadSourceError(
+            f"No such file or folder '{path}' ({kind}: expects {expect}). Check the path and spelling."
+        )
+    return path
+
+
+def require_dir(path: Path, kind: str, expect: str) -> Path:
+    """``path`` if it is a folder; BadSourceError when missing or a file."""
+    require_path(path, kind, expect)
+    if not path.is_dir():
+        raise BadSourceError(f"'{path}' is a file, but {kind}: expects {expect}. Pass the folder that holds it.")
+    return path
+
+
+def require_file(path: Path, kind: str, expect: str) -> Path:
+    """``path`` if it is a file; BadSourceError when missing or a folder."""
+    require_path(path, kind, expect)
+    if path.is_dir():
+        raise BadSourceError(f"'{path}' is a folder, but {kind}: expects {expect}. Pass the file itself.")
+    return path
+
+
+def open_bytes(path: Path) -> IO[bytes]:
+    """Open ``path`` for binary reading (gunzipped when it ends in ``.gz``).
+
+    Raises:
+        BadSourceError: the file cannot be opened.
+    """
+    try:
+        return cast(IO[bytes], gzip.open(path, "rb")) if path.name.endswith(".gz") else open(path, "rb")
+    except OSError as e:
+        raise BadSourceError(f"Cannot open '{path}': {e.strerror or e}.") from e
+
+
+def iter_lines(path: Path, source: Source) -> Iterator[tuple[str, str]]:
+    """Stream ``(origin, line)`` of a text file: 1-based ``path:line``, line ending stripped, text exact.
+
+    Blank lines are skipped. A line that is not UTF-8 goes to ``source.reject`` (skipped under
+    ``skip_bad``). A leading UTF-8 byte-order mark is dropped.
+
+    Raises:
+        BadSourceError: the file cannot be opened or read (gzip damage), or a line is not UTF-8.
+    """
+    with open_bytes(path) as f:
+        try:
+            for n, raw in enumerate(f, 1):
+                origin = f"{path}:{n}"
+                raw = raw[:-1] if raw.endswith(b"\n") else raw
+                raw = raw[:-1] if raw.endswith(b"\r") else raw
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    source.reject(
+                        origin, f"not valid UTF-8 ({e.reason} at byte {e.start})", "Re-encode the file as UTF-8."
+                    )
+                    continue
+                if n == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
+                if line.strip():
+                    yield origin, line
+        except (OSError, EOFError) as e:
+            raise BadSourceError(f"Cannot read '{path}': {e}. The file may be truncated or not gzip.") from e
+
+
+def iter_json_lines(path: Path, source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``(origin, object)`` from a JSON-lines file; malformed lines go to ``source.reject``."""
+    for origin, line in iter_lines(path, source):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            source.reject(origin, f"malformed JSON ({e.msg} at column {e.colno})", "Fix or remove the line.")
+            continue
+        if not isinstance(obj, dict):
+            source.reject(origin, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield origin, obj
+
+
+def iter_objects(path: Path, source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``(origin, object)`` from ``.jsonl``, ``.json`` (an array, or JSON lines) or ``.parquet``.
+
+    A JSON array is loaded whole (DPR ships its NQ files so); its origins are ``path[index]``.
+
+    Raises:
+        BadSourceError: the file cannot be opened or parsed (or, unless skip_bad, a record is malformed).
+    """
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):
+        yield from iter_parquet_rows(path)
+        return
+    if name.endswith(".json"):
+        with open_bytes(path) as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            yield from _iter_json_array(path, source)
+            return
+    yield from iter_json_lines(path, source)
+
+
+def _iter_json_array(path: Path, source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with open_bytes(path) as f:
+            items = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise BadSourceError(f"Cannot parse '{path}' as JSON: {e}. Fix the file or convert it to JSON lines.") from e
+    for i, obj in enumerate(items):
+        if isinstance(obj, dict):
+            yield f"{path}[{i}]", obj
+        else:
+            source.reject(f"{path}[{i}]", f"expected a JSON object, got {type(obj).__name__}")
+
+
+def iter_parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``(origin, row)`` of a parquet file batch by batch; origins are ``path[row N]`` (0-based).
+
+    Raises:
+        BadSourceError: the file is not readable parquet or lacks one of ``columns``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+        row = 0
+        for batch in reader.iter_batches(batch_size=4096, columns=columns):
+            for obj in batch.to_pylist():
+                yield f"{path}[row {row}]", obj
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise BadSourceError(f"Cannot read parquet file '{path}': {e}.") from e
+
+
+def parquet_columns(path: Path) -> list[str]:
+    """Column names of a parquet file (its schema only is read).
+
+    Raises:
+        BadSourceError: the file is not readable parquet.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError) as e:
+        raise BadSourceError(f"Cannot read parquet file '{path}': {e}.") from e
+
+
+def parse_grade(value: str) -> int | None:
+    """A relevance grade as int ("2", "1.0" → 2, 1); None when ``value`` is not an integer."""
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            f = float(value)
+        except ValueError:
+            return None
+        return int(f) if f.is_integer() else None
+
+
+def read_qrels(path: Path, source: Source) -> Qrels:
+    """Qrels of one file: BEIR ``query-id corpus-id score`` (header optional) or TREC ``qid 0 pid rel``.
+
+    Columns are split on tabs, or on runs of spaces when a line has no tab. The header is
+    recognised by a non-integer score on the first line (BEIR copies without a header exist).
+
+    Raises:
+        BadSourceError: a line with another column count or a non-integer score (unless skip_bad).
+    """
+    qrels: Qrels = {}
+    for i, (origin, line) in enumerate(iter_lines(path, source)):
+        cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) not in (3, 4):
+            source.reject(origin, f"expected 3 (BEIR) or 4 (TREC) qrels columns, got {len(cols)}")
+            continue
+        qid, pid, score = (cols[0], cols[1], cols[2]) if len(cols) == 3 else (cols[0], cols[2], cols[3])
+        grade = parse_grade(score.strip())
+        if grade is None:
+            if i == 0:  # a header: BEIR's "query-id corpus-id score"
+                continue
+            source.reject(origin, f"relevance {score!r} is not an integer")
+            continue
+        qrels.setdefault(qid.strip(), {})[pid.strip()] = grade
+    return qrels
+
+
+def positives_only(qrels: Qrels) -> Iterator[TrainExample]:
+    """One example per judged query: its passages graded > 0, no negatives (queries without any are left out)."""
+    for qid, judged in qrels.items():
+        positives = tuple(pid for pid, grade in judged.items() if grade > 0)
+        if positives:
+            yield TrainExample(qid, positives)
+
+
+def split_from_name(name: str, default: str) -> str:
+    """Split named by a file name ("biencoder-nq-dev.json" → "dev"), else ``default``."""
+    for word in re.split(r"[-_.\s]+", name.lower()):
+        if word in SPLIT_WORDS:
+            return word
+    return default
+
+
+def chosen_splits(split: str | None, available: list[str]) -> list[str]:
+    """The splits a call covers: all of ``available`` for None, ``[split]`` when available, else none.
+
+    An unknown split gives nothing, as the base class does for formats without judgments; callers
+    that need judgments check for emptiness and name ``splits()`` in their message.
+    """
+    if split is None:
+        return list(available)
+    return [split] if split in available else []
+
+
+def merge_qrels(parts: Iterable[Qrels]) -> Qrels:
+    """Several qrels as one (a later grade of the same pair wins)."""
+    merged: Qrels = {}
+    for qrels in parts:
+        for qid, judged in qrels.items():
+            merged.setdefault(qid, {}).update(judged)
+    return merged

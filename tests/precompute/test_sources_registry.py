@@ -1,0 +1,125 @@
+"""Spec parsing, the package's public API, and the id ledger behind once-per-id streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import precompute.sources as sources
+from precompute.sources import SOURCE_KINDS, BeirSource, SourceOptions, TextRecord, parse_source
+from precompute.sources import ledger as ledger_module
+from precompute.sources.hf import parse_hf_location
+from precompute.sources.ledger import IdLedger, unique_records
+from precompute.sources.registry import split_spec
+from storage.errors import BadSourceError
+
+
+def test_public_api_resolves() -> None:
+    assert all(hasattr(sources, name) for name in sources.__all__)
+    assert set(SOURCE_KINDS) == {"beir", "msmarco", "hotpotqa", "nq", "hf", "jsonl", "parquet", "csv", "tsv"}
+    assert all(cls.kind == kind for kind, cls in SOURCE_KINDS.items())
+
+
+def test_real_sources_open_by_spec(shared_data: Path) -> None:
+    assert isinstance(parse_source(f"beir:{shared_data / 'scifact'}"), BeirSource)
+    assert parse_source(f"msmarco:{shared_data / 'msmarco-triples-toy'}").name == "msmarco-triples-toy"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("beir:data/scifact", ("beir", "data/scifact", {})),
+        (
+            "jsonl:my.jsonl?query=question&positive=answer",
+            ("jsonl", "my.jsonl", {"query": "question", "positive": "answer"}),
+        ),
+        ("jsonl:what?.jsonl", ("jsonl", "what?.jsonl", {})),  # a "?" without "=" is part of the path
+        ("hf:a/b:c:train[:10]?layout=pairs", ("hf", "a/b:c:train[:10]", {"layout": "pairs"})),
+        ("tsv:x.tsv?negative=n1,n2", ("tsv", "x.tsv", {"negative": "n1,n2"})),
+    ],
+)
+def test_split_spec(spec: str, expected: tuple) -> None:
+    assert split_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("sentence-transformers/natural-questions", ("sentence-transformers/natural-questions", None, None)),
+        ("BeIR/scifact:corpus", ("BeIR/scifact", "corpus", None)),
+        ("BeIR/scifact-qrels:test", ("BeIR/scifact-qrels", None, "test")),
+        (
+            "sentence-transformers/all-nli:triplet:train[:100]",
+            ("sentence-transformers/all-nli", "triplet", "train[:100]"),
+        ),
+    ],
+)
+def test_parse_hf_location(location: str, expected: tuple) -> None:
+    assert parse_hf_location(location) == expected
+
+
+class TestSpecErrors:
+    def test_unknown_kind_lists_the_kinds(self) -> None:
+        with pytest.raises(
+            BadSourceError, match=r"Unknown source kind 'bier'.*kinds are beir, msmarco, hotpotqa, nq, hf, jsonl"
+        ):
+            parse_source("bier:data/scifact")
+
+    def test_no_kind(self) -> None:
+        with pytest.raises(BadSourceError, match=r"Unknown source kind ''.*Write KIND:LOCATION"):
+            parse_source("data/scifact")
+
+    def test_no_location(self) -> None:
+        with pytest.raises(BadSourceError, match=r"names no location; write beir:PATH"):
+            parse_source("beir:")
+
+    def test_columns_on_a_fixed_format(self) -> None:
+        with pytest.raises(BadSourceError, match=r"beir: does not take parameter\(s\) \['query'\].*skip_bad"):
+            parse_source("beir:x?query=q")
+
+    def test_bad_flag_and_title_rule(self, tmp_path: Path) -> None:
+        with pytest.raises(BadSourceError, match=r"skip_bad='maybe'.*write skip_bad=1 or skip_bad=0"):
+            parse_source("beir:x?skip_bad=maybe")
+        with pytest.raises(BadSourceError, match=r"title_join must contain '\{text\}'"):
+            parse_source("beir:x?title_join=%7Btitle%7D")
+
+    def test_params_override_shared_options(self, tmp_path: Path) -> None:
+        (tmp_path / "c.jsonl").write_text('{"doc": "d1", "body": "b", "title": "T"}\n')
+        shared = SourceOptions(columns={"id": "doc"}, title_join="{title}: {text}")
+        src = parse_source(f"jsonl:{tmp_path / 'c.jsonl'}?text=body&skip_bad=yes", shared)
+        assert src.options.columns == {"id": "doc", "text": "body"} and src.options.skip_bad
+        assert [(r.id, r.text) for r in src.iter_texts()] == [("d1", "T: b")]
+
+
+class FakeSource(BeirSource):
+    def __init__(self, skip_bad: bool = False) -> None:  # no folder needed to receive rejects
+        self.options, self.bad, self.spec = SourceOptions(skip_bad=skip_bad), [], "fake"
+
+
+class TestLedger:
+    def test_conflict_found_after_a_flush_names_both_origins(self) -> None:
+        ledger = IdLedger(flush_at=2)
+        first = [TextRecord(str(i), f"t{i}", "passage", f"data/part-0001.jsonl:{i + 1}") for i in range(5)]
+        assert len(list(ledger.admit(first, FakeSource()))) == 5
+        ledger._flush()
+        again = [TextRecord("3", "t3", "passage", "b.tsv:1"), TextRecord("3", "other", "passage", "b.tsv:2")]
+        with pytest.raises(
+            BadSourceError, match=r"duplicate id '3' with different texts at data/part-0001\.jsonl:4 and b\.tsv:2"
+        ):
+            list(ledger.admit(again, FakeSource()))
+
+    def test_roles_are_separate_id_spaces(self) -> None:
+        records = [TextRecord("1", "a query", "query", "q:1"), TextRecord("1", "a passage", "passage", "c:1")]
+        assert len(list(unique_records(records, FakeSource()))) == 2
+
+    @pytest.mark.parametrize("origin", ["x.parquet[row 12]", "ds[train]:7", "no digits", "f:123456789012345"])
+    def test_origins_round_trip(self, origin: str) -> None:
+        ledger = IdLedger()
+        assert ledger._decode(ledger._encode(origin)) == origin
+
+    def test_many_ids_across_flushes(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(ledger_module, "IdLedger", lambda: IdLedger(flush_at=1000))
+        records = (TextRecord(str(i % 30_000), f"t{i % 30_000}", "passage", f"f:{i}") for i in range(60_000))
+        source = FakeSource()
+        assert sum(1 for _ in unique_records(records, source)) == 30_000 and source.bad == []
