@@ -9,6 +9,11 @@ import pytest
 
 from tests.tiny_models import build_tiny_bert, build_tiny_qwen2
 
+# Offline before any test module imports datasets / huggingface_hub (they read these flags once, at import).
+for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_flag, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DDX_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
