@@ -5,9 +5,10 @@
 A key stored twice (two writers raced on the same text) resolves to the first segment in id order;
 the duplicates are counted, never an error: both rows hold the same teacher's vector.
 
-``RowGather`` serves random rows from chunk memory maps: rows are grouped by chunk and copied with
-``np.take(..., mode="clip", out=...)`` (the default ``mode="raise"`` is ~2× slower), then scattered
-back into request order. DESIGN.md has the measurements behind this choice.
+``RowGather`` serves random rows from chunk memory maps. A batch inside one chunk is one
+``np.take(..., mode="clip", out=...)`` (the default ``mode="raise"`` is ~2× slower). Otherwise long rows
+(teacher vectors) are copied one memcpy a row straight into request order, and short rows are grouped
+by chunk, taken, then scattered back. DESIGN.md and ``bench/store_read.py`` have the measurements.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ import numpy as np
 from storage.keys import KEY_DTYPE, as_key_array
 
 __all__ = ["KeyIndex", "RowGather"]
+
+# Rows at least this long are copied one by one (one memcpy each, straight into place); shorter rows
+# are grouped by chunk and taken with np.take, then scattered. At 3584-d float16 (7 KiB rows) the
+# grouped path copies every byte twice and pays ~5 µs of calls per chunk touched, which a large store
+# makes one per row. bench/store_read.py (200k x 3584 fp16, batches of 288, 2 shared cores): grouped
+# 0.39-0.43 of in-RAM np.take, row by row 0.56-0.65.
+ROW_COPY_MIN_BYTES = 1024
 
 
 class KeyIndex:
@@ -75,6 +83,7 @@ class RowGather:
         self.chunk_starts = np.asarray(chunk_starts, dtype=np.int64)
         self._load = chunk_loader
         self._chunks: list[np.ndarray | None] = [None] * len(self.chunk_starts)
+        self._byte_views: list[memoryview | None] = [None] * len(self.chunk_starts)
         self.dim, self.dtype = dim, np.dtype(dtype)
 
     def _chunk(self, i: int) -> np.ndarray:
@@ -96,14 +105,36 @@ class RowGather:
         if ci[0] == ci[-1] and (ci == ci[0]).all():
             _take(self._chunk(int(ci[0])), local, out)
             return out
+        direct = out.dtype == self.dtype and out.flags.c_contiguous and out.flags.writeable
+        dst = out if direct else np.empty((n, self.dim), dtype=self.dtype)
+        if self.dim * self.dtype.itemsize >= ROW_COPY_MIN_BYTES:
+            self._copy_rows(ci, local, dst)
+        else:
+            self._take_grouped(ci, local, dst)
+        if dst is not out:
+            out[...] = dst
+        return out
+
+    def _copy_rows(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
+        """One memcpy a row from its chunk straight into ``dst``, in request order (one copy in all)."""
+        row_bytes = self.dim * self.dtype.itemsize
+        views, dst_bytes, o = self._byte_views, memoryview(dst).cast("B"), 0
+        for c, s in zip(ci.tolist(), (local * row_bytes).tolist(), strict=True):
+            src = views[c]
+            if src is None:
+                src = views[c] = memoryview(np.ascontiguousarray(self._chunk(c))).cast("B")
+            dst_bytes[o : o + row_bytes] = src[s : s + row_bytes]
+            o += row_bytes
+
+    def _take_grouped(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
+        """One ``np.take`` per chunk, then a scatter into request order (wins for short rows)."""
         order = np.argsort(ci, kind="stable")
         ci_sorted, local_sorted = ci[order], local[order]
         cuts = np.flatnonzero(np.diff(ci_sorted)) + 1
-        buf = np.empty((n, self.dim), dtype=self.dtype)
-        for s, e in zip(np.r_[0, cuts], np.r_[cuts, n], strict=True):
+        buf = np.empty_like(dst)
+        for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(ci)], strict=True):
             np.take(self._chunk(int(ci_sorted[s])), local_sorted[s:e], axis=0, mode="clip", out=buf[s:e])
-        out[order] = buf
-        return out
+        dst[order] = buf
 
 
 def _take(chunk: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:

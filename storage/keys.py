@@ -91,7 +91,7 @@ def key_slice(keys: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """
     if world_size == 1:
         return np.ones(len(keys), dtype=bool)
-    head = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=">u8")[::2]
+    head = np.frombuffer(as_key_array(keys).tobytes(), dtype=">u8")[::2]  # S16 even when keys end in NULs
     return (head % np.uint64(world_size)) == np.uint64(rank)
 
 

@@ -69,7 +69,7 @@ def verify_store(store: TeacherStore) -> VerifyReport:
         what = "a writer is still running" if state == "active" else "left by a crashed run; the next precompute "\
             "salvages it, 'ddx cache gc' removes it"
         report.notes.append(f"segment {seg_id} is uncommitted ({what})")
-    if store.segments and store.index.duplicates:
+    if store.segments and not report.problems and store.index.duplicates:  # a damaged index may not load
         report.notes.append(f"{store.index.duplicates} rows repeat a key stored in an earlier segment (harmless: "
                             "lookups use the first)")
     return report
@@ -85,7 +85,7 @@ def _verify_segment(store: TeacherStore, seg: SegmentReader) -> list[str]:
         problems.append("index.parquet does not match the checksum in COMMIT")
     try:
         cols = read_index_bytes(data)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is damage to report
+    except Exception as exc:  # any parse failure is damage to report
         return [*problems, f"index.parquet is unreadable ({exc})"]
     if len(cols.rows) != seg.rows or not np.array_equal(np.sort(cols.rows), np.arange(seg.rows)):
         problems.append(f"index covers {len(cols.rows)} rows, not rows 0..{seg.rows - 1} exactly once")

@@ -19,7 +19,7 @@ loses at most the rows since the last flush, and :func:`salvage_segment` commits
 
 from __future__ import annotations
 
-import contextlib
+import calendar
 import io
 import json
 import os
@@ -160,6 +160,8 @@ class SegmentWriter:
         array = group.create_array(
             "vectors", shape=(0, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=0,
             serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], filters=None,
+            # zarr skips chunks that equal the fill value; readers memory-map every chunk file, so write them all
+            config={"write_empty_chunks": True},
         )
         self = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds)
         self._take_lock()
@@ -168,6 +170,8 @@ class SegmentWriter:
 
     def append(self, keys: np.ndarray, vectors: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray) -> None:
         """Buffer rows; full chunks (and the partial one, every ``flush_seconds``) reach disk."""
+        if self.committed:
+            raise ValueError(f"Segment {self.seg_id!r} is committed and immutable; append through a new writer.")
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(keys):
             raise ValueError(f"Expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}.")
         start = 0
@@ -214,7 +218,8 @@ class SegmentWriter:
             part = IndexColumns.concat(self._buf_index)
             new = part.rows >= self.rows_flushed
             sub = IndexColumns(part.keys[new], part.rows[new], part.roles[new], part.n_tokens[new])
-            self.loc.write_atomic(sub.to_parquet_bytes(), SEGMENTS, self.seg_id, "parts", f"part-{self._parts:06d}.parquet")
+            part_name = f"part-{self._parts:06d}.parquet"
+            self.loc.write_atomic(sub.to_parquet_bytes(), SEGMENTS, self.seg_id, "parts", part_name)
         except OSError as exc:
             raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
         self._parts += 1
@@ -227,12 +232,20 @@ class SegmentWriter:
             self._buf_index, self._buf_flushed = [part], self._buf_n
 
     def commit(self) -> int:
-        """Flush the last rows, write index.parquet and then COMMIT; returns the row count."""
+        """Flush the last rows, write index.parquet and then COMMIT; returns the row count.
+
+        Committing again is a no-op (a second commit used to rewrite the segment as empty).
+        """
+        if self.committed:
+            return self.rows_flushed
         self.flush()
         parts = _read_parts(self.loc, self.seg_id)
         index = IndexColumns.concat(parts)
         crcs = [self._crcs[i] for i in range(_n_chunks(self.rows_flushed, self.chunk_rows))]
-        _write_commit(self.loc, self.seg_id, index, crcs, self.chunk_rows, self._array, salvaged=False)
+        try:
+            _write_commit(self.loc, self.seg_id, index, crcs, self.chunk_rows, self._array, salvaged=False)
+        except OSError as exc:
+            raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
         self.committed = True
         self._release()
         return self.rows_flushed
@@ -266,7 +279,10 @@ class SegmentWriter:
 
     def _heartbeat(self) -> None:
         payload = json.dumps({"time": time.time(), "rows": self.rows_flushed}).encode()
-        self.loc.write_atomic(payload, SEGMENTS, self.seg_id, "HEARTBEAT")
+        try:
+            self.loc.write_atomic(payload, SEGMENTS, self.seg_id, "HEARTBEAT")
+        except OSError as exc:
+            raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
 
 
 def _disk_error(exc: OSError, loc: Location, seg_id: str, rows: int) -> Exception:
@@ -317,7 +333,7 @@ def segment_state(loc: Location, seg_id: str) -> str:
     lock = loc.local_path(SEGMENTS, seg_id, ".lock")
     if lock is not None:
         if not lock.exists():
-            return "abandoned"
+            return "active" if _just_created(seg_id) else "abandoned"
         import fcntl
 
         fd = os.open(lock, os.O_RDWR)
@@ -331,8 +347,21 @@ def segment_state(loc: Location, seg_id: str) -> str:
     try:
         beat = json.loads(loc.read_bytes(SEGMENTS, seg_id, "HEARTBEAT"))["time"]
     except (FileNotFoundError, KeyError, ValueError):
-        return "abandoned"
+        return "active" if _just_created(seg_id) else "abandoned"
     return "active" if time.time() - beat < STALE_HEARTBEAT_S else "abandoned"
+
+
+def _just_created(seg_id: str) -> bool:
+    """True when the id's UTC stamp is younger than the heartbeat timeout.
+
+    A writer creates its segment's group before it takes the lock and writes the first heartbeat;
+    without this grace period a concurrent ``gc`` would delete a segment that is just starting.
+    """
+    try:
+        started = calendar.timegm(time.strptime(seg_id[:15], "%Y%m%dT%H%M%S"))
+    except ValueError:
+        return False
+    return time.time() - started < STALE_HEARTBEAT_S
 
 
 def salvage_segment(loc: Location, seg_id: str) -> int:
@@ -343,7 +372,7 @@ def salvage_segment(loc: Location, seg_id: str) -> int:
     """
     try:
         array = _zarr_array(loc, seg_id)
-    except Exception:  # noqa: BLE001 - no readable array: nothing to keep
+    except Exception:  # no readable array: nothing to keep
         loc.remove(SEGMENTS, seg_id)
         return 0
     parts = _read_parts(loc, seg_id)
@@ -417,7 +446,8 @@ class SegmentReader:
         if self._array is None:
             import zarr
 
-            self._array = zarr.open_array(store=self.loc.zarr_store(), path=f"{SEGMENTS}/{self.seg_id}/vectors", mode="r")
+            path = f"{SEGMENTS}/{self.seg_id}/vectors"
+            self._array = zarr.open_array(store=self.loc.zarr_store(), path=path, mode="r")
         stop = min((i + 1) * self.chunk_rows, self.rows)
         out = np.zeros((self.chunk_rows, self.dim), dtype=self.dtype)
         out[: stop - i * self.chunk_rows] = self._array[i * self.chunk_rows : stop]
@@ -440,9 +470,11 @@ class SegmentReader:
         return None
 
     def close(self) -> None:
-        for arr in self._maps.values():
-            with contextlib.suppress(AttributeError):
-                arr._mmap.close()  # type: ignore[attr-defined]
+        """Drop this reader's maps; each unmaps once no array still views it.
+
+        Closing the mmap here would leave views handed out earlier (``iter_batches`` yields views)
+        pointing at unmapped memory: reading them crashes the process.
+        """
         self._maps.clear()
 
 

@@ -53,7 +53,9 @@ class TeacherSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"TeacherSpec.dtype must be one of {DTYPES}, got {self.dtype!r}.")
         if self.dim <= 0 or self.max_seq_length <= 0:
-            raise ValueError(f"TeacherSpec.dim and max_seq_length must be positive, got {self.dim}, {self.max_seq_length}.")
+            raise ValueError(
+                f"TeacherSpec.dim and max_seq_length must be positive, got {self.dim}, {self.max_seq_length}."
+            )
         if not self.weights_id:
             raise ValueError("TeacherSpec.weights_id must identify the weights (hub commit or file hash).")
 

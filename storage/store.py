@@ -60,6 +60,7 @@ class TeacherStore:
         self.dtype: str = attrs["storage_dtype"]
         self.format_version: int = attrs["format_version"]
         self._segments: list[SegmentReader] = []
+        self._rows = 0
         self._index: KeyIndex | None = None
         self._gather: RowGather | None = None
         self.refresh()
@@ -127,6 +128,7 @@ class TeacherStore:
             seg.close()
         ids = [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
         self._segments = [SegmentReader(self.loc, s) for s in ids]
+        self._rows = sum(s.rows for s in self._segments)  # get_rows checks bounds against it every batch
         self._index = None
         self._gather = None
 
@@ -153,7 +155,7 @@ class TeacherStore:
     @property
     def rows(self) -> int:
         """Rows over all committed segments (duplicates included)."""
-        return sum(s.rows for s in self._segments)
+        return self._rows
 
     def __len__(self) -> int:
         """Distinct keys stored."""
@@ -198,10 +200,21 @@ class TeacherStore:
         return self.get_rows(gids, dtype=dtype)
 
     def get_rows(self, gids: np.ndarray, *, dtype: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Vectors at global rows ``gids`` (from :meth:`locate`): the training fast path."""
+        """Vectors at global rows ``gids`` (from :meth:`locate`): the training fast path.
+
+        Raises:
+            MissingVectorsError: a row id is -1 (a key :meth:`locate` did not find) or past the last row.
+        """
+        gids, rows = np.asarray(gids), self._rows
+        if len(gids) and (gids.min() < 0 or gids.max() >= rows):
+            bad = int(((gids < 0) | (gids >= rows)).sum())
+            raise MissingVectorsError(
+                f"{bad} of {len(gids)} row ids are outside 0..{rows - 1} in store {self.url!r} "
+                "(-1 marks a key that locate() did not find). Check locate()'s result before get_rows()."
+            )
         if out is None and dtype is not None and np.dtype(dtype) != np.dtype(self.dtype):
             out = np.empty((len(gids), self.dim), dtype=dtype)
-        return self._row_gather().gather(np.asarray(gids), out=out)
+        return self._row_gather().gather(gids, out=out)
 
     def _row_gather(self) -> RowGather:
         if self._gather is None:
@@ -231,8 +244,9 @@ class TeacherStore:
                 lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
                 vecs = np.asarray(seg.chunk(c)[: hi - lo])
                 sel = slice(None) if code is None else roles[lo:hi] == code
-                for s in range(0, len(vecs[sel]), batch_size):
-                    yield keys[lo:hi][sel][s : s + batch_size], vecs[sel][s : s + batch_size]
+                chunk_keys, vecs = keys[lo:hi][sel], vecs[sel]  # select once, not once per batch
+                for s in range(0, len(vecs), batch_size):
+                    yield chunk_keys[s : s + batch_size], vecs[s : s + batch_size]
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -265,7 +279,9 @@ def _read_attrs(loc: Location) -> dict[str, Any]:
     try:
         attrs = json.loads(loc.read_bytes("zarr.json"))["attributes"]["ddx"]
     except (KeyError, ValueError) as exc:
-        raise StoreNotFoundError(f"{loc.url!r} is a Zarr group but not a ddx teacher store (no 'ddx' attributes).") from exc
+        raise StoreNotFoundError(
+            f"{loc.url!r} is a Zarr group but not a ddx teacher store (no 'ddx' attributes)."
+        ) from exc
     version = attrs.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FormatVersionError(

@@ -1,0 +1,105 @@
+"""Content keys: determinism, role separation, S16 arrays with trailing NULs, KeySet, rank slices."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from storage import KeySet, content_key, content_keys, key_hex
+from storage.keys import KEY_DTYPE, as_key_array, key_from_hex, key_slice, role_code
+
+
+def test_content_key_is_deterministic_and_16_bytes() -> None:
+    a = content_key("passage", "The quick brown fox")
+    assert a == content_key("passage", "The quick brown fox")
+    assert len(a) == 16
+    assert a == hashlib.blake2b(b"passage\x00The quick brown fox", digest_size=16).digest()
+    assert a != content_key("passage", "The quick brown fox ")  # exact text, no normalization
+
+
+def test_same_text_as_query_and_passage_gives_different_keys() -> None:
+    assert content_key("query", "what is zarr") != content_key("passage", "what is zarr")
+    both = content_keys(["query", "passage"], ["what is zarr", "what is zarr"])
+    assert both[0] != both[1]
+
+
+def test_content_keys_matches_content_key_and_checks_roles() -> None:
+    texts = ["a", "b", "ü ñ 漢字", ""]
+    keys = content_keys("query", texts)
+    assert keys.dtype == KEY_DTYPE
+    assert [bytes(k).ljust(16, b"\x00") for k in keys] == [content_key("query", t) for t in texts]
+    assert len(content_keys("passage", [])) == 0
+    with pytest.raises(ValueError, match="Unknown role 'doc'"):
+        content_keys("doc", ["x"])
+    with pytest.raises(ValueError, match="Got 1 roles for 2 texts"):
+        content_keys(["query"], ["x", "y"])
+    assert role_code("passage") == 0 and role_code("query") == 1
+
+
+def test_keys_ending_in_nul_bytes_survive_s16() -> None:
+    raw = [b"\x01" * 15 + b"\x00", b"\x01" * 14 + b"\x00\x00", b"\x01" * 16, b"\x00" * 16, b"\x00" * 15 + b"\x01"]
+    arr = as_key_array(raw)
+    assert arr.dtype == KEY_DTYPE and len(arr) == 5
+    assert arr.tobytes() == b"".join(raw)  # the NULs are still there in the buffer
+    assert len(np.unique(arr)) == 5  # no two distinct keys fold together
+    assert [key_hex(k) for k in arr] == [r.hex() for r in raw]
+    assert [key_from_hex(key_hex(k)) for k in arr] == raw
+    # S16 scalars drop their trailing NULs, so an array rebuilt from them is S15; as_key_array restores S16
+    rebuilt = np.array(list(arr[:2]))
+    assert rebuilt.dtype == np.dtype("S15")
+    assert as_key_array(rebuilt).tobytes() == raw[0] + raw[1]
+    with pytest.raises(ValueError, match="A key is 16 bytes"):
+        key_from_hex("abcd")
+
+
+def test_keyset_add_contains_merge() -> None:
+    keys = content_keys("passage", [f"p{i}" for i in range(300)])
+    nul_key = b"\x07" * 8 + b"\x00" * 8
+    ks = KeySet(keys[:100])
+    assert len(ks) == 100
+    ks.add(keys[50:200])  # overlapping add
+    ks.add(as_key_array([nul_key]))
+    assert not ks._pending or len(ks._pending) == 2  # buffered until needed
+    assert len(ks) == 201
+    mask = ks.contains(np.concatenate([keys, as_key_array([nul_key, b"\x07" * 8 + b"\x00" * 7 + b"\x01"])]))
+    assert mask[:200].all() and not mask[200:300].any()
+    assert mask[300] and not mask[301]
+    arr = ks.array()
+    assert (arr[:-1] < arr[1:]).all()  # sorted and unique
+    assert not KeySet().contains(keys).any()
+    # big adds merge eagerly, and the result is the same as one bulk build
+    many = content_keys("query", [f"q{i}" for i in range(70_000)])
+    ks.add(many)
+    assert not ks._pending
+    assert np.array_equal(ks.array(), KeySet(np.concatenate([keys[:200], as_key_array([nul_key]), many])).array())
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_key_slice_partitions_disjointly_and_completely(world_size: int) -> None:
+    keys = np.concatenate(
+        [
+            content_keys("passage", [f"d{i}" for i in range(500)]),
+            as_key_array([b"\x00" * 16, b"\x05" * 8 + b"\x00" * 8]),
+        ]
+    )
+    masks = np.stack([key_slice(keys, r, world_size) for r in range(world_size)])
+    assert (masks.sum(axis=0) == 1).all()  # every key in exactly one rank's slice
+    if world_size > 1:
+        assert all(0 < m.sum() < len(keys) for m in masks)  # and the split is not degenerate
+    # depends on the key alone: shuffled input gives every key the same owner
+    perm = np.random.default_rng(0).permutation(len(keys))
+    for r in range(world_size):
+        assert np.array_equal(key_slice(keys[perm], r, world_size), masks[r][perm])
+
+
+def test_key_slice_of_keys_ending_in_nul_in_any_form() -> None:
+    raw = [b"\x01" * 15 + b"\x00", b"\x02" * 14 + b"\x00\x00", b"\x03" * 12 + b"\x00" * 4]
+    keys = as_key_array(raw)
+    rebuilt = np.array(list(keys))  # from S16 scalars, which drop trailing NULs: dtype S15
+    assert rebuilt.dtype == np.dtype("S15")
+    for world_size in (2, 3, 4):
+        for rank in range(world_size):
+            assert np.array_equal(key_slice(rebuilt, rank, world_size), key_slice(keys, rank, world_size))
+            assert np.array_equal(key_slice(raw, rank, world_size), key_slice(keys, rank, world_size))
