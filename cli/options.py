@@ -55,12 +55,23 @@ def _apply_config(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is None:
         return None
     values = load_config_file(value, ctx.info_name or "")
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(values) - known)
+    names = _config_names(ctx.command)
+    unknown = sorted(set(values) - set(names))
     if unknown:
         raise click.BadParameter(f"{value}: unknown option(s) {unknown} for 'ddx {ctx.info_name}'.", param=param)
-    ctx.default_map = {**(ctx.default_map or {}), **values}
+    ctx.default_map = {**(ctx.default_map or {}), **{names[k]: v for k, v in values.items()}}
     return value
+
+
+def _config_names(command: click.Command) -> dict[str, str]:
+    """Config key -> parameter name: each long option's name (``teacher`` for ``--teacher``) and the parameter's own."""
+    names: dict[str, str] = {}
+    for p in command.params:
+        if p.name is None:
+            continue
+        names[p.name] = p.name
+        names.update({o[2:].replace("-", "_"): p.name for o in getattr(p, "opts", []) if o.startswith("--")})
+    return names
 
 
 def config_option(func: F) -> F:

@@ -175,12 +175,32 @@ def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:
     return TextIndex(uniq, roles, src), maps
 
 
-def eval_query_ids(source: Source, train_split: str | None) -> set[str]:
-    """Queries judged only in evaluation splits: phase 1 leaves their texts out (no test leakage)."""
-    splits = [s for s in source.splits() if s != (train_split or "train")]
-    held = {q for s in splits for q in source.qrels(s)}
-    train = set(source.qrels(train_split)) if train_split in source.splits() else set()
+def wanted_splits(split: str | None) -> tuple[str, ...] | None:
+    """``"train,dev"`` → ("train", "dev"); None → None (every split)."""
+    if split is None:
+        return None
+    return tuple(p.strip() for p in split.split(",") if p.strip())
+
+
+def eval_query_ids(source: Source, split: str | None) -> set[str]:
+    """Queries judged only in splits outside ``split``: phase 1 leaves their texts out (no test leakage)."""
+    wanted = wanted_splits(split)
+    if wanted is None:
+        return set()
+    held = {q for s in source.splits() if s not in wanted for q in source.qrels(s)}
+    train = {q for s in source.splits() if s in wanted for q in source.qrels(s)}
     return held - train
+
+
+def _examples(source: Source, split: str | None) -> Iterator[Any]:
+    """Training examples of every wanted split the source has (a source may have none of them)."""
+    wanted = wanted_splits(split)
+    if wanted is None:
+        yield from source.training_examples(None)
+        return
+    for name in source.splits():
+        if name in wanted:
+            yield from source.training_examples(name)
 
 
 def phase1_positions(sources: list[Source], texts: TextIndex, maps: list[IdMap], split: str | None) -> np.ndarray:
@@ -205,7 +225,7 @@ def resolve_examples(sources: list[Source], texts: TextIndex, maps: list[IdMap],
     queries, pos_rows, neg_rows, src, report = [], [], [], [], {"unknown_ids": {}, "no_positive": {}}
     for i, source in enumerate(sources):
         unknown = no_pos = 0
-        for ex in source.training_examples(split):
+        for ex in _examples(source, split):
             q = _resolve(texts, [maps[i], union], "query", [ex.query_id])
             p = _resolve(texts, [maps[i], union], "passage", list(ex.positive_ids))
             n = _resolve(texts, [maps[i], union], "passage", list(ex.negative_ids))

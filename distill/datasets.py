@@ -96,7 +96,9 @@ class Phase2Dataset(torch.utils.data.Dataset):
         chosen = [self._choose(int(i)) for i in indices]
         queries = self.examples.query[np.asarray(indices, dtype=np.int64)]
         positives = np.array([p for p, _ in chosen], dtype=np.int64)
-        seen = set(positives.tolist())
+        # Every positive of every example in the batch, not only the one picked this epoch: hard negatives are
+        # scored against every query of the batch, so another query's unpicked positive would be a false negative.
+        seen = {int(p) for i in indices for p in self.examples.positives.row(int(i))}
         negatives: list[np.ndarray] = []
         for _, negs in chosen:
             keep = [n for n in negs.tolist() if n not in seen]

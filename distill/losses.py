@@ -32,6 +32,8 @@ class Phase1Loss(nn.Module):
     Args:
         mse_weight: Weight of the MSE term (default 0.4).
         cos_weight: Weight of the cosine-distance term (default 0.6).
+        mse_reduction: ``"element"`` (default, ``F.mse_loss``) or ``"vector"`` (squared L2 distance per row,
+            mean over rows: ``D`` times larger, on the cosine term's scale).
 
     Inputs:
         ``projected`` [B, D] student vectors after the projection; ``teacher`` [B, D] teacher vectors.
@@ -53,18 +55,20 @@ class Phase1Loss(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, *, mse_weight: float = 0.4, cos_weight: float = 0.6) -> None:
+    def __init__(self, *, mse_weight: float = 0.4, cos_weight: float = 0.6,
+                 mse_reduction: Literal["element", "vector"] = "element") -> None:
         super().__init__()
         _check_weights(mse_weight=mse_weight, cos_weight=cos_weight)
         self.mse_weight = mse_weight
         self.cos_weight = cos_weight
+        self.mse_reduction = _check_reduction(mse_reduction)
 
     def forward(self, projected: Tensor, teacher: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the loss; see the class docstring for shapes."""
         _check_vectors("projected", projected, ndim=2)
         _check_teacher("teacher", teacher, like=projected)
         projected, teacher = _upcast(projected), _upcast(teacher)
-        mse = F.mse_loss(projected, teacher)
+        mse = _mse(projected, teacher, self.mse_reduction)
         cos_distance = (1.0 - F.cosine_similarity(projected, teacher, dim=-1)).mean()
         loss = self.mse_weight * mse + self.cos_weight * cos_distance
         return loss, {"mse": mse.detach(), "cos_distance": cos_distance.detach(), "loss": loss.detach()}
@@ -83,6 +87,8 @@ class Phase2Loss(nn.Module):
     over the queries. ``temperature=0.05`` equals MultipleNegativesRankingLoss's ``scale=20``: cosines in
     [−1, 1] become logits in [−20, 20], sharp enough that a few hard negatives dominate the softmax.
     ``space="projected"`` runs InfoNCE on the projected vectors (teacher space, the default);
+    ``space="hybrid"`` scores projected student queries against the *teacher's* positive and negative vectors
+    (from the store): exactly what the hybrid system does at search time (student queries, teacher index);
     ``space="student"`` runs it on the raw student embeddings, so the student's own space learns to retrieve
     while the MSE term still trains the projection.
 
@@ -108,8 +114,9 @@ class Phase2Loss(nn.Module):
         mse_weight: Weight of the MSE term (default 0.2).
         temperature: Softmax temperature applied to cosine similarities (default 0.05).
         negatives: ``"batch"`` (default) or ``"own"``: which hard negatives each query is scored against.
-        space: ``"projected"`` (default) or ``"student"``: the space InfoNCE runs in.
+        space: ``"projected"`` (default), ``"hybrid"`` or ``"student"``: the space InfoNCE runs in.
         gather_across_ranks: Gather candidates across DDP ranks when distributed (default True).
+        mse_reduction: ``"element"`` (default) or ``"vector"``; see :class:`Phase1Loss`.
 
     Inputs (keyword-only; ``B`` queries, ``K`` negative slots per query, ``d`` student dim, ``D`` teacher dim):
         ``query_projected`` [B, D], ``positive_projected`` [B, D], ``negatives_projected`` [B, K, D]: projected
@@ -148,8 +155,9 @@ class Phase2Loss(nn.Module):
         mse_weight: float = 0.2,
         temperature: float = 0.05,
         negatives: Literal["own", "batch"] = "batch",
-        space: Literal["projected", "student"] = "projected",
+        space: Literal["projected", "hybrid", "student"] = "projected",
         gather_across_ranks: bool = True,
+        mse_reduction: Literal["element", "vector"] = "element",
     ) -> None:
         super().__init__()
         _check_weights(infonce_weight=infonce_weight, mse_weight=mse_weight)
@@ -157,14 +165,15 @@ class Phase2Loss(nn.Module):
             raise DdxError(f"Phase2Loss temperature must be > 0, got {temperature!r}.")
         if negatives not in ("own", "batch"):
             raise DdxError(f"Phase2Loss negatives must be 'own' or 'batch', got {negatives!r}.")
-        if space not in ("projected", "student"):
-            raise DdxError(f"Phase2Loss space must be 'projected' or 'student', got {space!r}.")
+        if space not in ("projected", "hybrid", "student"):
+            raise DdxError(f"Phase2Loss space must be 'projected', 'hybrid' or 'student', got {space!r}.")
         self.infonce_weight = infonce_weight
         self.mse_weight = mse_weight
         self.temperature = temperature
         self.negatives = negatives
         self.space = space
         self.gather_across_ranks = gather_across_ranks
+        self.mse_reduction = _check_reduction(mse_reduction)
 
     def forward(
         self,
@@ -191,11 +200,13 @@ class Phase2Loss(nn.Module):
                 raise DdxError("Phase2Loss(space='student') needs the student embeddings query, positive, negatives.")
             _check_triplet("student", query, positive, negatives, neg_mask)
             infonce = self.infonce(query, positive, negatives, neg_mask)
+        elif self.space == "hybrid":
+            infonce = self.infonce(query_projected, teacher_positive, teacher_negatives, neg_mask)
         else:
             infonce = self.infonce(query_projected, positive_projected, negatives_projected, neg_mask)
         predicted = torch.cat([query_projected, positive_projected, negatives_projected[neg_mask]])
         target = torch.cat([teacher_query, teacher_positive, teacher_negatives[neg_mask]])
-        mse = F.mse_loss(_upcast(predicted), _upcast(target))
+        mse = _mse(_upcast(predicted), _upcast(target), self.mse_reduction)
         loss = self.infonce_weight * infonce + self.mse_weight * mse
         return loss, {"infonce": infonce.detach(), "mse": mse.detach(), "loss": loss.detach()}
 
@@ -258,6 +269,23 @@ def _all_gather_rows(rows: Tensor) -> tuple[Tensor, int]:
     padded = F.pad(rows, (0, 0, 0, max(counts) - rows.shape[0]))
     gathered = dist_fn.all_gather(padded)
     return torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)]), offset
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in ("element", "vector"):
+        raise DdxError(f"mse_reduction must be 'element' or 'vector', got {reduction!r}.")
+    return reduction
+
+
+def _mse(predicted: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """Mean squared error over elements (torch's default), or squared L2 distance averaged over rows ("vector").
+
+    "vector" is ``D`` times "element": for unit vectors it equals ``2·(1 − cos)``, on the scale of InfoNCE and of the
+    cosine term, so its weight means what it says whatever the teacher's dimension.
+    """
+    if reduction == "element":
+        return F.mse_loss(predicted, target)
+    return (predicted - target).pow(2).sum(dim=-1).mean()
 
 
 def _upcast(tensor: Tensor) -> Tensor:

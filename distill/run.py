@@ -50,9 +50,11 @@ def _loss(config: TrainConfig) -> Any:
     from distill.losses import Phase1Loss, Phase2Loss
 
     if config.phase == 1:
-        return Phase1Loss(mse_weight=config.resolved_mse_weight, cos_weight=config.cos_weight)
+        return Phase1Loss(mse_weight=config.resolved_mse_weight, cos_weight=config.cos_weight,
+                          mse_reduction=config.mse_reduction)
     return Phase2Loss(infonce_weight=config.infonce_weight, mse_weight=config.resolved_mse_weight,
-                      temperature=config.temperature, negatives=config.negatives_scope, space=config.infonce_space)
+                      temperature=config.temperature, negatives=config.negatives_scope, space=config.infonce_space,
+                      mse_reduction=config.mse_reduction)
 
 
 def _dataset(config: TrainConfig, data: PreparedData, store: TeacherStore, tokens: Any) -> tuple[Any, Any, Any]:
@@ -109,9 +111,13 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
                         allow_missing=config.allow_missing, skip_bad=config.skip_bad,
                         mine_negatives=config.mine_negatives, mine_margin=config.mine_margin)
     dataset, sampler, collate = _dataset(config, data, store, tokens)
+    if config.phase == 1 and not config.init and config.projection_init == "ridge":
+        from distill.warm_start import ridge_warm_start
+
+        data.report["warm_start"] = ridge_warm_start(model, dataset, seed=config.seed)
     trainer = DistillTrainer(model=DistillModule(model, _loss(config), config.phase),
                              args=_training_args(config, out), train_dataset=dataset, batch_sampler=sampler,
-                             collate_fn=collate, projection_lr=config.projection_lr)
+                             collate_fn=collate, projection_lr=config.resolved_projection_lr)
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     trainer.add_callback(JsonLogCallback(out / "train_log.jsonl"))

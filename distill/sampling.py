@@ -19,6 +19,12 @@ __all__ = ["DistillBatchSampler"]
 class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields lists of example indices, a fixed number of batches per epoch.
 
+    Batches vary in size (the short batch is shuffled in with the others; deduplication can shrink one), so the
+    sampler has deliberately no ``batch_size`` attribute: accelerate's ``BatchSamplerShard`` (DDP) treats a sampler
+    that has one as fixed-size and silently drops every group of batches whose last member is short — and gave the
+    ranks different batch counts in half of the epochs simulated, which desynchronizes DDP's collectives. Without
+    it, every batch goes to a rank in turn and each rank gets ``ceil(len / world)`` batches.
+
     Args:
         n: number of examples.
         batch_size: examples per batch.
@@ -36,7 +42,7 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
                  drop_last: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.max_batch_size, self.seed = n, batch_size, seed
         self.lengths, self.positives = lengths, positives
         self.group_batches, self.drop_last = group_batches, drop_last
         self.on_epoch = on_epoch
@@ -48,19 +54,20 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.on_epoch(self.epoch)
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
+        full, rest = divmod(self.n, self.max_batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(self.n)
         if self.lengths is not None:
-            window = self.batch_size * self.group_batches
+            window = self.max_batch_size * self.group_batches
             for s in range(0, self.n, window):
                 part = order[s : s + window]
                 order[s : s + window] = part[np.argsort(-self.lengths[part], kind="stable")]
-        batches = [order[s : s + self.batch_size] for s in range(0, self.n, self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        size = self.max_batch_size
+        batches = [order[s : s + size] for s in range(0, self.n, size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
         rng.shuffle(batches)
         if self.positives is not None:

@@ -40,11 +40,28 @@ def tokenizer_fingerprint(tokenizer: Any, max_length: int) -> str:
     h = hashlib.sha256(f"{type(tokenizer).__name__}|{max_length}|".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        h.update(_definition(backend).encode())
     else:
         h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
     return h.hexdigest()[:24]
+
+
+def _definition(backend: Any) -> str:
+    """The backend tokenizer's serialization without its truncation/padding *state*.
+
+    transformers leaves the last call's settings on the backend (``tok(x, truncation=True, max_length=16)``
+    turns backend truncation on until a later call changes it), so hashing ``to_str()`` as is gave one
+    tokenizer different fingerprints depending on what it had tokenized before. Token ids do not depend on
+    that state here: ``add`` passes truncation and ``max_length`` explicitly, and padding happens in ``pad``.
+    A fresh tokenizer (no state) serializes exactly as before, so existing tables keep their fingerprint.
+    """
+    from tokenizers import Tokenizer
+
+    clean = Tokenizer.from_str(backend.to_str())
+    clean.no_truncation()
+    clean.no_padding()
+    return clean.to_str()
 
 
 class TokenTable:

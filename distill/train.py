@@ -40,7 +40,8 @@ class TrainConfig:
     out: str  # run folder
     student: str | None = None  # student model (phase 1, or phase 2 without --init)
     init: str | None = None  # run folder to start from (phase 2 starts from phase 1)
-    split: str | None = "train"  # split of qrels/examples; phase 1 leaves out queries judged only in other splits
+    split: str | None = "train"  # split(s) of examples, comma-separated ("train,dev"); phase 1 leaves out queries
+    #                              judged only in other splits (no test leakage); None: every split
     hard_negatives: tuple[str, ...] = ()  # extra example files (e.g. the ST MS MARCO hard-negatives jsonl)
     mine_negatives: int = 0  # mine K negatives per query from the stored teacher vectors
     mine_margin: float = 0.95  # mined negatives must score below margin × the weakest positive's score
@@ -49,7 +50,7 @@ class TrainConfig:
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 32  # per device; phase 2 also uses every other query's positive as a negative
     lr: float = 2e-5  # student learning rate (pretrained weights: keep it small)
-    projection_lr: float = 1e-3  # projection starts from random weights: it needs a larger rate
+    projection_lr: float | None = None  # default: 1e-4 after a ridge warm start, 1e-3 from random; phase 2: = lr
     warmup: float = 0.1  # < 1: fraction of steps; >= 1: number of steps
     weight_decay: float = 0.01
     seed: int = 42
@@ -58,11 +59,14 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_length: int | None = None  # student tokens per text (default: the student's own)
     projection_hidden: int | None = None  # default 2 × student_dim
+    projection_init: str = "ridge"  # new projections: "ridge" fits the output layer on stored vectors; "random"
     mse_weight: float | None = None  # default 0.4 (phase 1) / 0.2 (phase 2)
+    mse_reduction: str = "vector"  # squared distance per vector (weights then mean what they say; torch's
+    #                                "element" mean over B·D makes MSE ~1/D of the other terms)
     cos_weight: float = 0.6  # phase 1
     infonce_weight: float = 0.8  # phase 2
     temperature: float = 0.05  # InfoNCE softmax temperature on cosine similarities
-    infonce_space: str = "projected"  # "projected" (teacher space) or "student"
+    infonce_space: str = "projected"  # "projected" (teacher space), "hybrid" (vs teacher passages) or "student"
     negatives_scope: str = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
     length_grouping: bool = True  # batch similar lengths together (less padding)
     allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
@@ -87,11 +91,21 @@ class TrainConfig:
             raise ValueError("Pass --student (a sentence-transformers model) or --init (a previous run folder).")
         if self.bf16 and self.fp16:
             raise ValueError("Choose one of --bf16 and --fp16.")
-        if self.infonce_space not in ("projected", "student") or self.negatives_scope not in ("batch", "own"):
-            raise ValueError("infonce_space must be projected|student and negatives_scope batch|own.")
+        if self.projection_init not in ("ridge", "random"):
+            raise ValueError(f"projection_init must be 'ridge' or 'random', got {self.projection_init!r}.")
+        if self.infonce_space not in ("projected", "hybrid", "student") or self.negatives_scope not in ("batch", "own"):
+            raise ValueError("infonce_space must be projected|hybrid|student and negatives_scope batch|own.")
         for name in ("batch_size", "grad_accum", "num_negatives"):
             if getattr(self, name) < (0 if name == "num_negatives" else 1):
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+
+    @property
+    def resolved_projection_lr(self) -> float:
+        if self.projection_lr is not None:
+            return self.projection_lr
+        if self.phase == 2 or self.init:
+            return self.lr
+        return 1e-4 if self.projection_init == "ridge" else 1e-3
 
     @property
     def resolved_mse_weight(self) -> float:

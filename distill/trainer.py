@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from distill.losses import Phase1Loss, Phase2Loss
 from distill.model import StudentModelWithProjection
 
-__all__ = ["DistillModule", "DistillTrainer", "JsonLogCallback", "StderrProgressCallback"]
+__all__ = ["DistillModule", "DistillTrainer", "JsonLogCallback", "SamplerEpochCallback", "StderrProgressCallback"]
 
 
 class DistillModule(nn.Module):
@@ -65,7 +65,11 @@ class DistillModule(nn.Module):
         """[N, d] valid-negative rows into a [B, K, d] tensor at the mask's True slots (zeros elsewhere)."""
         out = like.new_zeros((*mask.shape, like.shape[-1]))
         if values is None:
-            return out
+            # No negatives in this batch, yet the (empty) negatives stay in the autograd graph: under DDP the loss
+            # all-gathers negatives across ranks and the gather's backward is a collective every rank must join.
+            # A rank whose negatives had no graph skipped it while the others waited in it: a collective mismatch
+            # ("Received data size doesn't match expected size") whenever one rank drew a batch without negatives.
+            return out + 0.0 * like.sum() if like.requires_grad else out
         b, k = mask.nonzero(as_tuple=True)
         return out.index_put((b, k), values.to(out.dtype))
 
@@ -78,6 +82,8 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._batch_sampler, self._collate_fn = batch_sampler, collate_fn
         self._projection_lr = projection_lr
+        if hasattr(batch_sampler, "set_epoch"):
+            self.add_callback(SamplerEpochCallback(batch_sampler))
         self._parts: dict[str, float] = {}
         self._parts_n = 0
 
@@ -120,6 +126,23 @@ class DistillTrainer(Trainer):
             logs.update({k: round(v / self._parts_n, 6) for k, v in self._parts.items()})
             self._parts, self._parts_n = {}, 0
         super().log(logs, start_time)
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Hands the epoch to the batch sampler (and through it to the dataset) at the start of every epoch.
+
+    The Trainer forwards ``set_epoch`` through accelerate's loader wrappers, but not through all of them: resuming
+    mid-epoch under DDP, the sampler sits in ``SkipBatchSampler(BatchSamplerShard(sampler))`` and neither wrapper
+    forwards it, so the resumed epoch replayed epoch 0's batch order (seen as weights differing by ~1e-2 from an
+    uninterrupted run). ``int(state.epoch)`` is the epoch being started: the checkpoint's fractional epoch on
+    resume, ``e + 1.0`` exactly after epoch ``e``'s last step.
+    """
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.sampler.set_epoch(int(state.epoch or 0))
 
 
 class JsonLogCallback(TrainerCallback):
