@@ -30,6 +30,7 @@ COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 @click.option("--save-run", help="Folder for TREC run files.")
 @click.option("--out", help="Folder for results JSON/CSV (default: MODEL/eval for runs).")
 @click.option("--title-join", default="{title} {text}", show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Encode progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @library_errors
 def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **options: Any) -> None:

@@ -131,8 +131,8 @@ def load_eval_set(source: Source, split: str, strict: bool) -> EvalSet:
 class Encoders:
     """The model under evaluation: a ddx run (student + projection) or a plain sentence-transformer."""
 
-    def __init__(self, path: str, device: str | None, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def __init__(self, path: str, device: str | None, batch_size: int, progress: bool = False) -> None:
+        self.batch_size, self.progress = batch_size, progress
         self.run = read_run(path) if (Path(path) / RUN_FILE).exists() else None
         if self.run is not None:
             from distill.model import StudentModelWithProjection
@@ -149,7 +149,8 @@ class Encoders:
         start = time.perf_counter()
         prompts = getattr(self.student, "prompts", {}) or {}
         name = role if prompts.get(role) else ("document" if role == "passage" and prompts.get("document") else None)
-        out = self.student.encode(texts, batch_size=self.batch_size, prompt_name=name, convert_to_numpy=True)
+        out = self.student.encode(texts, batch_size=self.batch_size, prompt_name=name, convert_to_numpy=True,
+                                  show_progress_bar=self.progress)
         self.seconds += time.perf_counter() - start
         self.texts += len(texts)
         return out.astype(np.float32)
@@ -258,6 +259,7 @@ def _evaluate_set(config: EvalConfig, es: EvalSet, enc: Encoders, store: Teacher
                     "mean_cos_to_teacher": _cosine(mode, q_p, q_s, d_s, rows_q, rows_d, store, enc)})
         if config.save_run:
             path = Path(config.save_run) / f"{es.name}-{config.split}-{mode}.trec"
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_trec_run(path, es.query_ids, es.doc_ids, idx, scores, tag=f"ddx-{mode}")
     _add_retained(out)
     return out
@@ -296,7 +298,7 @@ def evaluate_retrieval(config: EvalConfig) -> EvalResult:
         BadSourceError: empty split, or unknown judged documents under --strict.
     """
     store = TeacherStore.open(config.store) if config.store else None
-    enc = Encoders(config.model, config.device, config.batch_size)
+    enc = Encoders(config.model, config.device, config.batch_size, config.progress)
     if store is not None and enc.run is not None:
         check_run_store(enc.run, config.model, store)
     modes = _available_modes(config, enc, store)

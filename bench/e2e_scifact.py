@@ -1,0 +1,151 @@
+"""End to end on real data: precompute → phase 1 → phase 2 → evaluate, every stage timed.
+
+Teacher all-mpnet-base-v2 (768-d), student all-MiniLM-L6-v2 (384-d), projection 384 → 768 → 768, CPU.
+
+* precompute: SciFact (corpus + all queries), HotpotQA (questions + paragraphs), the MS MARCO TREC-DL-2019
+  subset and the MS MARCO text triples, into one store;
+* phase 1 on all those texts (queries judged only in test splits are left out automatically);
+* phase 2 on SciFact train (positives from qrels/train.tsv, negatives mined from the stored teacher vectors),
+  HotpotQA (supporting vs distractor paragraphs) and the MS MARCO triples;
+* evaluate every mode on SciFact test and on TREC-DL-2019 (graded qrels), plus the untrained student.
+
+Stages can run separately (``--stages precompute`` now, ``--stages phase1,phase2,evaluate`` later); timings
+accumulate in WORKDIR/timings.json and the final table goes to WORKDIR/results.json.
+
+Usage:
+    python bench/e2e_scifact.py --workdir /tmp/ddx-e2e
+    python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages evaluate --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+STAGES = ("precompute", "phase1", "phase2", "evaluate")
+
+
+def sources(root: Path) -> dict[str, str]:
+    return {
+        "scifact": f"beir:{root / 'scifact'}",
+        "hotpotqa": f"hotpotqa:{root / 'hotpotqa-dev500'}",
+        "dl19": f"beir:{root / 'msmarco-dl19-subset'}",
+        "triples": f"msmarco:{root / 'msmarco-triples-toy'}",
+    }
+
+
+def _timed(timings: dict, name: str, fn):
+    start = time.perf_counter()
+    out = fn()
+    timings[name] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    from cli.offline_models import minilm_path, mpnet_path
+    from distill.evaluate import EvalConfig, evaluate_retrieval
+    from distill.train import TrainConfig, train
+    from precompute.pipeline import PrecomputeConfig, precompute
+    from precompute.teacher import TeacherConfig
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    timing_file = work / "timings.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    src = sources(Path(args.data_root))
+    store, p1, p2 = work / "store", work / "phase1", work / "phase2"
+    stages = args.stages.split(",")
+    out: dict = {}
+    if "precompute" in stages:
+        cfg = PrecomputeConfig(
+            store=str(store), data=tuple(src.values()), teacher=TeacherConfig(model=str(mpnet_path()))
+        )
+        summary = _timed(timings, "precompute", lambda: precompute(cfg))
+        out["precompute"] = summary.to_dict()
+        timings["precompute_encoded"] = summary.encoded
+    common = {
+        "store": str(store),
+        "batch_size": args.batch_size,
+        "seed": 42,
+        "num_workers": 2,
+        "logging_steps": 20,
+        "save_steps": 100_000,
+        "split": "train,dev",
+    }
+    if "phase1" in stages:
+        cfg1 = TrainConfig(
+            phase=1,
+            out=str(p1),
+            student=str(minilm_path()),
+            data=tuple(src.values()),
+            epochs=args.phase1_epochs,
+            lr=5e-5,
+            **common,
+        )
+        out["phase1"] = _timed(timings, "phase1", lambda: train(cfg1)).to_dict()
+    if "phase2" in stages:
+        cfg2 = TrainConfig(
+            phase=2,
+            out=str(p2),
+            init=str(p1),
+            data=(src["scifact"], src["hotpotqa"], src["triples"]),
+            epochs=args.phase2_epochs,
+            lr=3e-5,
+            num_negatives=args.negatives,
+            mine_negatives=args.mine_negatives,
+            **common,
+        )
+        out["phase2"] = _timed(timings, "phase2", lambda: train(cfg2)).to_dict()
+    if "evaluate" in stages:
+        rows = []
+        for name in ("scifact", "dl19"):
+            cfg = EvalConfig(model=str(p2), store=str(store), data=(src[name],), split="test", out=str(work / "eval"))
+            rows += _timed(timings, f"evaluate_{name}", lambda c=cfg: evaluate_retrieval(c)).rows
+            base = EvalConfig(model=str(minilm_path()), data=(src[name],), split="test", modes=("student",))
+            rows += [{**r, "mode": "student (untrained)"} for r in evaluate_retrieval(base).rows]
+        out["rows"] = rows
+        (work / "results.json").write_text(json.dumps({"rows": rows, "timings": timings}, indent=2))
+    timing_file.write_text(json.dumps(timings, indent=2))
+    out["timings"] = timings
+    return out
+
+
+def print_rows(rows: list[dict], timings: dict) -> None:
+    cols = ("MRR@10", "nDCG@10", "Recall@100", "Recall@1000", "MAP")
+    print(f"{'data':<22}{'mode':<22}" + "".join(f"{c:>12}" for c in cols) + f"{'% teacher':>11}{'cos':>8}")
+    for r in rows:
+        name = r["data"].rstrip("/").rsplit("/", 1)[-1]
+        kept, cos = r.get("retained_nDCG@10"), r.get("mean_cos_to_teacher")
+        print(
+            f"{name:<22}{r['mode']:<22}"
+            + "".join(f"{r[c]:>12.4f}" for c in cols)
+            + f"{(f'{kept:.1f}' if kept is not None else '-'):>11}{(f'{cos:.3f}' if cos is not None else '-'):>8}"
+        )
+    print("stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/ddx-e2e")
+    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--phase1-epochs", type=float, default=1.0)
+    parser.add_argument("--phase2-epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--negatives", type=int, default=3)
+    parser.add_argument("--mine-negatives", type=int, default=7)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = run(args)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    elif "rows" in out:
+        print_rows(out["rows"], out["timings"])
+    else:
+        print(json.dumps(out["timings"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
