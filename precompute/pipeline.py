@@ -30,7 +30,8 @@ import numpy as np
 from precompute.batching import padding_waste, token_budget_batches
 from precompute.sources import Source, SourceOptions, TextRecord, parse_source
 from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
-from storage.errors import BadSourceError, DdxError
+from storage.errors import BadSourceError, DdxError, StoreNotFoundError
+from storage.fs import Location
 from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
 from storage.segment import SegmentWriter
 from storage.store import TeacherStore
@@ -140,16 +141,62 @@ def precompute(config: PrecomputeConfig, *, encoder: TeacherEncoder | None = Non
     rank, world = resolve_rank(config.rank, config.world_size)
     options = SourceOptions(skip_bad=config.skip_bad, title_join=config.title_join)
     sources = sources if sources is not None else [parse_source(s, options) for s in config.data]
-    encoder = encoder or load_teacher(config.teacher)
-    store = TeacherStore.open_or_create(config.store, encoder.spec, dtype=config.storage_dtype)
+    encoder = encoder or _load_teacher(config)
+    calls_before = encoder.forward_calls  # a caller's encoder may have run before: report this run's calls
+    store = _open_store(config, encoder)
     summary = PrecomputeSummary(store=store.url, fingerprint=store.fingerprint, rank=rank, world_size=world)
     summary.salvaged = [{"segment": s, "rows": n} for s, n in _salvage_all(store)]
     todo = _scan(sources, store, config, rank, world, summary)
     if len(todo):
         _encode(sources, store, encoder, todo, config, rank, world, summary)
-    summary.forward_calls = encoder.forward_calls
+    summary.forward_calls = encoder.forward_calls - calls_before
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _load_teacher(config: PrecomputeConfig) -> TeacherEncoder:
+    """``load_teacher``; under ``progress=False`` transformers' own "Loading weights" bar stays off too."""
+    if config.progress:
+        return load_teacher(config.teacher)
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_teacher(config.teacher)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _open_store(config: PrecomputeConfig, encoder: TeacherEncoder, wait_s: float = 10.0) -> TeacherStore:
+    """``open_or_create``, tolerating other processes (torchrun ranks) creating the same new store right now.
+
+    Creating a store is not atomic (the folder, then zarr.json, then segments/), so a process that
+    looks in between saw "exists and is not empty" or a half-written zarr.json and failed. A folder
+    changed in the last minute is retried for ``wait_s`` seconds; any other error is reported at once.
+    """
+    from zarr.errors import ContainsGroupError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return TeacherStore.open_or_create(config.store, encoder.spec, dtype=config.storage_dtype)
+        except (FileExistsError, StoreNotFoundError, ContainsGroupError):  # StoreExistsError is a FileExistsError
+            if time.monotonic() > deadline or not _just_changed(config.store):
+                raise
+            time.sleep(0.05)
+
+
+def _just_changed(url: str, within_s: float = 60.0) -> bool:
+    """True for a local folder modified within ``within_s`` seconds, or any remote URL (no cheap mtime)."""
+    loc = Location(url)
+    if not loc.is_local:
+        return True
+    try:
+        return os.path.isdir(loc.root) and time.time() - os.stat(loc.root).st_mtime < within_s
+    except OSError:
+        return False
 
 
 def _salvage_all(store: TeacherStore, wait_s: float = 300.0) -> list[tuple[str, int]]:
@@ -233,9 +280,9 @@ def _encode(sources: list[Source], store: TeacherStore, encoder: TeacherEncoder,
             hit = (todo[pos] == keys) & ~done[pos] & first_occurrence(keys)
             done[pos[hit]] = True
             window.extend((keys[j], block[j]) for j in np.flatnonzero(hit))
-            if len(window) >= config.window:
-                _encode_window(window, encoder, out, budget, config.max_batch_size, summary, bar)
-                window = []
+            while len(window) >= config.window:  # a block may overfill it: never hold more than --window texts
+                _encode_window(window[: config.window], encoder, out, budget, config.max_batch_size, summary, bar)
+                window = window[config.window :]
         _encode_window(window, encoder, out, budget, config.max_batch_size, summary, bar)
     bar.close()
     if not done.all():

@@ -33,6 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "pooling": "cls", "normalize": True},
     "none": {"query_prompt": "", "passage_prompt": ""},
 }
+LENGTH_BATCH = 256  # texts per tokenizer call in token_lengths (bounds its transient memory)
 _SKIP_HASH = {".md", ".txt", ".ini", ".png", ".jpg", ".gitattributes", ".lock"}
 
 
@@ -205,11 +206,19 @@ class TeacherEncoder:
         self.model.eval()
 
     def token_lengths(self, texts: list[str], role: str) -> np.ndarray:
-        """Tokens each text takes (prompt included, truncated at max_seq_length)."""
-        prompt = self.spec.prompt(role)
-        enc = self.model.tokenizer([prompt + t for t in texts], truncation=True, max_length=self.spec.max_seq_length,
-                                   return_attention_mask=False, return_token_type_ids=False)
-        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int32, count=len(texts))
+        """Tokens each text takes (prompt included, truncated at max_seq_length).
+
+        Tokenized ``LENGTH_BATCH`` texts at a time: a fast tokenizer keeps every text's full
+        encoding (tokens, offsets, the truncated overflow) until the call returns, ~130 KB for a
+        SciFact abstract, so one call over a 65,536-text window peaked at gigabytes.
+        """
+        prompt, out = self.spec.prompt(role), np.empty(len(texts), dtype=np.int32)
+        for start in range(0, len(texts), LENGTH_BATCH):
+            batch = [prompt + t for t in texts[start : start + LENGTH_BATCH]]
+            enc = self.model.tokenizer(batch, truncation=True, max_length=self.spec.max_seq_length,
+                                       return_attention_mask=False, return_token_type_ids=False)
+            out[start : start + len(batch)] = [len(ids) for ids in enc["input_ids"]]
+        return out
 
     def encode(self, texts: list[str], role: str) -> np.ndarray:
         """Vectors of one batch as float32, shape (len(texts), dim)."""

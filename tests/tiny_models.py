@@ -6,8 +6,11 @@ Two shapes cover the teacher paths ddx supports:
 * ``build_tiny_qwen2``: a 2-layer Qwen2 with a byte-level BPE tokenizer that appends ``<|endoftext|>``,
   left padding, last-token pooling and a query prompt (the gte-Qwen2-7B-instruct path).
 
-Tokenizers are trained with the ``tokenizers`` library on a small built-in corpus; weights are random
-with a fixed seed, so every build of the same arguments gives the same model.
+Tokenizers are built with the ``tokenizers`` library from a vocabulary derived from the built-in word
+list (every word a token, unknown words split into characters). They are not *trained*: the library's
+trainers break frequency ties in hash order, so two builds gave two vocabularies and, through token
+lengths, two batch orders. Weights are random with a fixed seed: every build of the same arguments gives
+the same model.
 """
 
 from __future__ import annotations
@@ -38,20 +41,38 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
+def _vocabulary(specials: list[str]) -> dict[str, int]:
+    """Specials, every word of WORDS, then single characters (plain and as ``##`` continuations): deterministic."""
+    chars = sorted({c for text in [*WORDS, QWEN_QUERY_PROMPT, "0123456789.,:?!'-\"()"] for c in text.lower()} - {" ", "\n"})
+    tokens = [*specials, *sorted(set(WORDS)), *chars, *(f"##{c}" for c in chars)]
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+
+
+def _wordpiece(specials: list[str], unk: str, lowercase: bool):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(vocab=_vocabulary(specials), unk_token=unk, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
 def build_tiny_bert(path: Path, *, dim: int = 32, normalize: bool = True, seed: int = 0) -> Path:
     """A 2-layer BERT sentence-transformer with mean pooling, saved at ``path``."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from tokenizers import BertWordPieceTokenizer
+    from tokenizers import processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path = Path(path)
     hf_dir = path / "hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(tiny_corpus() + WORDS, vocab_size=300, min_frequency=1)
-    tok = BertTokenizerFast(tokenizer_object=wp._tokenizer, model_max_length=128)
+    wp = _wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]", lowercase=True)
+    wp.post_processor = processors.BertProcessing(("[SEP]", wp.token_to_id("[SEP]")), ("[CLS]", wp.token_to_id("[CLS]")))
+    tok = BertTokenizerFast(tokenizer_object=wp, model_max_length=128, unk_token="[UNK]", pad_token="[PAD]",
+                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tok.save_pretrained(hf_dir)
     torch.manual_seed(seed)
     config = BertConfig(
@@ -72,22 +93,18 @@ def build_tiny_qwen2(path: Path, *, dim: int = 48, seed: int = 0) -> Path:
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
     path = Path(path)
     hf_dir = path / "hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
     eos = "<|endoftext|>"
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([*tiny_corpus(), QWEN_QUERY_PROMPT], trainer=trainer)
-    eos_id = bpe.token_to_id(eos)
-    bpe.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, eos_id)])
+    wp = _wordpiece([eos, "<unk>"], "<unk>", lowercase=False)  # cased, like Qwen2's byte-level BPE
+    eos_id = wp.token_to_id(eos)
+    wp.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, eos_id)])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=eos, pad_token=eos, padding_side="left", model_max_length=128
+        tokenizer_object=wp, eos_token=eos, pad_token=eos, unk_token="<unk>", padding_side="left", model_max_length=128
     )
     tok.save_pretrained(hf_dir)
     torch.manual_seed(seed)

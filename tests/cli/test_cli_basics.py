@@ -1,0 +1,171 @@
+"""Every command documents an Example; ``ddx --help`` is fast and torch-free; config files; clean errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cli.main import COMMANDS, cli
+from storage.store import TeacherStore
+from tests.precompute.test_pipeline import (
+    one_torch_thread,  # noqa: F401 - autouse fixture
+    write_beir,
+)
+from tests.tiny_models import tiny_corpus
+
+DDX = str(Path(sys.executable).with_name("ddx"))
+EXPECTED = [
+    (),
+    ("precompute-teacher",),
+    ("cache",),
+    ("cache", "gc"),
+    ("cache", "info"),
+    ("cache", "ls"),
+    ("cache", "verify"),
+    ("train",),
+    ("evaluate",),
+    ("demo",),
+]
+
+
+def all_commands() -> list[tuple[str, ...]]:
+    """Every command path below ``ddx``, found by walking the groups (so a new command is checked too)."""
+    ctx = click.Context(cli, info_name="ddx")
+    out: list[tuple[str, ...]] = []
+
+    def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
+        out.append(path)
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), (*path, name))
+
+    walk(cli, ())
+    return out
+
+
+def test_every_command_is_walked() -> None:
+    assert sorted(all_commands()) == sorted(EXPECTED)
+    assert set(COMMANDS) == {p[0] for p in EXPECTED if len(p) == 1}
+
+
+@pytest.mark.parametrize("path", EXPECTED, ids=lambda p: " ".join(p) or "ddx")
+def test_help_ends_with_an_example(path: tuple[str, ...]) -> None:
+    """The description of every ``--help`` ends with an "Example:" section of ddx command lines."""
+    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="ddx")
+    assert result.exit_code == 0, result.output
+    description = result.stdout.split("\nOptions:")[0].rstrip()
+    _, sep, example = description.rpartition("\n  Example:\n")
+    assert sep, f"'ddx {' '.join(path)} --help' has no Example section:\n{result.stdout}"
+    lines = [line.strip() for line in example.splitlines() if line.strip()]
+    assert lines and all(line.startswith(("ddx ", "torchrun ", "--")) for line in lines), lines
+    assert any(line.startswith(" ".join(("ddx", *path))) for line in lines)  # it shows this very command
+    assert "\n\n" not in example.strip("\n")  # nothing after the example but Options (and Commands)
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = (
+        "import sys, time\n"
+        "t = time.perf_counter()\n"
+        "from click.testing import CliRunner\n"
+        "import cli.main\n"
+        "paths = [[], ['precompute-teacher'], ['cache'], ['cache', 'ls'], ['cache', 'info'], ['cache', 'verify'],"
+        " ['cache', 'gc'], ['train'], ['evaluate'], ['demo']]\n"
+        "assert all(CliRunner().invoke(cli.main.cli, [*p, '--help']).exit_code == 0 for p in paths)\n"
+        "heavy = sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # no help page imports torch, sentence-transformers or transformers
+    best = min(_timed([DDX, "--help"]) for _ in range(3))  # best of 3: the machine is shared
+    assert best < 1.0, f"'ddx --help' took {best:.2f} s"
+
+
+def _timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Example:" in proc.stdout
+    return time.perf_counter() - t0
+
+
+# -- config files --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["yaml", "toml"])
+def test_config_file_supplies_options_and_flags_win(kind: str, tiny_bert: Path, tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "beir", tiny_corpus(12, seed=80))
+    store = tmp_path / "store"
+    if kind == "yaml":  # option names as on the command line, with - or _
+        text = (
+            f"teacher: {tiny_bert}\nstore: {store}\ndata:\n  - beir:{folder}\nlimit: 3\nflush-rows: 4\n"
+            "progress: false\njson: true\n"
+        )
+    else:  # a section named after the command; other sections are ignored
+        text = (
+            f'[precompute-teacher]\nteacher = "{tiny_bert}"\nstore = "{store}"\ndata = ["beir:{folder}"]\n'
+            "limit = 3\nflush_rows = 4\nprogress = false\njson = true\n\n[train]\nepochs = 2\n"
+        )
+    config = tmp_path / f"ddx.{kind}"
+    config.write_text(text)
+    from_file = CliRunner().invoke(cli, ["precompute-teacher", "--config", str(config)])
+    assert from_file.exit_code == 0, from_file.output
+    assert json.loads(from_file.stdout)["encoded"] == 3  # limit from the file
+    assert TeacherStore.open(store).segments[0].chunk_rows == 4
+
+    flagged = CliRunner().invoke(cli, ["precompute-teacher", "--config", str(config), "--limit", "5"])
+    assert flagged.exit_code == 0, flagged.output
+    summary = json.loads(flagged.stdout)
+    assert (summary["already_stored"], summary["encoded"]) == (3, 5)  # the flag overrode the file
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "ddx.yaml"
+    config.write_text("teacher: m\nstore: s\ndata: [beir:x]\nbogus: 1\nflush_rowz: 3\n")
+    result = CliRunner().invoke(cli, ["precompute-teacher", "--config", str(config)])
+    assert result.exit_code == 2
+    assert f"{config}: unknown option(s) ['bogus', 'flush_rowz'] for 'ddx precompute-teacher'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("teacher: [unclosed\n", r"is not valid \.yaml"), ("- a\n- b\n", r"must hold a mapping of option names")],
+)
+def test_bad_config_files(content: str, message: str, tmp_path: Path) -> None:
+    config = tmp_path / "ddx.yaml"
+    config.write_text(content)
+    result = CliRunner().invoke(cli, ["precompute-teacher", "--config", str(config)])
+    assert result.exit_code == 2 and re.search(message, result.stderr), result.stderr
+    missing = CliRunner().invoke(cli, ["precompute-teacher", "--config", str(tmp_path / "none.yaml")])
+    assert missing.exit_code == 2 and "cannot read config file" in missing.stderr
+
+
+# -- library errors ------------------------------------------------------------------------------------------------
+
+
+def test_library_errors_are_one_clean_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["cache", "info", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: No teacher store at ")
+    proc = subprocess.run([DDX, "cache", "ls", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"Error: No teacher store at '{tmp_path / 'nope'}' (zarr.json missing). "
+        f"Run 'ddx precompute-teacher --store {tmp_path / 'nope'} ...' first."
+    ]
+    (tmp_path / "file").write_text("x")
+    as_file = CliRunner().invoke(cli, ["cache", "verify", str(tmp_path / "file")])
+    assert as_file.exit_code == 1 and "is a file, not a teacher store directory" in as_file.stderr
+
+
+def test_version_and_unknown_command() -> None:
+    assert CliRunner().invoke(cli, ["--version"]).stdout.strip() == "ddx, version 0.1.0"
+    unknown = CliRunner().invoke(cli, ["precompute"])
+    assert unknown.exit_code == 2 and "No such command 'precompute'" in unknown.stderr
