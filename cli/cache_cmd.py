@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -56,18 +56,23 @@ def ls(store: str, as_json: bool) -> None:
         echo_json(info)
         return
     spec = info["teacher_spec"]
-    click.echo(f"{info['store']}: {spec['model']} ({info['dim']}-d, {spec['pooling']} pooling, "
-               f"{info['storage_dtype']}), fingerprint {info['fingerprint']}")
+    click.echo(
+        f"{info['store']}: {spec['model']} ({info['dim']}-d, {spec['pooling']} pooling, "
+        f"{info['storage_dtype']}), fingerprint {info['fingerprint']}"
+    )
     click.echo(f"{'segment':<48} {'passages':>10} {'queries':>9} {'size':>11}  committed")
     for s in info["segments"]:
-        when = datetime.fromtimestamp(s["committed_at"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+        when = datetime.fromtimestamp(s["committed_at"], tz=UTC).strftime("%Y-%m-%d %H:%M")
         flag = " (resumed)" if s["salvaged"] else ""
-        click.echo(f"{s['id']:<48} {s['roles']['passage']:>10,} {s['roles']['query']:>9,} {_size(s['bytes']):>11}  "
-                   f"{when}{flag}")
+        click.echo(
+            f"{s['id']:<48} {s['roles']['passage']:>10,} {s['roles']['query']:>9,} {_size(s['bytes']):>11}  "
+            f"{when}{flag}"
+        )
     for u in info["uncommitted"]:
         click.echo(f"{u['id']:<48} {'(uncommitted: ' + u['state'] + ')':>32}")
-    click.echo(f"total: {info['roles']['passage']:,} passages, {info['roles']['query']:,} queries, "
-               f"{_size(info['bytes'])}")
+    click.echo(
+        f"total: {info['roles']['passage']:,} passages, {info['roles']['query']:,} queries, {_size(info['bytes'])}"
+    )
 
 
 @cache.command("info")
@@ -92,8 +97,10 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"fingerprint:  {data['fingerprint']}")
     for key, value in data["teacher_spec"].items():
         click.echo(f"  {key + ':':<16}{value!r}")
-    click.echo(f"keys:         {data['keys']:,} ({data['roles']['passage']:,} passages, {data['roles']['query']:,} "
-               f"queries) in {len(data['segments'])} segments, {_size(data['bytes'])}")
+    click.echo(
+        f"keys:         {data['keys']:,} ({data['roles']['passage']:,} passages, {data['roles']['query']:,} "
+        f"queries) in {len(data['segments'])} segments, {_size(data['bytes'])}"
+    )
     if data["duplicate_rows"]:
         click.echo(f"duplicates:   {data['duplicate_rows']:,} rows repeat an earlier segment's key (harmless)")
 

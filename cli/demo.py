@@ -77,14 +77,26 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     _stage(1, f"precompute teacher vectors ({Path(teacher).name}) -> {store}")
     t = time.perf_counter()
-    summary = precompute(PrecomputeConfig(store=str(store), data=(data,), teacher=TeacherConfig(model=teacher),
-                                          progress=config.progress))
+    summary = precompute(
+        PrecomputeConfig(store=str(store), data=(data,), teacher=TeacherConfig(model=teacher), progress=config.progress)
+    )
     seconds["precompute"] = time.perf_counter() - t
-    click.echo(f"      teacher encoded {summary.encoded:,} texts; {summary.already_stored:,} already in the store"
-               + (" (nothing to encode: the teacher did not run)" if summary.encoded == 0 else ""), err=True)
+    click.echo(
+        f"      teacher encoded {summary.encoded:,} texts; {summary.already_stored:,} already in the store"
+        + (" (nothing to encode: the teacher did not run)" if summary.encoded == 0 else ""),
+        err=True,
+    )
 
-    common = {"store": str(store), "data": (data,), "batch_size": config.batch_size, "seed": config.seed,
-              "progress": config.progress, "num_workers": 0, "logging_steps": 5, "save_steps": 10_000}
+    common = {
+        "store": str(store),
+        "data": (data,),
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "progress": config.progress,
+        "num_workers": 0,
+        "logging_steps": 5,
+        "save_steps": 10_000,
+    }
     _stage(2, f"phase 1: MSE + cosine ({Path(student).name} + projection) -> {p1}")
     t = time.perf_counter()
     train(TrainConfig(phase=1, out=str(p1), student=student, epochs=config.phase1_epochs, lr=5e-5, **common))
@@ -92,8 +104,18 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     _stage(3, f"phase 2: InfoNCE + MSE with hard negatives -> {p2}")
     t = time.perf_counter()
-    train(TrainConfig(phase=2, out=str(p2), init=str(p1), epochs=config.phase2_epochs, lr=3e-5, num_negatives=3,
-                      mine_negatives=config.mine_negatives, **common))
+    train(
+        TrainConfig(
+            phase=2,
+            out=str(p2),
+            init=str(p1),
+            epochs=config.phase2_epochs,
+            lr=3e-5,
+            num_negatives=3,
+            mine_negatives=config.mine_negatives,
+            **common,
+        )
+    )
     seconds["phase2"] = time.perf_counter() - t
 
     _stage(4, "evaluate teacher / student / hybrid / projected on the test split")
@@ -102,11 +124,16 @@ def run_demo(config: DemoConfig) -> DemoResult:
     baseline = evaluate_retrieval(EvalConfig(model=student, data=(data,), split="test", modes=("student",)))
     seconds["evaluate"] = time.perf_counter() - t
     rows = result.rows + [{**r, "mode": "student (untrained)"} for r in baseline.rows]
-    paths = {"store": str(store), "student_base": str(p2 / "student_base"),
-             "projection_layer": str(p2 / "projection_layer.pt"), "hybrid_model": str(p2 / "hybrid"),
-             "results": result.files[0] if result.files else ""}
-    return DemoResult(str(store), str(p1), str(p2), summary.encoded, rows,
-                      {k: round(v, 1) for k, v in seconds.items()}, paths)
+    paths = {
+        "store": str(store),
+        "student_base": str(p2 / "student_base"),
+        "projection_layer": str(p2 / "projection_layer.pt"),
+        "hybrid_model": str(p2 / "hybrid"),
+        "results": result.files[0] if result.files else "",
+    }
+    return DemoResult(
+        str(store), str(p1), str(p2), summary.encoded, rows, {k: round(v, 1) for k, v in seconds.items()}, paths
+    )
 
 
 def print_demo(result: DemoResult) -> None:

@@ -16,8 +16,13 @@ from cli.options import config_option, echo_json, library_errors
 @click.option("--phase1-epochs", type=float, default=2.0, show_default=True)
 @click.option("--phase2-epochs", type=float, default=1.0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--mine-negatives", type=int, default=4, show_default=True,
-              help="Negatives mined from teacher vectors, added to the corpus's own.")
+@click.option(
+    "--mine-negatives",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Negatives mined from teacher vectors, added to the corpus's own.",
+)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")

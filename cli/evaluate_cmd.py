@@ -17,13 +17,18 @@ COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 @click.option("--data", multiple=True, required=True, help="Source with qrels, repeatable.")
 @click.option("--store", help="Teacher store (teacher and hybrid modes read their vectors from it).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--modes", default="teacher,student,hybrid,projected", show_default=True,
-              help="Comma-separated modes to run.")
+@click.option(
+    "--modes", default="teacher,student,hybrid,projected", show_default=True, help="Comma-separated modes to run."
+)
 @click.option("--k", "k_values", default="10,100,1000", show_default=True, help="Cut-offs (comma-separated).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Student encode batch.")
 @click.option("--chunk-size", type=int, default=50_000, show_default=True, help="Passages per search step.")
-@click.option("--search", type=click.Choice(["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"]), default="exact",
-              show_default=True)
+@click.option(
+    "--search",
+    type=click.Choice(["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"]),
+    default="exact",
+    show_default=True,
+)
 @click.option("--device", help="Torch device (default: CUDA when available).")
 @click.option("--strict", is_flag=True, help="Fail when qrels name documents absent from the corpus.")
 @click.option("--teacher", help="Encode texts the store lacks with this teacher (writing them into the store).")
@@ -71,5 +76,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         cells = "".join(f"{row.get(c, float('nan')):>12.4f}" for c in COLUMNS)
         kept = row.get("retained_nDCG@10")
         cos = row.get("mean_cos_to_teacher")
-        click.echo(f"{name:<28} {row['mode']:<10}{cells}{(f'{kept:.1f}' if kept is not None else '-'):>11}"
-                   f"{(f'{cos:.3f}' if cos is not None else '-'):>8}")
+        click.echo(
+            f"{name:<28} {row['mode']:<10}{cells}{(f'{kept:.1f}' if kept is not None else '-'):>11}"
+            f"{(f'{cos:.3f}' if cos is not None else '-'):>8}"
+        )

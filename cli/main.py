@@ -15,7 +15,10 @@ __all__ = ["cli", "main"]
 
 # command name -> "module:attribute"
 COMMANDS: dict[str, tuple[str, str]] = {
-    "precompute-teacher": ("cli.precompute_cmd:precompute_teacher", "Run the teacher once over your data into a store."),
+    "precompute-teacher": (
+        "cli.precompute_cmd:precompute_teacher",
+        "Run the teacher once over your data into a store.",
+    ),
     "cache": ("cli.cache_cmd:cache", "Inspect, verify and clean a teacher store."),
     "train": ("cli.train_cmd:train", "Train the student (phase 1 or 2) from stored teacher vectors."),
     "evaluate": ("cli.evaluate_cmd:evaluate", "Compare teacher, student and hybrid retrieval."),

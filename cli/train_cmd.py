@@ -15,21 +15,40 @@ from cli.options import config_option, echo_json, library_errors
 @click.option("--out", required=True, help="Run folder (student_base/, hybrid/, projection_layer.pt, ...).")
 @click.option("--student", help="Student sentence-transformer (hub id or folder).")
 @click.option("--init", help="Start from this run folder (phase 2 starts from phase 1).")
-@click.option("--split", default="train", show_default=True,
-              help="Split(s) of examples to train on, comma-separated (e.g. train,dev).")
-@click.option("--hard-negatives", multiple=True, help="Extra example file(s), e.g. the ST MS MARCO hard-negatives jsonl.")
-@click.option("--mine-negatives", type=int, default=0, show_default=True,
-              help="Mine K negatives per query from stored teacher vectors (no teacher run).")
-@click.option("--mine-margin", type=float, default=0.95, show_default=True,
-              help="Skip mined candidates scoring >= margin × the weakest positive (likely unjudged positives).")
+@click.option(
+    "--split",
+    default="train",
+    show_default=True,
+    help="Split(s) of examples to train on, comma-separated (e.g. train,dev).",
+)
+@click.option(
+    "--hard-negatives", multiple=True, help="Extra example file(s), e.g. the ST MS MARCO hard-negatives jsonl."
+)
+@click.option(
+    "--mine-negatives",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Mine K negatives per query from stored teacher vectors (no teacher run).",
+)
+@click.option(
+    "--mine-margin",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="Skip mined candidates scoring >= margin × the weakest positive (likely unjudged positives).",
+)
 @click.option("--num-negatives", type=int, default=7, show_default=True, help="Hard negatives per query per step.")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per device per step.")
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="Student learning rate.")
-@click.option("--projection-lr", type=float,
-              help="Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, "
-                   "the student's --lr in phase 2).")
+@click.option(
+    "--projection-lr",
+    type=float,
+    help="Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, "
+    "the student's --lr in phase 2).",
+)
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="< 1: fraction of steps; >= 1: steps.")
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
@@ -38,17 +57,32 @@ from cli.options import config_option, echo_json, library_errors
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
 @click.option("--max-seq-length", type=int, help="Student tokens per text (default: the student's).")
 @click.option("--projection-hidden", type=int, help="Projection hidden width (default 2 × student dim).")
-@click.option("--projection-init", type=click.Choice(["ridge", "random"]), default="ridge", show_default=True,
-              help="New projections: fit the output layer by ridge regression on stored vectors first.")
+@click.option(
+    "--projection-init",
+    type=click.Choice(["ridge", "random"]),
+    default="ridge",
+    show_default=True,
+    help="New projections: fit the output layer by ridge regression on stored vectors first.",
+)
 @click.option("--mse-weight", type=float, help="MSE weight (default 0.4 in phase 1, 0.2 in phase 2).")
-@click.option("--mse-reduction", type=click.Choice(["vector", "element"]), default="vector", show_default=True,
-              help="vector: squared distance per vector; element: torch's mean over elements (~1/dim as large).")
+@click.option(
+    "--mse-reduction",
+    type=click.Choice(["vector", "element"]),
+    default="vector",
+    show_default=True,
+    help="vector: squared distance per vector; element: torch's mean over elements (~1/dim as large).",
+)
 @click.option("--cos-weight", type=float, default=0.6, show_default=True, help="Phase-1 cosine weight.")
 @click.option("--infonce-weight", type=float, default=0.8, show_default=True, help="Phase-2 InfoNCE weight.")
 @click.option("--temperature", type=float, default=0.05, show_default=True, help="InfoNCE temperature.")
-@click.option("--infonce-space", type=click.Choice(["projected", "hybrid", "student"]), default="projected",
-              show_default=True, help="Where InfoNCE runs: projected student on both sides, projected queries vs "
-              "teacher passages (hybrid), or the student's own space.")
+@click.option(
+    "--infonce-space",
+    type=click.Choice(["projected", "hybrid", "student"]),
+    default="projected",
+    show_default=True,
+    help="Where InfoNCE runs: projected student on both sides, projected queries vs "
+    "teacher passages (hybrid), or the student's own space.",
+)
 @click.option("--negatives-scope", type=click.Choice(["batch", "own"]), default="batch", show_default=True)
 @click.option("--length-grouping/--no-length-grouping", default=True, show_default=True)
 @click.option("--allow-missing", is_flag=True, help="Drop examples lacking teacher vectors instead of stopping.")
@@ -91,13 +125,17 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
         return
     first = f"{result.first_loss:.4f}" if result.first_loss is not None else "-"
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
-    click.echo(f"phase {config.phase}: {result.steps} steps on {result.report.get('examples', 0):,} examples, "
-               f"loss {first} -> {final} ({result.report.get('seconds', 0):.0f}s)")
+    click.echo(
+        f"phase {config.phase}: {result.steps} steps on {result.report.get('examples', 0):,} examples, "
+        f"loss {first} -> {final} ({result.report.get('seconds', 0):.0f}s)"
+    )
     for key in ("missing_vectors", "dropped_missing", "held_out_queries"):
         if result.report.get(key):
             click.echo(f"  {key.replace('_', ' ')}: {result.report[key]:,}")
     if result.report.get("mined"):
         m = result.report["mined"]
-        click.echo(f"  mined {m['mined']:,} negatives for {m['queries']:,} queries "
-                   f"({m['skipped_as_likely_positive']:,} candidates skipped as likely positives)")
+        click.echo(
+            f"  mined {m['mined']:,} negatives for {m['queries']:,} queries "
+            f"({m['skipped_as_likely_positive']:,} candidates skipped as likely positives)"
+        )
     click.echo(f"student_base: {result.student_base}\nprojection:   {result.projection}\nhybrid:       {result.hybrid}")

@@ -85,8 +85,10 @@ class IdMap:
         h, k = h[order], k[order]
         clash = np.flatnonzero((h[1:] == h[:-1]) & (k[1:] != k[:-1]))
         if len(clash):
-            raise BadSourceError(f"{where}: two different texts share one id (or a 64-bit id hash); ids must be "
-                                 "unique per role. Deduplicate the ids in the source.")
+            raise BadSourceError(
+                f"{where}: two different texts share one id (or a 64-bit id hash); ids must be "
+                "unique per role. Deduplicate the ids in the source."
+            )
         return cls(h, k)
 
     def lookup(self, role: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +129,9 @@ class Phase2Examples:
         return len(self.query)
 
     def select(self, rows: np.ndarray) -> Phase2Examples:
-        return Phase2Examples(self.query[rows], self.positives.select(rows), self.negatives.select(rows),
-                              self.source[rows])
+        return Phase2Examples(
+            self.query[rows], self.positives.select(rows), self.negatives.select(rows), self.source[rows]
+        )
 
 
 @dataclass
@@ -218,8 +221,9 @@ def phase1_positions(sources: list[Source], texts: TextIndex, maps: list[IdMap],
     return np.flatnonzero(keep)
 
 
-def resolve_examples(sources: list[Source], texts: TextIndex, maps: list[IdMap], split: str | None,
-                     skip_bad: bool) -> tuple[Phase2Examples, dict[str, Any]]:
+def resolve_examples(
+    sources: list[Source], texts: TextIndex, maps: list[IdMap], split: str | None, skip_bad: bool
+) -> tuple[Phase2Examples, dict[str, Any]]:
     """Phase-2 examples of every source, ids resolved (own source first, then any source)."""
     union = _union_map(maps)
     queries, pos_rows, neg_rows, src, report = [], [], [], [], {"unknown_ids": {}, "no_positive": {}}
@@ -238,8 +242,12 @@ def resolve_examples(sources: list[Source], texts: TextIndex, maps: list[IdMap],
             neg_rows.append(np.setdiff1d(n[n >= 0], p, assume_unique=False))
             src.append(i)
         _check_example_problems(source, unknown, no_pos, skip_bad, report)
-    examples = Phase2Examples(np.array(queries, dtype=np.int64), Ragged.from_lists(pos_rows),
-                              Ragged.from_lists(neg_rows), np.array(src, dtype=np.int16))
+    examples = Phase2Examples(
+        np.array(queries, dtype=np.int64),
+        Ragged.from_lists(pos_rows),
+        Ragged.from_lists(neg_rows),
+        np.array(src, dtype=np.int16),
+    )
     return examples, report
 
 
@@ -309,14 +317,21 @@ def missing_vectors_command(store: TeacherStore, source_specs: list[str]) -> str
     s = store.spec
     parts = ["ddx precompute-teacher", f"--teacher {shlex.quote(s.model)}", f"--store {shlex.quote(store.url)}"]
     parts += [f"--data {shlex.quote(spec)}" for spec in source_specs]
-    parts += [f"--pooling {s.pooling}", "--normalize" if s.normalize else "--no-normalize",
-              f"--max-seq-length {s.max_seq_length}", f"--padding-side {s.padding_side}", f"--dtype {s.dtype}",
-              f"--query-prompt {shlex.quote(s.query_prompt)}", f"--passage-prompt {shlex.quote(s.passage_prompt)}"]
+    parts += [
+        f"--pooling {s.pooling}",
+        "--normalize" if s.normalize else "--no-normalize",
+        f"--max-seq-length {s.max_seq_length}",
+        f"--padding-side {s.padding_side}",
+        f"--dtype {s.dtype}",
+        f"--query-prompt {shlex.quote(s.query_prompt)}",
+        f"--passage-prompt {shlex.quote(s.passage_prompt)}",
+    ]
     return " ".join(parts)
 
 
-def check_vectors(store: TeacherStore, sources: list[Source], texts: TextIndex, needed: np.ndarray,
-                  allow_missing: bool) -> np.ndarray:
+def check_vectors(
+    store: TeacherStore, sources: list[Source], texts: TextIndex, needed: np.ndarray, allow_missing: bool
+) -> np.ndarray:
     """Store rows of the needed texts; stops (or, with allow_missing, reports) when some are missing.
 
     Returns:
@@ -337,9 +352,18 @@ def check_vectors(store: TeacherStore, sources: list[Source], texts: TextIndex, 
     )
 
 
-def prepare_data(sources: list[Source], store: TeacherStore, table: TokenTable, *, phase: int,
-                 split: str | None = "train", allow_missing: bool = False, skip_bad: bool = False,
-                 mine_negatives: int = 0, mine_margin: float = 0.95) -> PreparedData:
+def prepare_data(
+    sources: list[Source],
+    store: TeacherStore,
+    table: TokenTable,
+    *,
+    phase: int,
+    split: str | None = "train",
+    allow_missing: bool = False,
+    skip_bad: bool = False,
+    mine_negatives: int = 0,
+    mine_margin: float = 0.95,
+) -> PreparedData:
     """Resolve sources into training data for ``phase`` (1: texts, 2: examples).
 
     Raises:
@@ -360,23 +384,35 @@ def prepare_data(sources: list[Source], store: TeacherStore, table: TokenTable, 
     have = check_vectors(store, sources, texts, needed, allow_missing)
     examples, report["dropped_missing"] = _drop_missing(examples, texts)
     if len(examples) == 0:
-        raise DdxError(f"No phase-2 examples left from {[s.spec for s in sources]} (split {split!r}): check that "
-                       "the data has queries with judged positives for this split.")
+        raise DdxError(
+            f"No phase-2 examples left from {[s.spec for s in sources]} (split {split!r}): check that "
+            "the data has queries with judged positives for this split."
+        )
     report["missing_vectors"] = int((~have).sum())
     fill_tokens(sources, texts, needed[have], table)
     return PreparedData(texts, phase2=examples, report=report)
 
 
-def _prepare_phase1(sources: list[Source], store: TeacherStore, table: TokenTable, texts: TextIndex,
-                    maps: list[IdMap], split: str | None, allow_missing: bool) -> PreparedData:
+def _prepare_phase1(
+    sources: list[Source],
+    store: TeacherStore,
+    table: TokenTable,
+    texts: TextIndex,
+    maps: list[IdMap],
+    split: str | None,
+    allow_missing: bool,
+) -> PreparedData:
     needed = phase1_positions(sources, texts, maps, split)
     have = check_vectors(store, sources, texts, needed, allow_missing)
     kept = needed[have]
     if len(kept) == 0:
         raise DdxError(f"No texts to train on from {[s.spec for s in sources]}.")
     fill_tokens(sources, texts, kept, table)
-    report = {"texts": len(kept), "missing_vectors": int((~have).sum()),
-              "held_out_queries": int(len(texts.keys) - len(needed))}
+    report = {
+        "texts": len(kept),
+        "missing_vectors": int((~have).sum()),
+        "held_out_queries": int(len(texts.keys) - len(needed)),
+    }
     return PreparedData(texts, phase1=kept, report=report)
 
 
@@ -387,7 +423,10 @@ def _drop_missing(examples: Phase2Examples, texts: TextIndex) -> tuple[Phase2Exa
     neg = [r[ok[r]] for r in (examples.negatives.row(i) for i in range(len(examples)))]
     keep = np.array([ok[q] and len(p) > 0 for q, p in zip(examples.query, pos, strict=True)], dtype=bool)
     kept = np.flatnonzero(keep)
-    out = Phase2Examples(examples.query[kept], Ragged.from_lists([pos[i] for i in kept]),
-                         Ragged.from_lists([neg[i] for i in kept]), examples.source[kept])
+    out = Phase2Examples(
+        examples.query[kept],
+        Ragged.from_lists([pos[i] for i in kept]),
+        Ragged.from_lists([neg[i] for i in kept]),
+        examples.source[kept],
+    )
     return out, int((~keep).sum())
-

@@ -50,8 +50,10 @@ class Phase1Dataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         idx = np.asarray(indices, dtype=np.int64)
-        return {"ids": self.tokens.gather(self.handles[idx]),
-                "teacher": self.store.get_rows(self.gids[idx], dtype="float32")}
+        return {
+            "ids": self.tokens.gather(self.handles[idx]),
+            "teacher": self.store.get_rows(self.gids[idx], dtype="float32"),
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
@@ -60,8 +62,16 @@ class Phase1Dataset(torch.utils.data.Dataset):
 class Phase2Dataset(torch.utils.data.Dataset):
     """(query, positive, hard negatives) examples with teacher vectors: the phase-2 training set."""
 
-    def __init__(self, examples: Phase2Examples, texts: TextIndex, store: TeacherStore, tokens: TokenTable, *,
-                 num_negatives: int = 7, seed: int = 42) -> None:
+    def __init__(
+        self,
+        examples: Phase2Examples,
+        texts: TextIndex,
+        store: TeacherStore,
+        tokens: TokenTable,
+        *,
+        num_negatives: int = 7,
+        seed: int = 42,
+    ) -> None:
         self.examples, self.texts, self.store, self.tokens = examples, texts, store, tokens
         self.num_negatives, self.seed = num_negatives, seed
         self.epoch = 0
@@ -109,8 +119,15 @@ class Phase2Dataset(torch.utils.data.Dataset):
         vectors = self.store.get_rows(self.texts.gids[flat], dtype="float32")
         ids = self.tokens.gather(self.texts.tokens[flat])
         b = len(indices)
-        return {"query_ids": ids[:b], "pos_ids": ids[b : 2 * b], "neg_ids": ids[2 * b :], "neg_counts": counts,
-                "teacher_query": vectors[:b], "teacher_pos": vectors[b : 2 * b], "teacher_neg": vectors[2 * b :]}
+        return {
+            "query_ids": ids[:b],
+            "pos_ids": ids[b : 2 * b],
+            "neg_ids": ids[2 * b :],
+            "neg_counts": counts,
+            "teacher_query": vectors[:b],
+            "teacher_pos": vectors[b : 2 * b],
+            "teacher_neg": vectors[2 * b :],
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
@@ -146,8 +163,12 @@ def phase2_collate_fn(tokens: TokenTable):  # -> Callable[[dict], dict[str, Tens
         mask = np.arange(k)[None, :] < counts[:, None]
         teacher_neg = np.zeros((b, k, batch["teacher_query"].shape[1]), dtype=np.float32)
         teacher_neg[mask] = batch["teacher_neg"]
-        out = {"neg_mask": torch.from_numpy(mask), "teacher_query": torch.from_numpy(batch["teacher_query"]),
-               "teacher_pos": torch.from_numpy(batch["teacher_pos"]), "teacher_neg": torch.from_numpy(teacher_neg)}
+        out = {
+            "neg_mask": torch.from_numpy(mask),
+            "teacher_query": torch.from_numpy(batch["teacher_query"]),
+            "teacher_pos": torch.from_numpy(batch["teacher_pos"]),
+            "teacher_neg": torch.from_numpy(teacher_neg),
+        }
         for name in ("query", "pos", "neg"):
             seqs = batch[f"{name}_ids"]
             ids, att = _padded(tokens, seqs) if seqs else (torch.zeros(0, 1, dtype=torch.long),) * 2

@@ -104,8 +104,10 @@ def load_eval_set(source: Source, split: str, strict: bool) -> EvalSet:
     """
     qrels = source.qrels(split)
     if not qrels:
-        raise BadSourceError(f"{source.spec}: split {split!r} has no qrels (splits with qrels: {source.splits()}). "
-                             "Pick one with --split.")
+        raise BadSourceError(
+            f"{source.spec}: split {split!r} has no qrels (splits with qrels: {source.splits()}). "
+            "Pick one with --split."
+        )
     docs = {r.id: r.text for r in source.iter_texts("passage")}
     queries = {r.id: r.text for r in source.iter_texts("query") if r.id in qrels}
     notes = []
@@ -119,13 +121,23 @@ def load_eval_set(source: Source, split: str, strict: bool) -> EvalSet:
     unjudged = [q for q in queries if not any(v > 0 for v in qrels[q].values())]
     missing = [q for q in qrels if q not in queries]
     if unjudged or missing:
-        notes.append(f"{source.spec}: excluded {len(unjudged)} queries without a positive judgment and "
-                     f"{len(missing)} judged query ids absent from the queries file")
+        notes.append(
+            f"{source.spec}: excluded {len(unjudged)} queries without a positive judgment and "
+            f"{len(missing)} judged query ids absent from the queries file"
+        )
     qids = [q for q in queries if q not in set(unjudged)]
     if not qids:
         raise BadSourceError(f"{source.spec}: split {split!r} has no query with a positive judgment.")
-    return EvalSet(source.name, source, qids, [queries[q] for q in qids], list(docs), list(docs.values()),
-                   {q: qrels[q] for q in qids}, notes)
+    return EvalSet(
+        source.name,
+        source,
+        qids,
+        [queries[q] for q in qids],
+        list(docs),
+        list(docs.values()),
+        {q: qrels[q] for q in qids},
+        notes,
+    )
 
 
 class Encoders:
@@ -149,8 +161,9 @@ class Encoders:
         start = time.perf_counter()
         prompts = getattr(self.student, "prompts", {}) or {}
         name = role if prompts.get(role) else ("document" if role == "passage" and prompts.get("document") else None)
-        out = self.student.encode(texts, batch_size=self.batch_size, prompt_name=name, convert_to_numpy=True,
-                                  show_progress_bar=self.progress)
+        out = self.student.encode(
+            texts, batch_size=self.batch_size, prompt_name=name, convert_to_numpy=True, show_progress_bar=self.progress
+        )
         self.seconds += time.perf_counter() - start
         self.texts += len(texts)
         return out.astype(np.float32)
@@ -192,11 +205,20 @@ def _encode_missing(store: TeacherStore, es: EvalSet, teacher: str, title_join: 
     from precompute.teacher import TeacherConfig
 
     spec = store.spec
-    cfg = TeacherConfig(model=teacher, pooling=spec.pooling, normalize=spec.normalize,
-                        max_seq_length=spec.max_seq_length, padding_side=spec.padding_side, dtype=spec.dtype,
-                        query_prompt=spec.query_prompt, passage_prompt=spec.passage_prompt)
-    precompute(PrecomputeConfig(store=store.url, data=(es.source.spec,), teacher=cfg, title_join=title_join),
-               sources=[es.source])
+    cfg = TeacherConfig(
+        model=teacher,
+        pooling=spec.pooling,
+        normalize=spec.normalize,
+        max_seq_length=spec.max_seq_length,
+        padding_side=spec.padding_side,
+        dtype=spec.dtype,
+        query_prompt=spec.query_prompt,
+        passage_prompt=spec.passage_prompt,
+    )
+    precompute(
+        PrecomputeConfig(store=store.url, data=(es.source.spec,), teacher=cfg, title_join=title_join),
+        sources=[es.source],
+    )
     store.refresh()
 
 
@@ -206,10 +228,24 @@ def _search(config: EvalConfig, queries: np.ndarray, passages: Any, n_docs: int,
         warnings.warn(f"k={k} is larger than the corpus ({n_docs} passages); ranking all of it.", stacklevel=3)
         k = n_docs
     if config.search == "exact":
-        return exact_search(queries, passages, k, chunk_size=config.chunk_size, device=config.device,
-                            normalize=True, tie_priority=priority)
-    return faiss_search(queries, passages, k, index=config.search.removeprefix("faiss-"), normalize=True,
-                        chunk_size=config.chunk_size, tie_priority=priority)
+        return exact_search(
+            queries,
+            passages,
+            k,
+            chunk_size=config.chunk_size,
+            device=config.device,
+            normalize=True,
+            tie_priority=priority,
+        )
+    return faiss_search(
+        queries,
+        passages,
+        k,
+        index=config.search.removeprefix("faiss-"),
+        normalize=True,
+        chunk_size=config.chunk_size,
+        tie_priority=priority,
+    )
 
 
 def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -226,13 +262,16 @@ def _available_modes(config: EvalConfig, enc: Encoders, store: TeacherStore | No
     modes = [m for m in config.modes if not (m in ("hybrid", "projected") and enc.model is None)]
     modes = [m for m in modes if not (m in ("teacher", "hybrid") and store is None)]
     if not modes:
-        raise DdxError(f"None of the modes {config.modes} can run: hybrid/projected need a ddx run folder as "
-                       "--model, teacher/hybrid need --store.")
+        raise DdxError(
+            f"None of the modes {config.modes} can run: hybrid/projected need a ddx run folder as "
+            "--model, teacher/hybrid need --store."
+        )
     return modes
 
 
-def _evaluate_set(config: EvalConfig, es: EvalSet, enc: Encoders, store: TeacherStore | None,
-                  modes: list[str]) -> list[dict[str, Any]]:
+def _evaluate_set(
+    config: EvalConfig, es: EvalSet, enc: Encoders, store: TeacherStore | None, modes: list[str]
+) -> list[dict[str, Any]]:
     start = enc.texts, enc.seconds
     q_s, d_s = enc.student_vectors(es.query_texts, "query"), enc.student_vectors(es.doc_texts, "passage")
     rate = (enc.texts - start[0]) / max(enc.seconds - start[1], 1e-9)
@@ -251,12 +290,21 @@ def _evaluate_set(config: EvalConfig, es: EvalSet, enc: Encoders, store: Teacher
     for mode in modes:
         queries, passages = plan[mode]()
         scores, idx = _search(config, queries, passages, len(es.doc_ids), priority)
-        metrics = metrics_from_topk(es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values,
-                                    doc_priority=priority)
-        out.append({"data": es.source.spec, "split": config.split, "mode": mode, **metrics.mean,
-                    "queries": metrics.num_evaluated, "passages": len(es.doc_ids),
-                    "encode_texts_per_s": None if mode == "teacher" else round(rate, 1),
-                    "mean_cos_to_teacher": _cosine(mode, q_p, q_s, d_s, rows_q, rows_d, store, enc)})
+        metrics = metrics_from_topk(
+            es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values, doc_priority=priority
+        )
+        out.append(
+            {
+                "data": es.source.spec,
+                "split": config.split,
+                "mode": mode,
+                **metrics.mean,
+                "queries": metrics.num_evaluated,
+                "passages": len(es.doc_ids),
+                "encode_texts_per_s": None if mode == "teacher" else round(rate, 1),
+                "mean_cos_to_teacher": _cosine(mode, q_p, q_s, d_s, rows_q, rows_d, store, enc),
+            }
+        )
         if config.save_run:
             path = Path(config.save_run) / f"{es.name}-{config.split}-{mode}.trec"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,8 +313,16 @@ def _evaluate_set(config: EvalConfig, es: EvalSet, enc: Encoders, store: Teacher
     return out
 
 
-def _cosine(mode: str, q_p: Any, q_s: np.ndarray, d_s: np.ndarray, rows_q: Any, rows_d: Any,
-            store: TeacherStore | None, enc: Encoders) -> float | None:
+def _cosine(
+    mode: str,
+    q_p: Any,
+    q_s: np.ndarray,
+    d_s: np.ndarray,
+    rows_q: Any,
+    rows_d: Any,
+    store: TeacherStore | None,
+    enc: Encoders,
+) -> float | None:
     """Mean cosine between projected student vectors and the teacher's, for the texts this mode projects."""
     if store is None or q_p is None or rows_q is None or mode not in ("hybrid", "projected"):
         return 1.0 if mode == "teacher" else None

@@ -55,8 +55,13 @@ class Phase1Loss(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, *, mse_weight: float = 0.4, cos_weight: float = 0.6,
-                 mse_reduction: Literal["element", "vector"] = "element") -> None:
+    def __init__(
+        self,
+        *,
+        mse_weight: float = 0.4,
+        cos_weight: float = 0.6,
+        mse_reduction: Literal["element", "vector"] = "element",
+    ) -> None:
         super().__init__()
         _check_weights(mse_weight=mse_weight, cos_weight=cos_weight)
         self.mse_weight = mse_weight
@@ -267,6 +272,10 @@ def _all_gather_rows(rows: Tensor) -> tuple[Tensor, int]:
     if max(counts) == 0:
         return rows, offset
     padded = F.pad(rows, (0, 0, 0, max(counts) - rows.shape[0]))
+    if torch.is_grad_enabled() and not padded.requires_grad:
+        # A rank whose rows carry no graph (e.g. no hard negatives in its batch) must still join the backward
+        # all-gather the other ranks run, or they wait for it forever.
+        padded.requires_grad_(True)
     gathered = dist_fn.all_gather(padded)
     return torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)]), offset
 

@@ -28,8 +28,15 @@ def _passage_blocks(store: TeacherStore, gids: np.ndarray) -> Iterator[np.ndarra
         yield store.get_rows(gids[s : s + STREAM_ROWS], dtype="float32")
 
 
-def _mine_source(examples: Phase2Examples, rows: np.ndarray, corpus: np.ndarray, texts: TextIndex,
-                 store: TeacherStore, k: int, margin: float) -> tuple[list[np.ndarray], int]:
+def _mine_source(
+    examples: Phase2Examples,
+    rows: np.ndarray,
+    corpus: np.ndarray,
+    texts: TextIndex,
+    store: TeacherStore,
+    k: int,
+    margin: float,
+) -> tuple[list[np.ndarray], int]:
     from distill.search import exact_search
 
     queries = store.get_rows(texts.gids[examples.query[rows]], dtype="float32")
@@ -51,8 +58,9 @@ def _mine_source(examples: Phase2Examples, rows: np.ndarray, corpus: np.ndarray,
     return mined, skipped
 
 
-def mine_hard_negatives(examples: Phase2Examples, texts: TextIndex, store: TeacherStore, k: int, *,
-                        margin: float = 0.95) -> tuple[Phase2Examples, dict[str, Any]]:
+def mine_hard_negatives(
+    examples: Phase2Examples, texts: TextIndex, store: TeacherStore, k: int, *, margin: float = 0.95
+) -> tuple[Phase2Examples, dict[str, Any]]:
     """Add up to ``k`` teacher-mined negatives to every example whose vectors are stored.
 
     Args:

@@ -26,7 +26,10 @@ def _load_model(config: TrainConfig, store: TeacherStore) -> Any:
             model.student.max_seq_length = config.max_seq_length
     else:
         model = StudentModelWithProjection.from_pretrained(
-            config.student, store.dim, hidden_dim=config.projection_hidden, max_seq_length=config.max_seq_length,
+            config.student,
+            store.dim,
+            hidden_dim=config.projection_hidden,
+            max_seq_length=config.max_seq_length,
             device=config.device,
         )
     if model.teacher_dim != store.dim:
@@ -50,11 +53,17 @@ def _loss(config: TrainConfig) -> Any:
     from distill.losses import Phase1Loss, Phase2Loss
 
     if config.phase == 1:
-        return Phase1Loss(mse_weight=config.resolved_mse_weight, cos_weight=config.cos_weight,
-                          mse_reduction=config.mse_reduction)
-    return Phase2Loss(infonce_weight=config.infonce_weight, mse_weight=config.resolved_mse_weight,
-                      temperature=config.temperature, negatives=config.negatives_scope, space=config.infonce_space,
-                      mse_reduction=config.mse_reduction)
+        return Phase1Loss(
+            mse_weight=config.resolved_mse_weight, cos_weight=config.cos_weight, mse_reduction=config.mse_reduction
+        )
+    return Phase2Loss(
+        infonce_weight=config.infonce_weight,
+        mse_weight=config.resolved_mse_weight,
+        temperature=config.temperature,
+        negatives=config.negatives_scope,
+        space=config.infonce_space,
+        mse_reduction=config.mse_reduction,
+    )
 
 
 def _dataset(config: TrainConfig, data: PreparedData, store: TeacherStore, tokens: Any) -> tuple[Any, Any, Any]:
@@ -65,12 +74,18 @@ def _dataset(config: TrainConfig, data: PreparedData, store: TeacherStore, token
         dataset = Phase1Dataset(data.phase1, data.texts, store, tokens)
         positives, collate = None, phase1_collate_fn(tokens)
     else:
-        dataset = Phase2Dataset(data.phase2, data.texts, store, tokens, num_negatives=config.num_negatives,
-                                seed=config.seed)
+        dataset = Phase2Dataset(
+            data.phase2, data.texts, store, tokens, num_negatives=config.num_negatives, seed=config.seed
+        )
         positives, collate = dataset.positive_sets(), phase2_collate_fn(tokens)
-    sampler = DistillBatchSampler(len(dataset), config.batch_size, seed=config.seed, positives=positives,
-                                  lengths=dataset.lengths if config.length_grouping else None,
-                                  on_epoch=getattr(dataset, "set_epoch", None))
+    sampler = DistillBatchSampler(
+        len(dataset),
+        config.batch_size,
+        seed=config.seed,
+        positives=positives,
+        lengths=dataset.lengths if config.length_grouping else None,
+        on_epoch=getattr(dataset, "set_epoch", None),
+    )
     return dataset, sampler, collate
 
 
@@ -81,13 +96,28 @@ def _training_args(config: TrainConfig, out: Path) -> Any:
     cuda = torch.cuda.is_available() and not (config.device or "").startswith("cpu")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, weight_decay=config.weight_decay,
-        warmup_steps=config.warmup, num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
-        lr_scheduler_type="linear", seed=config.seed, data_seed=config.seed, bf16=config.bf16, fp16=config.fp16,
-        logging_steps=config.logging_steps, logging_first_step=True, save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=config.num_workers, remove_unused_columns=False, use_cpu=not cuda,
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        lr_scheduler_type="linear",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=config.num_workers,
+        remove_unused_columns=False,
+        use_cpu=not cuda,
         ddp_backend="gloo" if distributed and not cuda else None,
     )
 
@@ -107,17 +137,30 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     set_seed(config.seed)
     model = _load_model(config, store)
     tokens = TokenTable.for_tokenizer(model.student.tokenizer, int(model.student.max_seq_length), config.token_cache)
-    data = prepare_data(_sources(config), store, tokens, phase=config.phase, split=config.split,
-                        allow_missing=config.allow_missing, skip_bad=config.skip_bad,
-                        mine_negatives=config.mine_negatives, mine_margin=config.mine_margin)
+    data = prepare_data(
+        _sources(config),
+        store,
+        tokens,
+        phase=config.phase,
+        split=config.split,
+        allow_missing=config.allow_missing,
+        skip_bad=config.skip_bad,
+        mine_negatives=config.mine_negatives,
+        mine_margin=config.mine_margin,
+    )
     dataset, sampler, collate = _dataset(config, data, store, tokens)
     if config.phase == 1 and not config.init and config.projection_init == "ridge":
         from distill.warm_start import ridge_warm_start
 
         data.report["warm_start"] = ridge_warm_start(model, dataset, seed=config.seed)
-    trainer = DistillTrainer(model=DistillModule(model, _loss(config), config.phase),
-                             args=_training_args(config, out), train_dataset=dataset, batch_sampler=sampler,
-                             collate_fn=collate, projection_lr=config.resolved_projection_lr)
+    trainer = DistillTrainer(
+        model=DistillModule(model, _loss(config), config.phase),
+        args=_training_args(config, out),
+        train_dataset=dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        projection_lr=config.resolved_projection_lr,
+    )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     trainer.add_callback(JsonLogCallback(out / "train_log.jsonl"))
@@ -125,11 +168,16 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     resume = get_last_checkpoint(str(out / "checkpoints")) if config.resume and (out / "checkpoints").is_dir() else None
     trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = TrainResult(out=str(out), student_base=str(out / "student_base"), hybrid=str(out / "hybrid"),
-                         projection=str(out / "projection_layer.pt"), steps=trainer.state.global_step,
-                         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-                         report={**data.report, "examples": len(dataset), "seconds": 0.0,
-                                 "resumed_from": resume})
+    result = TrainResult(
+        out=str(out),
+        student_base=str(out / "student_base"),
+        hybrid=str(out / "hybrid"),
+        projection=str(out / "projection_layer.pt"),
+        steps=trainer.state.global_step,
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
+        report={**data.report, "examples": len(dataset), "seconds": 0.0, "resumed_from": resume},
+    )
     result.report["seconds"] = round(time.perf_counter() - started, 2)
     if trainer.is_world_process_zero():
         model.save(out, teacher_normalize=store.spec.normalize)
@@ -139,9 +187,14 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
 
 def _write_run_file(out: Path, config: TrainConfig, store: TeacherStore, tokens: Any, result: TrainResult) -> None:
     payload = {
-        "format": 1, "phase": config.phase, "config": asdict(config), "store": store.url,
-        "store_fingerprint": store.fingerprint, "teacher_spec": store.spec.to_dict(),
-        "token_table": tokens.directory.name, "result": result.to_dict(),
+        "format": 1,
+        "phase": config.phase,
+        "config": asdict(config),
+        "store": store.url,
+        "store_fingerprint": store.fingerprint,
+        "teacher_spec": store.spec.to_dict(),
+        "token_table": tokens.directory.name,
+        "result": result.to_dict(),
     }
     tmp = out / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))

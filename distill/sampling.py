@@ -37,9 +37,18 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
         on_epoch: called with the epoch by :meth:`set_epoch` (the dataset's own ``set_epoch``).
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int = 42, lengths: np.ndarray | None = None,
-                 positives: Sequence[np.ndarray] | None = None, group_batches: int = 50,
-                 drop_last: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int = 42,
+        lengths: np.ndarray | None = None,
+        positives: Sequence[np.ndarray] | None = None,
+        group_batches: int = 50,
+        drop_last: bool = False,
+        on_epoch: Callable[[int], None] | None = None,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.n, self.max_batch_size, self.seed = n, batch_size, seed

@@ -96,7 +96,9 @@ class TokenTable:
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
             keys_col = table.column("key").combine_chunks()
             ids_col = table.column("input_ids").combine_chunks()
-            keys = np.frombuffer(keys_col.buffers()[1], dtype=KEY_DTYPE)[keys_col.offset : keys_col.offset + len(keys_col)]
+            keys = np.frombuffer(keys_col.buffers()[1], dtype=KEY_DTYPE)[
+                keys_col.offset : keys_col.offset + len(keys_col)
+            ]
             self._values.append(ids_col.values.to_numpy(zero_copy_only=True))
             self._offsets.append(ids_col.offsets.to_numpy())
             n = len(keys)
@@ -140,16 +142,22 @@ class TokenTable:
         ids: list[list[int]] = []
         for s in range(0, len(todo), TOKENIZE_BATCH):
             batch = [texts[i] for i in todo[s : s + TOKENIZE_BATCH]]
-            enc = self.tokenizer(batch, truncation=True, max_length=self.max_length, return_attention_mask=False,
-                                 return_token_type_ids=False)
+            enc = self.tokenizer(
+                batch,
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
             ids.extend(enc["input_ids"])
         self._write_part(keys[todo], ids)
         self.reload()
         return len(todo)
 
     def _write_part(self, keys: np.ndarray, ids: list[list[int]]) -> None:
-        key_arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(KEY_BYTES), len(keys),
-                                                       [None, pa.py_buffer(keys.tobytes())])
+        key_arr = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(KEY_BYTES), len(keys), [None, pa.py_buffer(keys.tobytes())]
+        )
         table = pa.table({"key": key_arr, "input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
         final = self.directory / f"part-{uuid.uuid4().hex}.arrow"
         tmp = final.with_suffix(".tmp")

@@ -139,8 +139,10 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise DdxError(f"{path!r} is not a finished ddx run ({RUN_FILE} missing or unreadable). Pass the --out "
-                       "folder of a completed 'ddx train' run.") from exc
+        raise DdxError(
+            f"{path!r} is not a finished ddx run ({RUN_FILE} missing or unreadable). Pass the --out "
+            "folder of a completed 'ddx train' run."
+        ) from exc
 
 
 def check_run_store(run: dict[str, Any], run_path: str, store: TeacherStore) -> None:

@@ -54,9 +54,15 @@ class DistillModule(nn.Module):
             n = self._encode(batch, "neg")
             negs = {key: self._scatter(n[key], mask, q[key]) for key in ("student", "projected")}
         return self.loss(
-            query_projected=q["projected"], positive_projected=p["projected"], negatives_projected=negs["projected"],
-            neg_mask=mask, teacher_query=batch["teacher_query"], teacher_positive=batch["teacher_pos"],
-            teacher_negatives=batch["teacher_neg"], query=q["student"], positive=p["student"],
+            query_projected=q["projected"],
+            positive_projected=p["projected"],
+            negatives_projected=negs["projected"],
+            neg_mask=mask,
+            teacher_query=batch["teacher_query"],
+            teacher_positive=batch["teacher_pos"],
+            teacher_negatives=batch["teacher_neg"],
+            query=q["student"],
+            positive=p["student"],
             negatives=negs["student"],
         )
 
@@ -64,12 +70,8 @@ class DistillModule(nn.Module):
     def _scatter(values: Tensor | None, mask: Tensor, like: Tensor) -> Tensor:
         """[N, d] valid-negative rows into a [B, K, d] tensor at the mask's True slots (zeros elsewhere)."""
         out = like.new_zeros((*mask.shape, like.shape[-1]))
-        if values is None:
-            # No negatives in this batch, yet the (empty) negatives stay in the autograd graph: under DDP the loss
-            # all-gathers negatives across ranks and the gather's backward is a collective every rank must join.
-            # A rank whose negatives had no graph skipped it while the others waited in it: a collective mismatch
-            # ("Received data size doesn't match expected size") whenever one rank drew a batch without negatives.
-            return out + 0.0 * like.sum() if like.requires_grad else out
+        if values is None:  # no negatives in this batch (DDP: the loss's gather still joins the collective)
+            return out
         b, k = mask.nonzero(as_tuple=True)
         return out.index_put((b, k), values.to(out.dtype))
 
@@ -77,8 +79,9 @@ class DistillModule(nn.Module):
 class DistillTrainer(Trainer):
     """HF Trainer with ddx's batch sampler and collate, and per-component loss logging."""
 
-    def __init__(self, *args: Any, batch_sampler: Any, collate_fn: Any, projection_lr: float | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, batch_sampler: Any, collate_fn: Any, projection_lr: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._batch_sampler, self._collate_fn = batch_sampler, collate_fn
         self._projection_lr = projection_lr
@@ -90,9 +93,13 @@ class DistillTrainer(Trainer):
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         workers = self.args.dataloader_num_workers
         loader = torch.utils.data.DataLoader(
-            self.train_dataset, batch_sampler=self._batch_sampler, collate_fn=self._collate_fn,
-            num_workers=workers, pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
-            prefetch_factor=4 if workers else None, persistent_workers=False,
+            self.train_dataset,
+            batch_sampler=self._batch_sampler,
+            collate_fn=self._collate_fn,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
         )
         return self.accelerator.prepare(loader)
 
@@ -105,15 +112,23 @@ class DistillTrainer(Trainer):
             if param.requires_grad:
                 no_decay = param.ndim < 2 or "norm" in name.lower()
                 groups.setdefault((name.startswith("model.projection."), no_decay), []).append(param)
-        self.optimizer = torch.optim.AdamW([
-            {"params": params, "lr": self._projection_lr if proj else self.args.learning_rate,
-             "weight_decay": 0.0 if no_decay else self.args.weight_decay}
-            for (proj, no_decay), params in groups.items()
-        ], betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": params,
+                    "lr": self._projection_lr if proj else self.args.learning_rate,
+                    "weight_decay": 0.0 if no_decay else self.args.weight_decay,
+                }
+                for (proj, no_decay), params in groups.items()
+            ],
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+        )
         return self.optimizer
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, Any]:
         out = model(**inputs)
         for key, value in out.items():
             if key.startswith("loss_"):
@@ -167,8 +182,14 @@ class StderrProgressCallback(TrainerCallback):
         if self.enabled and state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
-                            file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc=self.desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.bar is not None:

@@ -21,8 +21,9 @@ from distill.model import StudentModelWithProjection
 __all__ = ["ridge_warm_start"]
 
 
-def _features(model: StudentModelWithProjection, dataset: Phase1Dataset, rows: np.ndarray,
-              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(
+    model: StudentModelWithProjection, dataset: Phase1Dataset, rows: np.ndarray, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden projection features (after fc1 → GELU → LayerNorm) and teacher vectors of ``rows``."""
     proj, collate = model.projection, phase1_collate_fn(dataset.tokens)
     device = next(proj.parameters()).device
@@ -30,8 +31,9 @@ def _features(model: StudentModelWithProjection, dataset: Phase1Dataset, rows: n
     with torch.inference_mode():
         for s in range(0, len(rows), batch_size):
             batch = collate(dataset.__getitems__(rows[s : s + batch_size].tolist()))
-            x = model.student({"input_ids": batch["input_ids"].to(device),
-                               "attention_mask": batch["attention_mask"].to(device)})["sentence_embedding"]
+            x = model.student(
+                {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+            )["sentence_embedding"]
             feats.append(proj.norm(proj.act(proj.fc1(x.to(proj.fc1.weight.dtype)))).double().cpu())
             targets.append(batch["teacher"].double())
     return torch.cat(feats), torch.cat(targets)
@@ -63,9 +65,15 @@ def _choose_l2(feats: torch.Tensor, targets: torch.Tensor, grid: tuple[float, ..
     return grid[int(np.argmax(scores))]
 
 
-def ridge_warm_start(model: StudentModelWithProjection, dataset: Phase1Dataset, *, max_texts: int = 20_000,
-                     l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0), batch_size: int = 64,
-                     seed: int = 42) -> dict[str, Any]:
+def ridge_warm_start(
+    model: StudentModelWithProjection,
+    dataset: Phase1Dataset,
+    *,
+    max_texts: int = 20_000,
+    l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
+    batch_size: int = 64,
+    seed: int = 42,
+) -> dict[str, Any]:
     """Set the projection's output layer to the ridge fit of teacher vectors on hidden features.
 
     Args:

@@ -30,8 +30,7 @@ import numpy as np
 from precompute.batching import padding_waste, token_budget_batches
 from precompute.sources import Source, SourceOptions, TextRecord, parse_source
 from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
-from storage.errors import BadSourceError, DdxError, StoreNotFoundError
-from storage.fs import Location
+from storage.errors import BadSourceError, DdxError
 from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
 from storage.segment import SegmentWriter
 from storage.store import TeacherStore
@@ -104,8 +103,11 @@ class PrecomputeSummary:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         rate = self.encoded / self.seconds if self.seconds else 0.0
-        out.update(padding_waste=round(self.padding_waste, 4), texts_per_s=round(rate, 2),
-                   tokens_per_s=round(self.tokens / self.seconds, 1) if self.seconds else 0.0)
+        out.update(
+            padding_waste=round(self.padding_waste, 4),
+            texts_per_s=round(rate, 2),
+            tokens_per_s=round(self.tokens / self.seconds, 1) if self.seconds else 0.0,
+        )
         return out
 
 
@@ -120,8 +122,9 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return r, w
 
 
-def precompute(config: PrecomputeConfig, *, encoder: TeacherEncoder | None = None,
-               sources: list[Source] | None = None) -> PrecomputeSummary:
+def precompute(
+    config: PrecomputeConfig, *, encoder: TeacherEncoder | None = None, sources: list[Source] | None = None
+) -> PrecomputeSummary:
     """Encode every text of ``config.data`` the store lacks, and commit it as one new segment.
 
     Args:
@@ -143,7 +146,7 @@ def precompute(config: PrecomputeConfig, *, encoder: TeacherEncoder | None = Non
     sources = sources if sources is not None else [parse_source(s, options) for s in config.data]
     encoder = encoder or _load_teacher(config)
     calls_before = encoder.forward_calls  # a caller's encoder may have run before: report this run's calls
-    store = _open_store(config, encoder)
+    store = TeacherStore.open_or_create(config.store, encoder.spec, dtype=config.storage_dtype)
     summary = PrecomputeSummary(store=store.url, fingerprint=store.fingerprint, rank=rank, world_size=world)
     summary.salvaged = [{"segment": s, "rows": n} for s, n in _salvage_all(store)]
     todo = _scan(sources, store, config, rank, world, summary)
@@ -167,36 +170,6 @@ def _load_teacher(config: PrecomputeConfig) -> TeacherEncoder:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
-
-
-def _open_store(config: PrecomputeConfig, encoder: TeacherEncoder, wait_s: float = 10.0) -> TeacherStore:
-    """``open_or_create``, tolerating other processes (torchrun ranks) creating the same new store right now.
-
-    Creating a store is not atomic (the folder, then zarr.json, then segments/), so a process that
-    looks in between saw "exists and is not empty" or a half-written zarr.json and failed. A folder
-    changed in the last minute is retried for ``wait_s`` seconds; any other error is reported at once.
-    """
-    from zarr.errors import ContainsGroupError
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return TeacherStore.open_or_create(config.store, encoder.spec, dtype=config.storage_dtype)
-        except (FileExistsError, StoreNotFoundError, ContainsGroupError):  # StoreExistsError is a FileExistsError
-            if time.monotonic() > deadline or not _just_changed(config.store):
-                raise
-            time.sleep(0.05)
-
-
-def _just_changed(url: str, within_s: float = 60.0) -> bool:
-    """True for a local folder modified within ``within_s`` seconds, or any remote URL (no cheap mtime)."""
-    loc = Location(url)
-    if not loc.is_local:
-        return True
-    try:
-        return os.path.isdir(loc.root) and time.time() - os.stat(loc.root).st_mtime < within_s
-    except OSError:
-        return False
 
 
 def _salvage_all(store: TeacherStore, wait_s: float = 300.0) -> list[tuple[str, int]]:
@@ -230,8 +203,14 @@ def _block_keys(block: list[TextRecord]) -> np.ndarray:
     return content_keys([r.role for r in block], [r.text for r in block])
 
 
-def _scan(sources: list[Source], store: TeacherStore, config: PrecomputeConfig, rank: int, world: int,
-          summary: PrecomputeSummary) -> np.ndarray:
+def _scan(
+    sources: list[Source],
+    store: TeacherStore,
+    config: PrecomputeConfig,
+    rank: int,
+    world: int,
+    summary: PrecomputeSummary,
+) -> np.ndarray:
     """Pass 1: sorted keys this rank must encode."""
     seen = KeySet()
     todo_parts: list[np.ndarray] = []
@@ -263,14 +242,21 @@ def _scan(sources: list[Source], store: TeacherStore, config: PrecomputeConfig, 
     return np.sort(todo)
 
 
-def _encode(sources: list[Source], store: TeacherStore, encoder: TeacherEncoder, todo: np.ndarray,
-            config: PrecomputeConfig, rank: int, world: int, summary: PrecomputeSummary) -> None:
+def _encode(
+    sources: list[Source],
+    store: TeacherStore,
+    encoder: TeacherEncoder,
+    todo: np.ndarray,
+    config: PrecomputeConfig,
+    rank: int,
+    world: int,
+    summary: PrecomputeSummary,
+) -> None:
     """Pass 2: encode the texts of ``todo`` into one new segment."""
     budget = config.token_budget or (65_536 if encoder.device.startswith("cuda") else 8_192)
     done = np.zeros(len(todo), dtype=bool)
     bar = _progress(len(todo), config.progress and rank == 0)
-    writer = store.writer(rank=rank, world_size=world, chunk_rows=config.flush_rows,
-                          flush_seconds=config.flush_seconds)
+    writer = store.writer(rank=rank, world_size=world, chunk_rows=config.flush_rows, flush_seconds=config.flush_seconds)
     summary.segment = writer.seg_id
     with AsyncWriter(writer) as out:
         window: list[tuple[bytes, TextRecord]] = []
@@ -286,12 +272,22 @@ def _encode(sources: list[Source], store: TeacherStore, encoder: TeacherEncoder,
         _encode_window(window, encoder, out, budget, config.max_batch_size, summary, bar)
     bar.close()
     if not done.all():
-        warnings.warn(f"{int((~done).sum())} texts found in the first pass were gone in the second "
-                      "(did a source file change during the run?); rerun to encode them.", stacklevel=2)
+        warnings.warn(
+            f"{int((~done).sum())} texts found in the first pass were gone in the second "
+            "(did a source file change during the run?); rerun to encode them.",
+            stacklevel=2,
+        )
 
 
-def _encode_window(window: list[tuple[bytes, TextRecord]], encoder: TeacherEncoder, out: AsyncWriter,
-                   budget: int, max_batch: int, summary: PrecomputeSummary, bar: Any) -> None:
+def _encode_window(
+    window: list[tuple[bytes, TextRecord]],
+    encoder: TeacherEncoder,
+    out: AsyncWriter,
+    budget: int,
+    max_batch: int,
+    summary: PrecomputeSummary,
+    bar: Any,
+) -> None:
     for role in ("query", "passage"):
         items = [(k, r.text) for k, r in window if r.role == role]
         if not items:
@@ -315,8 +311,15 @@ def _encode_window(window: list[tuple[bytes, TextRecord]], encoder: TeacherEncod
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="text", desc="precompute", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, smoothing=0.05)
+    return tqdm(
+        total=total,
+        unit="text",
+        desc="precompute",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
 
 
 class AsyncWriter:
@@ -345,7 +348,7 @@ class AsyncWriter:
             if self._error is None:
                 try:
                     self.writer.append(*item)
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                except BaseException as exc:
                     self._error = exc
 
     def _raise_if_failed(self) -> None:

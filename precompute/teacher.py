@@ -26,11 +26,21 @@ GTE_QWEN2_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant 
 
 # Named settings for well-known teachers (flags still override each field).
 PRESETS: dict[str, dict[str, Any]] = {
-    "gte-qwen2": {"query_prompt": GTE_QWEN2_QUERY_PROMPT, "passage_prompt": "", "pooling": "lasttoken",
-                  "padding_side": "left", "normalize": True, "trust_remote_code": True},
+    "gte-qwen2": {
+        "query_prompt": GTE_QWEN2_QUERY_PROMPT,
+        "passage_prompt": "",
+        "pooling": "lasttoken",
+        "padding_side": "left",
+        "normalize": True,
+        "trust_remote_code": True,
+    },
     "e5": {"query_prompt": "query: ", "passage_prompt": "passage: ", "pooling": "mean", "normalize": True},
-    "bge": {"query_prompt": "Represent this sentence for searching relevant passages: ", "passage_prompt": "",
-            "pooling": "cls", "normalize": True},
+    "bge": {
+        "query_prompt": "Represent this sentence for searching relevant passages: ",
+        "passage_prompt": "",
+        "pooling": "cls",
+        "normalize": True,
+    },
     "none": {"query_prompt": "", "passage_prompt": ""},
 }
 LENGTH_BATCH = 256  # texts per tokenizer call in token_lengths (bounds its transient memory)
@@ -84,7 +94,7 @@ def weights_identity(model: str, revision: str | None = None) -> tuple[str, str]
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(model, revision=revision)
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
+    except Exception as exc:
         raise DdxError(
             f"Cannot load teacher {model!r}: not a local folder and not available from the Hugging Face hub "
             f"or its local cache ({type(exc).__name__}: {exc}). Pass a local path, or download it first "
@@ -94,8 +104,11 @@ def weights_identity(model: str, revision: str | None = None) -> tuple[str, str]
 
 
 def _hash_folder(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in _SKIP_HASH
-                   and p.name not in _SKIP_HASH and ".cache" not in p.parts)
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() not in _SKIP_HASH and p.name not in _SKIP_HASH and ".cache" not in p.parts
+    )
     stat_key = json.dumps([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     cache_file = Path(os.environ.get("DDX_CACHE_DIR", Path.home() / ".cache" / "ddx")) / "weights-ids.json"
     cache = _read_json(cache_file)
@@ -144,13 +157,18 @@ def load_teacher(config: TeacherConfig) -> TeacherEncoder:
     folder, weights_id = weights_identity(cfg.model, cfg.revision)
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
     try:
-        model = SentenceTransformer(folder, device=device, trust_remote_code=bool(cfg.trust_remote_code),
-                                    model_kwargs=kwargs)
+        model = SentenceTransformer(
+            folder, device=device, trust_remote_code=bool(cfg.trust_remote_code), model_kwargs=kwargs
+        )
     except (ValueError, ImportError) as exc:
         if "sdpa" not in str(exc).lower() and "attn" not in str(exc).lower():
             raise
-        model = SentenceTransformer(folder, device=device, trust_remote_code=bool(cfg.trust_remote_code),
-                                    model_kwargs={"dtype": getattr(torch, dtype)})
+        model = SentenceTransformer(
+            folder,
+            device=device,
+            trust_remote_code=bool(cfg.trust_remote_code),
+            model_kwargs={"dtype": getattr(torch, dtype)},
+        )
     _apply_overrides(model, cfg)
     return TeacherEncoder(model, _spec_of(model, cfg, weights_id, dtype), device)
 
@@ -182,14 +200,18 @@ def _spec_of(model: Any, cfg: TeacherConfig, weights_id: str, dtype: str) -> Tea
         raise DdxError(f"Teacher {cfg.model!r} has no single pooling mode ({pooling!r}); pass --pooling.")
     prompts = getattr(model, "prompts", {}) or {}
     return TeacherSpec(
-        model=cfg.model, weights_id=weights_id, pooling=pooling,
+        model=cfg.model,
+        weights_id=weights_id,
+        pooling=pooling,
         normalize=any(isinstance(m, Normalize) for m in model),
         max_seq_length=int(model.max_seq_length or model.tokenizer.model_max_length),
         dim=int(model.get_embedding_dimension()),
         query_prompt=cfg.query_prompt if cfg.query_prompt is not None else prompts.get("query", ""),
-        passage_prompt=cfg.passage_prompt if cfg.passage_prompt is not None
+        passage_prompt=cfg.passage_prompt
+        if cfg.passage_prompt is not None
         else prompts.get("passage", prompts.get("document", "")),
-        padding_side=model.tokenizer.padding_side, dtype=dtype,
+        padding_side=model.tokenizer.padding_side,
+        dtype=dtype,
     )
 
 
@@ -215,8 +237,13 @@ class TeacherEncoder:
         prompt, out = self.spec.prompt(role), np.empty(len(texts), dtype=np.int32)
         for start in range(0, len(texts), LENGTH_BATCH):
             batch = [prompt + t for t in texts[start : start + LENGTH_BATCH]]
-            enc = self.model.tokenizer(batch, truncation=True, max_length=self.spec.max_seq_length,
-                                       return_attention_mask=False, return_token_type_ids=False)
+            enc = self.model.tokenizer(
+                batch,
+                truncation=True,
+                max_length=self.spec.max_seq_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
             out[start : start + len(batch)] = [len(ids) for ids in enc["input_ids"]]
         return out
 

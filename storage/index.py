@@ -32,8 +32,9 @@ ROW_COPY_MIN_BYTES = 1024
 class KeyIndex:
     """Sorted unique keys with their global rows, roles and token counts."""
 
-    def __init__(self, keys: np.ndarray, gids: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray,
-                 duplicates: int = 0) -> None:
+    def __init__(
+        self, keys: np.ndarray, gids: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray, duplicates: int = 0
+    ) -> None:
         self.keys, self.gids, self.roles, self.n_tokens = keys, gids, roles, n_tokens
         self.duplicates = duplicates
 
@@ -78,8 +79,9 @@ class RowGather:
         dim, dtype: row shape and storage dtype.
     """
 
-    def __init__(self, chunk_starts: np.ndarray, chunk_loader: Callable[[int], np.ndarray], dim: int,
-                 dtype: np.dtype) -> None:
+    def __init__(
+        self, chunk_starts: np.ndarray, chunk_loader: Callable[[int], np.ndarray], dim: int, dtype: np.dtype
+    ) -> None:
         self.chunk_starts = np.asarray(chunk_starts, dtype=np.int64)
         self._load = chunk_loader
         self._chunks: list[np.ndarray | None] = [None] * len(self.chunk_starts)

@@ -21,19 +21,32 @@ def store_info(store: TeacherStore) -> dict[str, Any]:
     segments = []
     for seg in store.segments:
         roles = seg.index().roles
-        segments.append({
-            "id": seg.seg_id, "rows": seg.rows, "chunks": seg.n_chunks, "chunk_rows": seg.chunk_rows,
-            "roles": {r: int((roles == i).sum()) for i, r in enumerate(ROLES)},
-            "bytes": store.loc.size(SEGMENTS, seg.seg_id), "committed_at": seg.commit.get("committed_at"),
-            "salvaged": bool(seg.commit.get("salvaged")),
-        })
+        segments.append(
+            {
+                "id": seg.seg_id,
+                "rows": seg.rows,
+                "chunks": seg.n_chunks,
+                "chunk_rows": seg.chunk_rows,
+                "roles": {r: int((roles == i).sum()) for i, r in enumerate(ROLES)},
+                "bytes": store.loc.size(SEGMENTS, seg.seg_id),
+                "committed_at": seg.commit.get("committed_at"),
+                "salvaged": bool(seg.commit.get("salvaged")),
+            }
+        )
     index = store.index
     return {
-        "store": store.url, "format_version": store.format_version, "fingerprint": store.fingerprint,
-        "teacher_spec": store.spec.to_dict(), "dim": store.dim, "storage_dtype": store.dtype,
-        "keys": len(index), "rows": store.rows, "duplicate_rows": index.duplicates,
+        "store": store.url,
+        "format_version": store.format_version,
+        "fingerprint": store.fingerprint,
+        "teacher_spec": store.spec.to_dict(),
+        "dim": store.dim,
+        "storage_dtype": store.dtype,
+        "keys": len(index),
+        "rows": store.rows,
+        "duplicate_rows": index.duplicates,
         "roles": {r: int((index.roles == i).sum()) for i, r in enumerate(ROLES)},
-        "bytes": sum(s["bytes"] for s in segments), "segments": segments,
+        "bytes": sum(s["bytes"] for s in segments),
+        "segments": segments,
         "uncommitted": [{"id": s, "state": state} for s, state in store.uncommitted_segments()],
     }
 
@@ -53,8 +66,14 @@ class VerifyReport:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "segments": self.segments, "rows": self.rows, "chunks": self.chunks,
-                "problems": self.problems, "notes": self.notes}
+        return {
+            "ok": self.ok,
+            "segments": self.segments,
+            "rows": self.rows,
+            "chunks": self.chunks,
+            "problems": self.problems,
+            "notes": self.notes,
+        }
 
 
 def verify_store(store: TeacherStore) -> VerifyReport:
@@ -66,12 +85,16 @@ def verify_store(store: TeacherStore) -> VerifyReport:
         report.chunks += seg.n_chunks
         report.problems.extend(f"segment {seg.seg_id}: {p}" for p in _verify_segment(store, seg))
     for seg_id, state in store.uncommitted_segments():
-        what = "a writer is still running" if state == "active" else "left by a crashed run; the next precompute "\
-            "salvages it, 'ddx cache gc' removes it"
+        what = (
+            "a writer is still running"
+            if state == "active"
+            else "left by a crashed run; the next precompute salvages it, 'ddx cache gc' removes it"
+        )
         report.notes.append(f"segment {seg_id} is uncommitted ({what})")
     if store.segments and not report.problems and store.index.duplicates:  # a damaged index may not load
-        report.notes.append(f"{store.index.duplicates} rows repeat a key stored in an earlier segment (harmless: "
-                            "lookups use the first)")
+        report.notes.append(
+            f"{store.index.duplicates} rows repeat a key stored in an earlier segment (harmless: lookups use the first)"
+        )
     return report
 
 

@@ -94,10 +94,12 @@ class IndexColumns:
     @staticmethod
     def concat(parts: list[IndexColumns]) -> IndexColumns:
         if not parts:
-            return IndexColumns(np.empty(0, KEY_DTYPE), np.empty(0, np.int64), np.empty(0, np.uint8),
-                                np.empty(0, np.int32))
-        return IndexColumns(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                              ("keys", "rows", "roles", "n_tokens")))
+            return IndexColumns(
+                np.empty(0, KEY_DTYPE), np.empty(0, np.int64), np.empty(0, np.uint8), np.empty(0, np.int32)
+            )
+        return IndexColumns(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("keys", "rows", "roles", "n_tokens"))
+        )
 
 
 def read_index_bytes(data: bytes) -> IndexColumns:
@@ -145,21 +147,44 @@ class SegmentWriter:
 
     @classmethod
     def create(
-        cls, loc: Location, *, dim: int, dtype: str, chunk_rows: int, rank: int = 0, world_size: int = 1,
-        flush_seconds: float = 60.0, seg_id: str | None = None,
+        cls,
+        loc: Location,
+        *,
+        dim: int,
+        dtype: str,
+        chunk_rows: int,
+        rank: int = 0,
+        world_size: int = 1,
+        flush_seconds: float = 60.0,
+        seg_id: str | None = None,
     ) -> SegmentWriter:
         """Create the segment's group and empty vector array, and take its writer lock."""
         import zarr
         from zarr.codecs import BytesCodec, Crc32cCodec
 
         seg_id = seg_id or new_segment_id(rank, world_size)
-        writer = {"host": socket.gethostname(), "pid": os.getpid(), "rank": rank, "world_size": world_size,
-                  "started": time.time()}
-        group = zarr.open_group(store=loc.zarr_store(), path=f"{SEGMENTS}/{seg_id}", mode="w-",
-                                attributes={"ddx_segment": {"writer": writer, "chunk_rows": chunk_rows}})
+        writer = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": rank,
+            "world_size": world_size,
+            "started": time.time(),
+        }
+        group = zarr.open_group(
+            store=loc.zarr_store(),
+            path=f"{SEGMENTS}/{seg_id}",
+            mode="w-",
+            attributes={"ddx_segment": {"writer": writer, "chunk_rows": chunk_rows}},
+        )
         array = group.create_array(
-            "vectors", shape=(0, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=0,
-            serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], filters=None,
+            "vectors",
+            shape=(0, dim),
+            chunks=(chunk_rows, dim),
+            dtype=dtype,
+            fill_value=0,
+            serializer=BytesCodec(endian="little"),
+            compressors=[Crc32cCodec()],
+            filters=None,
             # zarr skips chunks that equal the fill value; readers memory-map every chunk file, so write them all
             config={"write_empty_chunks": True},
         )
@@ -180,8 +205,14 @@ class SegmentWriter:
             sl = slice(start, start + take)
             self._buf_vectors[self._buf_n : self._buf_n + take] = vectors[sl]
             rows = self._chunk_start + self._buf_n + np.arange(take, dtype=np.int64)
-            self._buf_index.append(IndexColumns(np.asarray(keys[sl], KEY_DTYPE), rows,
-                                                np.asarray(roles[sl], np.uint8), np.asarray(n_tokens[sl], np.int32)))
+            self._buf_index.append(
+                IndexColumns(
+                    np.asarray(keys[sl], KEY_DTYPE),
+                    rows,
+                    np.asarray(roles[sl], np.uint8),
+                    np.asarray(n_tokens[sl], np.int32),
+                )
+            )
             self._buf_n += take
             start += take
             if self._buf_n == self.chunk_rows:
@@ -305,8 +336,9 @@ def _read_parts(loc: Location, seg_id: str) -> list[IndexColumns]:
     return [read_index_bytes(loc.read_bytes(SEGMENTS, seg_id, "parts", n)) for n in sorted(names)]
 
 
-def _write_commit(loc: Location, seg_id: str, index: IndexColumns, crcs: list[int], chunk_rows: int,
-                  array: Any, *, salvaged: bool) -> None:
+def _write_commit(
+    loc: Location, seg_id: str, index: IndexColumns, crcs: list[int], chunk_rows: int, array: Any, *, salvaged: bool
+) -> None:
     import hashlib
 
     rows = len(index.keys)
@@ -317,9 +349,15 @@ def _write_commit(loc: Location, seg_id: str, index: IndexColumns, crcs: list[in
     index_bytes = index.to_parquet_bytes()
     loc.write_atomic(index_bytes, SEGMENTS, seg_id, "index.parquet")
     commit = {
-        "format_version": 1, "rows": rows, "chunk_rows": chunk_rows, "chunk_crc32c": crcs,
-        "index_sha256": hashlib.sha256(index_bytes).hexdigest(), "committed_at": time.time(),
-        "host": socket.gethostname(), "pid": os.getpid(), "salvaged": salvaged,
+        "format_version": 1,
+        "rows": rows,
+        "chunk_rows": chunk_rows,
+        "chunk_crc32c": crcs,
+        "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+        "committed_at": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "salvaged": salvaged,
     }
     loc.write_atomic(json.dumps(commit, indent=1).encode(), SEGMENTS, seg_id, "COMMIT")
     loc.remove(SEGMENTS, seg_id, "parts")
@@ -485,5 +523,10 @@ def _is_plain_layout(meta: dict[str, Any], chunk_rows: int) -> bool:
     enc = meta.get("chunk_key_encoding", {})
     sep = enc.get("configuration", {}).get("separator", "/")
     chunk_shape = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", [None])
-    return (codecs == ["bytes", "crc32c"] and endian == "little" and enc.get("name") == "default" and sep == "/"
-            and chunk_shape[0] == chunk_rows)
+    return (
+        codecs == ["bytes", "crc32c"]
+        and endian == "little"
+        and enc.get("name") == "default"
+        and sep == "/"
+        and chunk_shape[0] == chunk_rows
+    )

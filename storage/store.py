@@ -15,9 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,10 +88,20 @@ class TeacherStore:
             raise StoreNotFoundError(f"{loc.url!r} is a file, not a store directory. Choose another --store path.")
         if loc.exists() and loc.listdir():
             raise StoreExistsError(f"{loc.url!r} already exists and is not empty; open it, or pick a new --store path.")
-        attrs = {"format_version": FORMAT_VERSION, "teacher_spec": spec.to_dict(), "fingerprint": spec.fingerprint,
-                 "dim": spec.dim, "storage_dtype": dtype}
-        root = zarr.open_group(store=loc.zarr_store(), mode="w-", attributes={"ddx": attrs})
-        root.create_group(SEGMENTS)
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "teacher_spec": spec.to_dict(),
+            "fingerprint": spec.fingerprint,
+            "dim": spec.dim,
+            "storage_dtype": dtype,
+        }
+        if loc.is_local:
+            _create_local(Path(loc.root), attrs)
+        else:
+            try:
+                zarr.open_group(store=loc.zarr_store(), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+            except zarr.errors.ContainsGroupError as exc:
+                raise StoreExistsError(f"{loc.url!r} was created by another process just now; open it.") from exc
         return cls(loc, attrs)
 
     @classmethod
@@ -115,10 +129,16 @@ class TeacherStore:
             if store.dtype != dtype:
                 import warnings
 
-                warnings.warn(f"Store {loc.url!r} keeps {store.dtype} vectors; --dtype {dtype} is ignored.",
-                              stacklevel=2)
+                warnings.warn(
+                    f"Store {loc.url!r} keeps {store.dtype} vectors; --dtype {dtype} is ignored.", stacklevel=2
+                )
             return store
-        return cls.create(url, spec, dtype=dtype)
+        try:
+            return cls.create(url, spec, dtype=dtype)
+        except StoreExistsError:
+            if loc.exists("zarr.json"):  # another process (a torchrun rank) created it first
+                return cls.open(url, spec)
+            raise
 
     # -- segments and index --------------------------------------------------------------------
 
@@ -224,12 +244,17 @@ class TeacherStore:
                     starts.append(offset + c * seg.chunk_rows)
                     loaders.append((seg, c))
                 offset += seg.rows
-            self._gather = RowGather(np.array(starts, dtype=np.int64), lambda i: loaders[i][0].chunk(loaders[i][1]),
-                                     self.dim, np.dtype(self.dtype))
+            self._gather = RowGather(
+                np.array(starts, dtype=np.int64),
+                lambda i: loaders[i][0].chunk(loaders[i][1]),
+                self.dim,
+                np.dtype(self.dtype),
+            )
         return self._gather
 
-    def iter_batches(self, batch_size: int = 65536, *, role: str | None = None,
-                     verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(
+        self, batch_size: int = 65536, *, role: str | None = None, verify: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Sequential scan: (keys, vectors) batches over every committed row, chunk checksums verified."""
         code = ROLES.index(role) if role is not None else None
         for seg in self._segments:
@@ -250,12 +275,20 @@ class TeacherStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def writer(self, *, rank: int = 0, world_size: int = 1, chunk_rows: int | None = None,
-               flush_seconds: float = 60.0) -> SegmentWriter:
+    def writer(
+        self, *, rank: int = 0, world_size: int = 1, chunk_rows: int | None = None, flush_seconds: float = 60.0
+    ) -> SegmentWriter:
         """A new segment for one writer (a run, or one rank of a run); commit it by closing it."""
         rows = chunk_rows or default_chunk_rows(self.dim, self.dtype)
-        return SegmentWriter.create(self.loc, dim=self.dim, dtype=self.dtype, chunk_rows=rows, rank=rank,
-                                    world_size=world_size, flush_seconds=flush_seconds)
+        return SegmentWriter.create(
+            self.loc,
+            dim=self.dim,
+            dtype=self.dtype,
+            chunk_rows=rows,
+            rank=rank,
+            world_size=world_size,
+            flush_seconds=flush_seconds,
+        )
 
     def salvage(self) -> list[tuple[str, int]]:
         """Commit the flushed rows of every abandoned segment; returns (segment, rows kept)."""
@@ -266,6 +299,29 @@ class TeacherStore:
 
     def __repr__(self) -> str:
         return f"TeacherStore({self.url!r}, model={self.spec.model!r}, dim={self.dim}, segments={len(self._segments)})"
+
+
+def _create_local(target: Path, attrs: dict[str, Any]) -> None:
+    """Build the empty store beside ``target`` and rename it into place: readers never see half a store.
+
+    ``os.rename`` of a directory is atomic and fails when the target is a non-empty directory, so of
+    several processes creating one store at once (torchrun ranks), exactly one wins.
+    """
+    import zarr
+    from zarr.storage import LocalStore
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.creating"
+    zarr.open_group(store=LocalStore(str(tmp)), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "zarr.json").exists() or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise StoreExistsError(
+                f"{str(target)!r} already exists and is not empty; open it, or pick a new --store path."
+            ) from exc
+        raise
 
 
 def _read_attrs(loc: Location) -> dict[str, Any]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = (
+WORDS = (  # noqa: SIM905 - a word list reads better as text
     "the a of and to in is was for on that with as by at from it an be this are or which his her their "
     "protein cell gene virus cancer patient study result effect risk dose trial brain heart blood lung "
-    "river city war king queen film album song team game season player coach school college history "
-    "what who when where why how does did many much first last year born capital country population "
-    "search query passage answer question retrieve relevant document evidence claim support refute "
-    "distill teacher student vector store embedding model train loss batch token length zebra quartz"
+    "river city war king queen film album song team game season player coach school college history what "
+    "who when where why how does did many much first last year born capital country population search "
+    "query passage answer question retrieve relevant document evidence claim support refute distill "
+    "teacher student vector store embedding model train loss batch token length zebra quartz"
 ).split()
 
 QWEN_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
@@ -43,7 +43,9 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
 
 def _vocabulary(specials: list[str]) -> dict[str, int]:
     """Specials, every word of WORDS, then single characters (plain and as ``##`` continuations): deterministic."""
-    chars = sorted({c for text in [*WORDS, QWEN_QUERY_PROMPT, "0123456789.,:?!'-\"()"] for c in text.lower()} - {" ", "\n"})
+    chars = sorted(
+        {c for text in [*WORDS, QWEN_QUERY_PROMPT, "0123456789.,:?!'-\"()"] for c in text.lower()} - {" ", "\n"}
+    )
     tokens = [*specials, *sorted(set(WORDS)), *chars, *(f"##{c}" for c in chars)]
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
 
@@ -70,14 +72,27 @@ def build_tiny_bert(path: Path, *, dim: int = 32, normalize: bool = True, seed: 
     hf_dir = path / "hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
     wp = _wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]", lowercase=True)
-    wp.post_processor = processors.BertProcessing(("[SEP]", wp.token_to_id("[SEP]")), ("[CLS]", wp.token_to_id("[CLS]")))
-    tok = BertTokenizerFast(tokenizer_object=wp, model_max_length=128, unk_token="[UNK]", pad_token="[PAD]",
-                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    wp.post_processor = processors.BertProcessing(
+        ("[SEP]", wp.token_to_id("[SEP]")), ("[CLS]", wp.token_to_id("[CLS]"))
+    )
+    tok = BertTokenizerFast(
+        tokenizer_object=wp,
+        model_max_length=128,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     tok.save_pretrained(hf_dir)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=dim, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=2 * dim, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * dim,
+        max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(hf_dir)
     transformer = Transformer(str(hf_dir), max_seq_length=128)
@@ -109,8 +124,15 @@ def build_tiny_qwen2(path: Path, *, dim: int = 48, seed: int = 0) -> Path:
     tok.save_pretrained(hf_dir)
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=dim, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=2 * dim, max_position_embeddings=128, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=len(tok),
+        hidden_size=dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * dim,
+        max_position_embeddings=128,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
     )
     Qwen2Model(config).save_pretrained(hf_dir)
     transformer = Transformer(str(hf_dir), max_seq_length=128)

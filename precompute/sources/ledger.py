@@ -4,7 +4,7 @@ A source must yield each id once, and the same id with two different texts is ba
 error message locates at both places. Remembering that for MS MARCO's 8.8 M passages in a Python
 dict of ``id -> (text, origin)`` costs over 1 GB; the ledger keeps three int64 per id instead
 (hash of role and id, hash of the text, packed origin), in sorted numpy arrays fed by a small dict
-of recent ids (8.8 M ids: ~210 MB, plus at most 2^18 recent entries).
+of recent ids (8.8 M ids: ~210 MB, plus at most 2^16 recent entries).
 
 Hashes are Python's 64-bit string hashes (stable within a process, which is all a ledger lives):
 two distinct ids collide with probability ~n²/2^65, about 2e-6 for all of MS MARCO.
@@ -41,7 +41,7 @@ class IdLedger:
         ['1']
     """
 
-    def __init__(self, flush_at: int = 1 << 18) -> None:
+    def __init__(self, flush_at: int = 1 << 16) -> None:
         self._flush_at = flush_at
         self._recent: dict[int, tuple[int, int]] = {}  # id hash -> (text hash, origin code)
         self._ids = np.empty(0, np.int64)  # sorted

@@ -20,8 +20,16 @@ MEASURES = {"recall_10", "recall_100", "ndcg_cut_10", "map"}
 
 
 def _config(run: str, store: Path, spec: str, tmp_path: Path, **overrides: object) -> EvalConfig:
-    values = dict(model=run, store=str(store), data=(spec,), split="test", out=str(tmp_path / "eval"),
-                  device="cpu", k_values=(10, 100), progress=False)
+    values = dict(
+        model=run,
+        store=str(store),
+        data=(spec,),
+        split="test",
+        out=str(tmp_path / "eval"),
+        device="cpu",
+        k_values=(10, 100),
+        progress=False,
+    )
     values.update(overrides)
     return EvalConfig(**values)
 
@@ -41,8 +49,9 @@ def test_every_mode_runs_and_teacher_metrics_match_pytrec_eval(phase2_run, teach
     assert all(r["queries"] == 10 and r["passages"] == N_PASSAGES for r in rows.values())  # q30–q39 are test
     assert rows["teacher"]["mean_cos_to_teacher"] == 1.0 and rows["teacher"]["retained_nDCG@10"] == 100.0
     assert -1.0 <= rows["hybrid"]["mean_cos_to_teacher"] <= 1.0
-    assert rows["hybrid"]["retained_nDCG@10"] == pytest.approx(100 * rows["hybrid"]["nDCG@10"]
-                                                               / rows["teacher"]["nDCG@10"], abs=0.01)
+    assert rows["hybrid"]["retained_nDCG@10"] == pytest.approx(
+        100 * rows["hybrid"]["nDCG@10"] / rows["teacher"]["nDCG@10"], abs=0.01
+    )
     # Independent run: teacher vectors straight from the store, cosine scores by numpy, every passage ranked.
     store = TeacherStore.open(teacher_store)
     test_q = sorted({q for q, _ in corpus.qrels["test"]})
@@ -65,8 +74,16 @@ def test_every_mode_runs_and_teacher_metrics_match_pytrec_eval(phase2_run, teach
 
 
 def test_saved_trec_runs_reproduce_the_reported_metrics(phase2_run, teacher_store, corpus, tmp_path):
-    result = evaluate_retrieval(_config(phase2_run.out, teacher_store, corpus.spec, tmp_path,
-                                        save_run=str(tmp_path / "runs"), modes=("student", "hybrid")))
+    result = evaluate_retrieval(
+        _config(
+            phase2_run.out,
+            teacher_store,
+            corpus.spec,
+            tmp_path,
+            save_run=str(tmp_path / "runs"),
+            modes=("student", "hybrid"),
+        )
+    )
     qrels = {q: {d: 1 for qq, d in corpus.qrels["test"] if qq == q} for q, _ in corpus.qrels["test"]}
     for row in result.rows:
         run = read_trec_run(tmp_path / "runs" / f"{corpus.folder.name}-test-{row['mode']}.trec")
@@ -100,25 +117,33 @@ def test_run_trained_against_another_store_is_refused(phase2_run, corpus, tiny_b
     from precompute.teacher import TeacherConfig
 
     other = tmp_path / "bert-store"
-    precompute(PrecomputeConfig(store=str(other), data=(corpus.spec,), teacher=TeacherConfig(model=str(tiny_bert)),
-                                progress=False))
+    precompute(
+        PrecomputeConfig(
+            store=str(other), data=(corpus.spec,), teacher=TeacherConfig(model=str(tiny_bert)), progress=False
+        )
+    )
     with pytest.raises(FingerprintMismatchError, match="was trained against teacher fingerprint"):
         evaluate_retrieval(_config(phase2_run.out, other, corpus.spec, tmp_path))
 
 
-def test_store_lacking_texts_names_the_command_and_teacher_fills_them(phase2_run, teacher_store, corpus,
-                                                                      tiny_qwen2, tmp_path):
+def test_store_lacking_texts_names_the_command_and_teacher_fills_them(
+    phase2_run, teacher_store, corpus, tiny_qwen2, tmp_path
+):
     folder = tmp_path / "beir"
     shutil.copytree(corpus.folder, folder)
     with open(folder / "corpus.jsonl", "a") as f:
         f.write(json.dumps({"_id": "new1", "title": "", "text": "A passage the teacher never saw."}) + "\n")
     store = copy_store(teacher_store, tmp_path / "store")
     spec = f"beir:{folder}"
-    with pytest.raises(MissingVectorsError, match=r"lacks teacher vectors for 0 queries and 1 passages(.|\n)*"
-                                                  r"ddx precompute-teacher --teacher"):
+    with pytest.raises(
+        MissingVectorsError,
+        match=r"lacks teacher vectors for 0 queries and 1 passages(.|\n)*"
+        r"ddx precompute-teacher --teacher",
+    ):
         evaluate_retrieval(_config(phase2_run.out, store, spec, tmp_path))
-    result = evaluate_retrieval(_config(phase2_run.out, store, spec, tmp_path, teacher=str(tiny_qwen2),
-                                        modes=("teacher", "hybrid")))
+    result = evaluate_retrieval(
+        _config(phase2_run.out, store, spec, tmp_path, teacher=str(tiny_qwen2), modes=("teacher", "hybrid"))
+    )
     assert {r["passages"] for r in result.rows} == {N_PASSAGES + 1}
 
 
@@ -129,14 +154,16 @@ def test_empty_split_is_a_clear_error(phase2_run, teacher_store, corpus, tmp_pat
 
 def test_k_larger_than_the_corpus_ranks_everything(phase2_run, teacher_store, corpus, tmp_path):
     with pytest.warns(UserWarning, match=f"larger than the corpus \\({N_PASSAGES} passages\\)"):
-        result = evaluate_retrieval(_config(phase2_run.out, teacher_store, corpus.spec, tmp_path,
-                                            k_values=(10, 5000), modes=("teacher",)))
+        result = evaluate_retrieval(
+            _config(phase2_run.out, teacher_store, corpus.spec, tmp_path, k_values=(10, 5000), modes=("teacher",))
+        )
     assert result.rows[0]["Recall@5000"] == 1.0
 
 
 def test_train_split_queries_evaluate_too(phase2_run, teacher_store, corpus, tmp_path):
-    result = evaluate_retrieval(_config(phase2_run.out, teacher_store, corpus.spec, tmp_path, split="train",
-                                        modes=("student",)))
+    result = evaluate_retrieval(
+        _config(phase2_run.out, teacher_store, corpus.spec, tmp_path, split="train", modes=("student",))
+    )
     assert result.rows[0]["queries"] == TRAIN_QUERIES
 
 
@@ -145,8 +172,21 @@ def test_cli_prints_the_table_and_json(phase2_run, teacher_store, corpus, tmp_pa
 
     from cli.main import cli
 
-    args = ["evaluate", "--model", phase2_run.out, "--store", str(teacher_store), "--data", corpus.spec,
-            "--k", "10,100", "--device", "cpu", "--out", str(tmp_path / "e")]
+    args = [
+        "evaluate",
+        "--model",
+        phase2_run.out,
+        "--store",
+        str(teacher_store),
+        "--data",
+        corpus.spec,
+        "--k",
+        "10,100",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "e"),
+    ]
     table = CliRunner().invoke(cli, args)
     assert table.exit_code == 0, table.output
     assert "hybrid" in table.output and "% teacher" in table.output
@@ -162,8 +202,15 @@ def test_minilm_on_scifact_test_matches_the_published_ndcg(shared_data):
     """all-MiniLM-L6-v2 on SciFact test: nDCG@10 = 0.645 ± 0.002 (MTEB reports 64.51): loading, search and metrics."""
     from cli.offline_models import minilm_path
 
-    result = evaluate_retrieval(EvalConfig(model=str(minilm_path()), data=(f"beir:{shared_data / 'scifact'}",),
-                                           modes=("student",), device="cpu", progress=False))
+    result = evaluate_retrieval(
+        EvalConfig(
+            model=str(minilm_path()),
+            data=(f"beir:{shared_data / 'scifact'}",),
+            modes=("student",),
+            device="cpu",
+            progress=False,
+        )
+    )
     (row,) = result.rows
     assert row["queries"] == 300 and row["passages"] == 5183
     assert row["nDCG@10"] == pytest.approx(0.645, abs=0.002)
