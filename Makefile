@@ -26,7 +26,7 @@ lint: install
 
 # The default suite (slow and gpu tests excluded by pyproject's addopts). Exit 5 (no tests) fails.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -223,10 +223,7 @@ def _encode_missing(store: TeacherStore, es: EvalSet, teacher: str, title_join: 
 
 
 def _search(config: EvalConfig, queries: np.ndarray, passages: Any, n_docs: int, priority: np.ndarray) -> tuple:
-    k = max(config.k_values)
-    if k > n_docs:
-        warnings.warn(f"k={k} is larger than the corpus ({n_docs} passages); ranking all of it.", stacklevel=3)
-        k = n_docs
+    k = min(max(config.k_values), n_docs)  # a k beyond the corpus ranks all of it (noted by the caller)
     if config.search == "exact":
         return exact_search(
             queries,
@@ -280,6 +277,11 @@ def _evaluate_set(
     if store is not None and ({"teacher", "hybrid"} & set(modes) or q_p is not None):
         rows_q, rows_d = _teacher_rows(store, es, config.teacher, config.title_join)
     priority = trec_tie_priority(es.doc_ids)
+    if max(config.k_values) > len(es.doc_ids):
+        es.notes.append(
+            f"{es.source.spec}: k={max(config.k_values)} is larger than the corpus "
+            f"({len(es.doc_ids)} passages): every passage is ranked"
+        )
     plan = {
         "teacher": lambda: (store.get_rows(rows_q, dtype="float32"), _store_blocks(store, rows_d)),
         "student": lambda: (q_s, d_s),
@@ -362,8 +364,8 @@ def evaluate_retrieval(config: EvalConfig) -> EvalResult:
     result = EvalResult()
     for spec in config.data:
         es = load_eval_set(parse_source(spec, options), config.split, config.strict)
-        result.notes.extend(es.notes)
         result.rows.extend(_evaluate_set(config, es, enc, store, modes))
+        result.notes.extend(es.notes)
     out = config.out or (str(Path(config.model) / "eval") if enc.run is not None else None)
     if out:
         result.files = _write_tables(result, Path(out), config.split)
