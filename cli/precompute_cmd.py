@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
 from cli.options import config_option, echo_json, library_errors
+
+if TYPE_CHECKING:  # the pipeline imports numpy and the store; load it only when the command runs
+    from precompute.pipeline import PrecomputeSummary
 
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
@@ -79,7 +84,7 @@ DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @library_errors
 def precompute_teacher(
-    model: str, store: str, data: tuple[str, ...], as_json: bool, roles: str, **options: object
+    model: str, store: str, data: tuple[str, ...], as_json: bool, roles: str, **options: Any
 ) -> None:
     """Run the teacher once over every text of --data that the store lacks.
 
@@ -111,7 +116,7 @@ def precompute_teacher(
     )
     teacher = TeacherConfig(model=model, **{k: options.pop(k) for k in teacher_keys})
     role_set = ("query", "passage") if roles == "both" else (roles,)
-    config = PrecomputeConfig(store=store, data=tuple(data), teacher=teacher, roles=role_set, **options)  # type: ignore[arg-type]
+    config = PrecomputeConfig(store=store, data=tuple(data), teacher=teacher, roles=role_set, **options)
     summary = precompute(config)
     if summary.rank != 0:
         return
@@ -121,8 +126,8 @@ def precompute_teacher(
     _print_summary(summary)
 
 
-def _print_summary(summary: object) -> None:
-    d = summary.to_dict()  # type: ignore[attr-defined]
+def _print_summary(summary: PrecomputeSummary) -> None:
+    d = summary.to_dict()
     click.echo(f"store {d['store']}  (teacher fingerprint {d['fingerprint']})")
     for s in d["sources"]:
         click.echo(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from cli.options import config_option, echo_json, library_errors
@@ -99,7 +101,7 @@ from cli.options import config_option, echo_json, library_errors
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @library_errors
-def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...], **options: object) -> None:
+def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...], **options: Any) -> None:
     """Train the student from stored teacher vectors; the teacher never runs.
 
     Phase 1 matches the projected student to the teacher on every text of --data (queries judged
@@ -118,7 +120,7 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
     from distill.train import TrainConfig
     from distill.train import train as run
 
-    config = TrainConfig(data=tuple(data), hard_negatives=tuple(hard_negatives), **options)  # type: ignore[arg-type]
+    config = TrainConfig(data=tuple(data), hard_negatives=tuple(hard_negatives), **options)
     result = run(config)
     if as_json:
         echo_json(result.to_dict())

@@ -159,18 +159,18 @@ def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:
     """Pass 1: keys of every text and one IdMap per source (streaming; 40 bytes kept per text)."""
     all_keys, all_roles, all_src, maps = [], [], [], []
     for i, source in enumerate(sources):
-        hashes, keys = [], []
+        hashes, id_keys = [], []
         for block in _blocks(source):
             k = content_keys([r.role for r in block], [r.text for r in block])
             for role in ("query", "passage"):
                 sel = [j for j, r in enumerate(block) if r.role == role]
                 if sel:
                     hashes.append(id_hashes(role, [block[j].id for j in sel]))
-                    keys.append(k[sel])
+                    id_keys.append(k[sel])
             all_keys.append(k)
             all_roles.append(np.array([role_code(r.role) for r in block], dtype=np.uint8))
             all_src.append(np.full(len(block), i, dtype=np.int16))
-        maps.append(IdMap.build(hashes, keys, source.spec))
+        maps.append(IdMap.build(hashes, id_keys, source.spec))
     keys = np.concatenate(all_keys) if all_keys else np.empty(0, KEY_DTYPE)
     uniq, first = np.unique(keys, return_index=True)
     roles = np.concatenate(all_roles)[first] if all_keys else np.empty(0, np.uint8)
@@ -226,7 +226,8 @@ def resolve_examples(
 ) -> tuple[Phase2Examples, dict[str, Any]]:
     """Phase-2 examples of every source, ids resolved (own source first, then any source)."""
     union = _union_map(maps)
-    queries, pos_rows, neg_rows, src, report = [], [], [], [], {"unknown_ids": {}, "no_positive": {}}
+    queries, pos_rows, neg_rows, src = [], [], [], []
+    report: dict[str, Any] = {"unknown_ids": {}, "no_positive": {}}
     for i, source in enumerate(sources):
         unknown = no_pos = 0
         for ex in _examples(source, split):
@@ -251,7 +252,7 @@ def resolve_examples(
     return examples, report
 
 
-def _check_example_problems(source: Source, unknown: int, no_pos: int, skip_bad: bool, report: dict) -> None:
+def _check_example_problems(source: Source, unknown: int, no_pos: int, skip_bad: bool, report: dict[str, Any]) -> None:
     if unknown:
         report["unknown_ids"][source.spec] = unknown
     if no_pos:

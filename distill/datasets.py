@@ -13,6 +13,7 @@ negative) or that repeats a passage already in the batch is dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from distill.tokens import TokenTable
 from storage.store import TeacherStore
 
 __all__ = ["Phase1Dataset", "Phase2Dataset", "phase1_collate_fn", "phase2_collate_fn"]
+
+Collate = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 
 
 class Phase1Dataset(torch.utils.data.Dataset):
@@ -138,7 +141,7 @@ def _padded(tokens: TokenTable, seqs: list[np.ndarray]) -> tuple[torch.Tensor, t
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def phase1_collate_fn(tokens: TokenTable):  # -> Callable[[dict], dict[str, Tensor]]
+def phase1_collate_fn(tokens: TokenTable) -> Collate:
     """Collate for Phase1Dataset batches: pads token ids, converts vectors to tensors."""
 
     def collate(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -148,7 +151,7 @@ def phase1_collate_fn(tokens: TokenTable):  # -> Callable[[dict], dict[str, Tens
     return collate
 
 
-def phase2_collate_fn(tokens: TokenTable):  # -> Callable[[dict], dict[str, Tensor]]
+def phase2_collate_fn(tokens: TokenTable) -> Collate:
     """Collate for Phase2Dataset batches with a variable number of negatives per query.
 
     Returns tensors: ``query_input_ids``/``query_attention_mask`` [B, Lq], ``pos_*`` [B, Lp],

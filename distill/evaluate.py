@@ -12,25 +12,25 @@ Search is exact (cosine, chunked matrix products on the GPU when present, memory
 chunk size), ties ordered as trec_eval orders them, and metrics equal pytrec_eval's. A plain
 SentenceTransformer folder may stand in for a run (only ``student`` and ``teacher`` then), which is
 how the all-MiniLM-L6-v2 / SciFact check (nDCG@10 = 0.645) runs through this very code.
+
+Eval sets and the vectors each mode searches come from :mod:`distill.eval_inputs`; this module runs the
+searches, scores them and writes the table.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from distill.eval_inputs import Encoders, EvalSet, SetVectors, load_eval_set, mode_inputs, set_vectors
 from distill.metrics import metrics_from_topk, trec_tie_priority, write_trec_run
-from distill.search import exact_search, faiss_search
-from distill.train import RUN_FILE, check_run_store, read_run
-from precompute.sources import Source, SourceOptions, parse_source
-from storage.errors import BadSourceError, DdxError, MissingVectorsError
-from storage.keys import content_keys
+from distill.search import PassageSource, exact_search, faiss_search
+from distill.train import check_run_store
+from precompute.sources import SourceOptions, parse_source
+from storage.errors import DdxError
 from storage.store import TeacherStore
 
 __all__ = ["MODES", "EvalConfig", "EvalResult", "evaluate_retrieval"]
@@ -82,147 +82,9 @@ class EvalResult:
         return {"rows": self.rows, "notes": self.notes, "files": self.files}
 
 
-@dataclass
-class EvalSet:
-    """Queries, corpus and qrels of one source's split."""
-
-    name: str
-    source: Source
-    query_ids: list[str]
-    query_texts: list[str]
-    doc_ids: list[str]
-    doc_texts: list[str]
-    qrels: dict[str, dict[str, int]]
-    notes: list[str]
-
-
-def load_eval_set(source: Source, split: str, strict: bool) -> EvalSet:
-    """Read the split's judged queries, the whole corpus (distractors included) and the qrels.
-
-    Raises:
-        BadSourceError: the split has no qrels, or (``strict``) qrels name unknown documents.
-    """
-    qrels = source.qrels(split)
-    if not qrels:
-        raise BadSourceError(
-            f"{source.spec}: split {split!r} has no qrels (splits with qrels: {source.splits()}). "
-            "Pick one with --split."
-        )
-    docs = {r.id: r.text for r in source.iter_texts("passage")}
-    queries = {r.id: r.text for r in source.iter_texts("query") if r.id in qrels}
-    notes = []
-    unknown_docs = {d for q in qrels.values() for d in q} - docs.keys()
-    if unknown_docs:
-        msg = f"{source.spec}: {len(unknown_docs)} judged document ids are not in the corpus (ignored)"
-        if strict:
-            raise BadSourceError(msg.replace(" (ignored)", "") + "; drop --strict to evaluate anyway.")
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
-    unjudged = [q for q in queries if not any(v > 0 for v in qrels[q].values())]
-    missing = [q for q in qrels if q not in queries]
-    if unjudged or missing:
-        notes.append(
-            f"{source.spec}: excluded {len(unjudged)} queries without a positive judgment and "
-            f"{len(missing)} judged query ids absent from the queries file"
-        )
-    qids = [q for q in queries if q not in set(unjudged)]
-    if not qids:
-        raise BadSourceError(f"{source.spec}: split {split!r} has no query with a positive judgment.")
-    return EvalSet(
-        source.name,
-        source,
-        qids,
-        [queries[q] for q in qids],
-        list(docs),
-        list(docs.values()),
-        {q: qrels[q] for q in qids},
-        notes,
-    )
-
-
-class Encoders:
-    """The model under evaluation: a ddx run (student + projection) or a plain sentence-transformer."""
-
-    def __init__(self, path: str, device: str | None, batch_size: int, progress: bool = False) -> None:
-        self.batch_size, self.progress = batch_size, progress
-        self.run = read_run(path) if (Path(path) / RUN_FILE).exists() else None
-        if self.run is not None:
-            from distill.model import StudentModelWithProjection
-
-            self.model = StudentModelWithProjection.load(path, device=device)
-            self.student = self.model.student
-        else:
-            from sentence_transformers import SentenceTransformer
-
-            self.model, self.student = None, SentenceTransformer(path, device=device)
-        self.seconds, self.texts = 0.0, 0
-
-    def student_vectors(self, texts: list[str], role: str) -> np.ndarray:
-        start = time.perf_counter()
-        prompts = getattr(self.student, "prompts", {}) or {}
-        name = role if prompts.get(role) else ("document" if role == "passage" and prompts.get("document") else None)
-        out = self.student.encode(
-            texts, batch_size=self.batch_size, prompt_name=name, convert_to_numpy=True, show_progress_bar=self.progress
-        )
-        self.seconds += time.perf_counter() - start
-        self.texts += len(texts)
-        return out.astype(np.float32)
-
-    def project_blocks(self, vectors: np.ndarray, rows: int = 16_384) -> Iterator[np.ndarray]:
-        import torch
-
-        assert self.model is not None
-        with torch.inference_mode():
-            for s in range(0, len(vectors), rows):
-                block = torch.from_numpy(vectors[s : s + rows]).to(self.model.device)
-                yield self.model.projection(block).float().cpu().numpy()
-
-    def project(self, vectors: np.ndarray) -> np.ndarray:
-        return np.concatenate(list(self.project_blocks(vectors))) if len(vectors) else vectors
-
-
-def _teacher_rows(store: TeacherStore, es: EvalSet, teacher: str | None, title_join: str) -> tuple[np.ndarray, ...]:
-    """Store rows of the set's queries and passages; fills gaps with --teacher or stops with the command."""
-    from distill.data import missing_vectors_command
-
-    q_keys, d_keys = content_keys("query", es.query_texts), content_keys("passage", es.doc_texts)
-    q_rows, d_rows = store.locate(q_keys), store.locate(d_keys)
-    missing = int((q_rows < 0).sum() + (d_rows < 0).sum())
-    if missing and teacher:
-        _encode_missing(store, es, teacher, title_join)
-        q_rows, d_rows = store.locate(q_keys), store.locate(d_keys)
-    elif missing:
-        raise MissingVectorsError(
-            f"Store {store.url!r} lacks teacher vectors for {int((q_rows < 0).sum())} queries and "
-            f"{int((d_rows < 0).sum())} passages of {es.source.spec}. Add them with:\n  "
-            f"{missing_vectors_command(store, [es.source.spec])}\nor pass --teacher MODEL to encode them now."
-        )
-    return q_rows, d_rows
-
-
-def _encode_missing(store: TeacherStore, es: EvalSet, teacher: str, title_join: str) -> None:
-    from precompute.pipeline import PrecomputeConfig, precompute
-    from precompute.teacher import TeacherConfig
-
-    spec = store.spec
-    cfg = TeacherConfig(
-        model=teacher,
-        pooling=spec.pooling,
-        normalize=spec.normalize,
-        max_seq_length=spec.max_seq_length,
-        padding_side=spec.padding_side,
-        dtype=spec.dtype,
-        query_prompt=spec.query_prompt,
-        passage_prompt=spec.passage_prompt,
-    )
-    precompute(
-        PrecomputeConfig(store=store.url, data=(es.source.spec,), teacher=cfg, title_join=title_join),
-        sources=[es.source],
-    )
-    store.refresh()
-
-
-def _search(config: EvalConfig, queries: np.ndarray, passages: Any, n_docs: int, priority: np.ndarray) -> tuple:
+def _search(
+    config: EvalConfig, queries: np.ndarray, passages: PassageSource, n_docs: int, priority: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     k = min(max(config.k_values), n_docs)  # a k beyond the corpus ranks all of it (noted by the caller)
     if config.search == "exact":
         return exact_search(
@@ -245,16 +107,6 @@ def _search(config: EvalConfig, queries: np.ndarray, passages: Any, n_docs: int,
     )
 
 
-def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return float((a * b).sum(axis=1).mean())
-
-
-def _store_blocks(store: TeacherStore, rows: np.ndarray, size: int = 65_536):  # -> Callable[[], Iterator]
-    return lambda: (store.get_rows(rows[s : s + size], dtype="float32") for s in range(0, len(rows), size))
-
-
 def _available_modes(config: EvalConfig, enc: Encoders, store: TeacherStore | None) -> list[str]:
     modes = [m for m in config.modes if not (m in ("hybrid", "projected") and enc.model is None)]
     modes = [m for m in modes if not (m in ("teacher", "hybrid") and store is None)]
@@ -269,28 +121,18 @@ def _available_modes(config: EvalConfig, enc: Encoders, store: TeacherStore | No
 def _evaluate_set(
     config: EvalConfig, es: EvalSet, enc: Encoders, store: TeacherStore | None, modes: list[str]
 ) -> list[dict[str, Any]]:
-    start = enc.texts, enc.seconds
-    q_s, d_s = enc.student_vectors(es.query_texts, "query"), enc.student_vectors(es.doc_texts, "passage")
-    rate = (enc.texts - start[0]) / max(enc.seconds - start[1], 1e-9)
-    q_p = enc.project(q_s) if enc.model is not None else None
-    rows_q = rows_d = None
-    if store is not None and ({"teacher", "hybrid"} & set(modes) or q_p is not None):
-        rows_q, rows_d = _teacher_rows(store, es, config.teacher, config.title_join)
+    """One table row per mode for one eval set (and its TREC run files with ``save_run``)."""
+    need_teacher = bool({"teacher", "hybrid"} & set(modes))
+    v, rate = set_vectors(es, enc, store, need_teacher, config.teacher, config.title_join)
     priority = trec_tie_priority(es.doc_ids)
     if max(config.k_values) > len(es.doc_ids):
         es.notes.append(
             f"{es.source.spec}: k={max(config.k_values)} is larger than the corpus "
             f"({len(es.doc_ids)} passages): every passage is ranked"
         )
-    plan = {
-        "teacher": lambda: (store.get_rows(rows_q, dtype="float32"), _store_blocks(store, rows_d)),
-        "student": lambda: (q_s, d_s),
-        "hybrid": lambda: (q_p, _store_blocks(store, rows_d)),
-        "projected": lambda: (q_p, lambda: enc.project_blocks(d_s)),
-    }
     out = []
     for mode in modes:
-        queries, passages = plan[mode]()
+        queries, passages = mode_inputs(mode, v, enc)
         scores, idx = _search(config, queries, passages, len(es.doc_ids), priority)
         metrics = metrics_from_topk(
             es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values, doc_priority=priority
@@ -304,7 +146,7 @@ def _evaluate_set(
                 "queries": metrics.num_evaluated,
                 "passages": len(es.doc_ids),
                 "encode_texts_per_s": None if mode == "teacher" else round(rate, 1),
-                "mean_cos_to_teacher": _cosine(mode, q_p, q_s, d_s, rows_q, rows_d, store, enc),
+                "mean_cos_to_teacher": _cosine(mode, v, enc),
             }
         )
         if config.save_run:
@@ -315,25 +157,24 @@ def _evaluate_set(
     return out
 
 
-def _cosine(
-    mode: str,
-    q_p: Any,
-    q_s: np.ndarray,
-    d_s: np.ndarray,
-    rows_q: Any,
-    rows_d: Any,
-    store: TeacherStore | None,
-    enc: Encoders,
-) -> float | None:
+def _cosine(mode: str, v: SetVectors, enc: Encoders) -> float | None:
     """Mean cosine between projected student vectors and the teacher's, for the texts this mode projects."""
-    if store is None or q_p is None or rows_q is None or mode not in ("hybrid", "projected"):
+    if v.store is None or v.q_p is None or mode not in ("hybrid", "projected"):
         return 1.0 if mode == "teacher" else None
+    store, rows_q, rows_d = v.teacher()
+    q_p, d_s = v.q_p, v.d_s
     sims = [_mean_cos(q_p, store.get_rows(rows_q, dtype="float32"))]
     if mode == "projected":
         sample = np.arange(0, len(d_s), max(1, len(d_s) // 20_000))
         sims.append(_mean_cos(enc.project(d_s[sample]), store.get_rows(rows_d[sample], dtype="float32")))
         return round(float(np.average(sims, weights=[len(q_p), len(sample)])), 4)
     return round(sims[0], 4)
+
+
+def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float((a * b).sum(axis=1).mean())
 
 
 def _add_retained(rows: list[dict[str, Any]]) -> None:

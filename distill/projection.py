@@ -17,7 +17,6 @@ plain SentenceTransformer folder that loads without ddx installed. Two details k
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import DdxError, DimensionMismatchError, FormatVersionError
+from storage.fs import atomic_open
 
 __all__ = ["FORMAT_VERSION", "PROJECTION_FILE", "ProjectionLayer", "ProjectionNotFoundError"]
 
@@ -126,14 +126,8 @@ class ProjectionLayer(nn.Module):
             "teacher_dim": self.teacher_dim,
             "format": FORMAT_VERSION,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{PROJECTION_FILE}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(target, "wb") as fh:
+            torch.save(payload, fh)
         return target
 
     @classmethod

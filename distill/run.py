@@ -9,8 +9,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distill.data import PreparedData, prepare_data
 from distill.train import RUN_FILE, TrainConfig, TrainResult
+from storage.fs import atomic_open
 from storage.store import TeacherStore
 
 __all__ = ["run_training"]
@@ -25,6 +28,7 @@ def _load_model(config: TrainConfig, store: TeacherStore) -> Any:
         if config.max_seq_length:
             model.student.max_seq_length = config.max_seq_length
     else:
+        assert config.student is not None  # TrainConfig requires --student when there is no --init
         model = StudentModelWithProjection.from_pretrained(
             config.student,
             store.dim,
@@ -70,14 +74,17 @@ def _dataset(config: TrainConfig, data: PreparedData, store: TeacherStore, token
     from distill.datasets import Phase1Dataset, Phase2Dataset, phase1_collate_fn, phase2_collate_fn
     from distill.sampling import DistillBatchSampler
 
+    dataset: Phase1Dataset | Phase2Dataset
+    positives: list[np.ndarray] | None = None
     if config.phase == 1:
-        dataset = Phase1Dataset(data.phase1, data.texts, store, tokens)
-        positives, collate = None, phase1_collate_fn(tokens)
+        assert data.phase1 is not None  # prepare_data(phase=1) fills phase1
+        dataset, collate = Phase1Dataset(data.phase1, data.texts, store, tokens), phase1_collate_fn(tokens)
     else:
-        dataset = Phase2Dataset(
+        assert data.phase2 is not None  # prepare_data(phase=2) fills phase2
+        phase2 = Phase2Dataset(
             data.phase2, data.texts, store, tokens, num_negatives=config.num_negatives, seed=config.seed
         )
-        positives, collate = dataset.positive_sets(), phase2_collate_fn(tokens)
+        dataset, positives, collate = phase2, phase2.positive_sets(), phase2_collate_fn(tokens)
     sampler = DistillBatchSampler(
         len(dataset),
         config.batch_size,
@@ -196,6 +203,5 @@ def _write_run_file(out: Path, config: TrainConfig, store: TeacherStore, tokens:
         "token_table": tokens.directory.name,
         "result": result.to_dict(),
     }
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(out / RUN_FILE)
+    with atomic_open(out / RUN_FILE, "w", encoding="utf-8") as f:
+        f.write(json.dumps(payload, indent=2, default=str))

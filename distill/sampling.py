@@ -92,7 +92,7 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
             seen: set[int] = set()
             kept = []
             for ex in batch.tolist():
-                ex = self._swap_if_conflicting(ex, seen, batches, bi)
+                ex = _swap_if_conflicting(ex, seen, batches, bi, self.positives)
                 if ex is None:
                     continue
                 seen.update(self.positives[ex].tolist())
@@ -100,12 +100,16 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
             out.append(np.array(kept, dtype=np.int64))
         return out
 
-    def _swap_if_conflicting(self, ex: int, seen: set[int], batches: list[np.ndarray], bi: int) -> int | None:
-        if seen.isdisjoint(self.positives[ex].tolist()):  # type: ignore[index]
-            return ex
-        for later in batches[bi + 1 : bi + 4]:
-            for j, other in enumerate(later.tolist()):
-                if seen.isdisjoint(self.positives[other].tolist()):  # type: ignore[index]
-                    later[j] = ex
-                    return other
-        return None
+
+def _swap_if_conflicting(
+    ex: int, seen: set[int], batches: list[np.ndarray], bi: int, positives: Sequence[np.ndarray]
+) -> int | None:
+    """``ex`` when its positives are new to the batch, else a later batch's example that fits (``ex`` moves there)."""
+    if seen.isdisjoint(positives[ex].tolist()):
+        return ex
+    for later in batches[bi + 1 : bi + 4]:
+        for j, other in enumerate(later.tolist()):
+            if seen.isdisjoint(positives[other].tolist()):
+                later[j] = ex
+                return other
+    return None

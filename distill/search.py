@@ -27,27 +27,33 @@ k is then exactly trec_eval's top k of the full ranking, in trec_eval's order, a
 re-sorts rows by the same rule anyway) equals pytrec_eval on the complete run for every cut-off up to k.
 ``torch.topk`` alone leaves tie order unspecified. Selecting k + 1 finds the rows where a tie straddles the k-th
 place at no extra cost (the (k+1)-th score equals the k-th); only those rows are re-selected by priority.
+
+Inputs are checked and chunked by :mod:`distill.search_inputs`; :func:`faiss_search` (the optional FAISS
+backend) lives in :mod:`distill.faiss_search` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from storage.errors import DdxError, DimensionMismatchError
+from distill.faiss_search import faiss_search
+from distill.search_inputs import (
+    Block,
+    PassageSource,
+    as_tensor,
+    check_positive,
+    chunk_tensor,
+    clamp_k,
+    default_device,
+    iter_chunks,
+    query_tensor,
+)
+from storage.errors import DdxError
 
 __all__ = ["PassageSource", "exact_search", "faiss_search"]
 
-Block = np.ndarray | torch.Tensor
-PassageSource = Block | Iterable[Block] | Callable[[], Iterable[Block]]
-
 SCORE_BLOCK_ELEMENTS = 1 << 27  # 512 MiB of float32 scores per (query block × chunk): big GEMMs, bounded memory
-FAISS_INDEXES = ("flat", "ivf", "hnsw")
 _Best = tuple[torch.Tensor, torch.Tensor]  # (scores [qb, ≤k] float32, passage indices [qb, ≤k] int64)
 
 
@@ -94,156 +100,24 @@ def exact_search(
         >>> idx.tolist()  # ties at score 0: the earlier passage first
         [[0, 1], [1, 0]]
     """
-    _check_positive(k=k, chunk_size=chunk_size, query_block=query_block)
+    check_positive(k=k, chunk_size=chunk_size, query_block=query_block)
     k, chunk_size = int(k), int(chunk_size)
-    dev = torch.device(device) if device is not None else _default_device()
-    q = _query_tensor(queries, dev, normalize)
-    prio = None if tie_priority is None else _as_tensor(tie_priority).to(dev, torch.int64)
+    dev = torch.device(device) if device is not None else default_device()
+    q = query_tensor(queries, dev, normalize)
+    prio = None if tie_priority is None else as_tensor(tie_priority).to(dev, torch.int64)
     blocks = _query_slices(q.shape[0], query_block or max(1, SCORE_BLOCK_ELEMENTS // chunk_size))
     best: list[_Best | None] = [None] * len(blocks)
     n_seen = 0
-    for chunk in _iter_chunks(passages, chunk_size):
-        p = _chunk_tensor(chunk, dev, q.shape[1], normalize, score_dtype)
+    for chunk in iter_chunks(passages, chunk_size):
+        p = chunk_tensor(chunk, dev, q.shape[1], normalize, score_dtype)
         col_prio = _column_priority(prio, n_seen, p.shape[0], dev)
         for b, rows in enumerate(blocks):
             # The score block lives only for this call, so the next one is never allocated beside it.
             best[b] = _update(best[b], (q[rows].to(score_dtype) @ p.T).float(), k, n_seen, col_prio, prio)
         n_seen += p.shape[0]
         del p, col_prio  # free this chunk before the next is built: one chunk alive at a time
-    k_out = _clamp_k(k, n_seen)
+    k_out = clamp_k(k, n_seen)
     return _collect(best, blocks, q.shape[0], k_out, prio)
-
-
-def faiss_search(
-    queries: Block,
-    passages: PassageSource,
-    k: int,
-    *,
-    index: str = "flat",
-    normalize: bool = False,
-    chunk_size: int = 50_000,
-    nlist: int = 1024,
-    nprobe: int = 32,
-    hnsw_m: int = 32,
-    ef_search: int = 256,
-    tie_priority: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product with a FAISS CPU index (the ``faiss`` extra): exact ``flat``, or ``ivf``/``hnsw``.
-
-    The index is built from ``passages`` block by block (float32 copies: FAISS keeps every vector in RAM). ``ivf``
-    trains its ``nlist`` centroids on the first block (``nlist`` clamped to that block's rows). Approximate
-    indexes may find fewer than k results: those slots hold index -1 and score -inf. Rows are returned in the
-    same tie order as ``exact_search``.
-
-    Args:
-        queries, passages, k, normalize, chunk_size, tie_priority: as ``exact_search``.
-        index: ``"flat"`` (exact), ``"ivf"`` (IndexIVFFlat) or ``"hnsw"`` (IndexHNSWFlat).
-        nlist, nprobe: IVF lists and lists probed per query.
-        hnsw_m, ef_search: HNSW graph degree and search beam.
-
-    Returns:
-        ``(scores, indices)``: float32 and int64 ``[nq, min(k, N)]``, best first.
-
-    Raises:
-        DdxError: faiss is not installed (install the extra), ``index`` is unknown, or arguments are invalid.
-        DimensionMismatchError: as ``exact_search``.
-
-    Example:
-        >>> scores, idx = faiss_search(q, p, k=10, index="flat")  # doctest: +SKIP
-    """
-    faiss = _import_faiss()
-    _check_positive(k=k, chunk_size=chunk_size, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
-    if index not in FAISS_INDEXES:
-        raise DdxError(f"Unknown FAISS index {index!r}; expected one of {FAISS_INDEXES}.")
-    q = _query_tensor(queries, torch.device("cpu"), normalize).numpy()
-    built, n_seen = None, 0
-    for chunk in _iter_chunks(passages, chunk_size):
-        x = _chunk_tensor(chunk, torch.device("cpu"), q.shape[1], normalize, torch.float32).numpy()
-        if built is None:
-            built = _build_faiss_index(faiss, index, x, nlist=nlist, hnsw_m=hnsw_m)
-        built.add(np.ascontiguousarray(x))
-        n_seen += x.shape[0]
-    k_out = _clamp_k(k, n_seen)
-    if built is None or k_out == 0:
-        return np.zeros((q.shape[0], 0), dtype=np.float32), np.zeros((q.shape[0], 0), dtype=np.int64)
-    _set_faiss_search_params(built, index, nprobe=nprobe, ef_search=ef_search)
-    scores, idx = built.search(q, k_out)
-    return _order_numpy(scores, idx.astype(np.int64), tie_priority)
-
-
-# --- inputs -------------------------------------------------------------------------------------------------------
-
-
-def _default_device() -> torch.device:
-    """CUDA when present: scoring is one large matmul per chunk, where a GPU is 100× a CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _check_positive(**values: int | None) -> None:
-    """Raise a DdxError naming every argument that is given but not a positive int."""
-    bad = {
-        n: v
-        for n, v in values.items()
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1)
-    }
-    if bad:
-        raise DdxError(f"Expected positive integers, got {bad}.")
-
-
-def _query_tensor(queries: Block, dev: torch.device, normalize: bool) -> torch.Tensor:
-    """Queries as a float32 ``[nq, d]`` tensor on ``dev``, normalised if asked."""
-    q = _as_tensor(queries).to(dev).float()
-    if q.ndim != 2:
-        raise DimensionMismatchError(f"queries must be 2-D [nq, dim], got shape {tuple(q.shape)}.")
-    return F.normalize(q, dim=1) if normalize else q
-
-
-def _as_tensor(block: Any) -> torch.Tensor:
-    """A torch view of a numpy block (no copy), or the tensor itself.
-
-    Read-only arrays (``np.memmap(mode="r")``) trigger torch's not-writable warning; it is silenced because
-    nothing here writes to the view (every later step makes a new tensor).
-    """
-    if isinstance(block, torch.Tensor):
-        return block
-    arr = np.asarray(block)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def _iter_chunks(passages: PassageSource, chunk_size: int) -> Iterator[Block]:
-    """Blocks of at most ``chunk_size`` rows from any supported passage source, in corpus order."""
-    if isinstance(passages, np.ndarray | torch.Tensor):
-        source: Iterable[Block] = [passages]
-    elif callable(passages):
-        source = passages()
-    elif isinstance(passages, Iterable):
-        source = passages
-    else:
-        raise DdxError(
-            f"passages must be an array, a tensor, an iterable of blocks or a callable returning one; "
-            f"got {type(passages).__name__}."
-        )
-    for block in source:
-        block = block if isinstance(block, np.ndarray | torch.Tensor) else np.asarray(block)
-        if block.ndim != 2:
-            raise DimensionMismatchError(f"Passage blocks must be 2-D [n, dim], got shape {tuple(block.shape)}.")
-        for start in range(0, block.shape[0], chunk_size):
-            yield block[start : start + chunk_size]
-
-
-def _chunk_tensor(block: Block, dev: torch.device, dim: int, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
-    """One passage chunk on ``dev`` in ``dtype`` (float16 storage moves as float16, then is upcast there)."""
-    if block.shape[1] != dim:
-        raise DimensionMismatchError(
-            f"Passage vectors are {block.shape[1]}-d but queries are {dim}-d. "
-            "Search queries and passages from the same embedding space."
-        )
-    p = _as_tensor(block).to(dev).float()
-    if normalize:
-        p = F.normalize(p, dim=1)
-    return p if dtype == torch.float32 else p.to(dtype)
 
 
 def _query_slices(nq: int, block: int) -> list[slice]:
@@ -349,14 +223,9 @@ def _ordered(vals: torch.Tensor, idx: torch.Tensor, prio: torch.Tensor | None) -
     return vals.gather(1, by_score), idx.gather(1, by_score)
 
 
-def _clamp_k(k: int, n: int) -> int:
-    """``min(k, n)``, warning when the corpus is smaller than k (the evaluator reports it; nothing fails)."""
-    if k > n:
-        warnings.warn(f"k={k} exceeds the corpus size ({n} passages); returning {n} results per query.", stacklevel=3)
-    return min(k, n)
-
-
-def _collect(best: list[_Best | None], blocks: list[slice], nq: int, k: int, prio: torch.Tensor | None) -> Any:
+def _collect(
+    best: list[_Best | None], blocks: list[slice], nq: int, k: int, prio: torch.Tensor | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Ordered numpy ``(scores, indices)`` from the per-block running top k."""
     scores = np.zeros((nq, k), dtype=np.float32)
     indices = np.zeros((nq, k), dtype=np.int64)
@@ -365,47 +234,3 @@ def _collect(best: list[_Best | None], blocks: list[slice], nq: int, k: int, pri
             vals, idx = _ordered(*result, prio)
             scores[rows], indices[rows] = vals.cpu().numpy(), idx.cpu().numpy()
     return scores, indices
-
-
-def _order_numpy(scores: np.ndarray, idx: np.ndarray, prio: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The same row order as ``_ordered`` for numpy results; -1 (not found) slots get -inf and go last."""
-    scores = np.where(idx >= 0, scores, -np.inf).astype(np.float32)
-    tie = -idx if prio is None else np.where(idx >= 0, np.asarray(prio)[np.maximum(idx, 0)], np.iinfo(np.int64).min)
-    order = np.lexsort((tie, scores), axis=-1)[:, ::-1]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
-
-
-# --- FAISS --------------------------------------------------------------------------------------------------------
-
-
-def _import_faiss() -> Any:
-    """``faiss``, or a DdxError that says how to install it (it is an optional extra)."""
-    try:
-        import faiss
-    except ImportError:
-        raise DdxError(
-            'faiss_search needs FAISS, which is not installed. Install the extra: pip install "ddx[faiss]" '
-            "(or use exact_search, which needs nothing beyond torch)."
-        ) from None
-    return faiss
-
-
-def _build_faiss_index(faiss: Any, kind: str, first: np.ndarray, *, nlist: int, hnsw_m: int) -> Any:
-    """An empty inner-product index of ``kind`` (IVF trained on ``first``)."""
-    dim = first.shape[1]
-    if kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    if kind == "hnsw":
-        return faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    # faiss's Python wrapper keeps a reference to the quantizer for as long as the IVF index lives.
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, min(nlist, first.shape[0]), faiss.METRIC_INNER_PRODUCT)
-    ivf.train(np.ascontiguousarray(first))
-    return ivf
-
-
-def _set_faiss_search_params(built: Any, kind: str, *, nprobe: int, ef_search: int) -> None:
-    """Apply the search-time knobs of approximate indexes."""
-    if kind == "ivf":
-        built.nprobe = min(nprobe, built.nlist)
-    elif kind == "hnsw":
-        built.hnsw.efSearch = ef_search

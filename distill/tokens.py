@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from storage.fs import atomic_path, default_cache_dir
 from storage.index import KeyIndex
 from storage.keys import KEY_BYTES, KEY_DTYPE, as_key_array
 
 __all__ = ["TokenTable", "default_cache_dir", "tokenizer_fingerprint"]
 
 TOKENIZE_BATCH = 4096
-
-
-def default_cache_dir() -> Path:
-    """``$DDX_CACHE_DIR`` or ``~/.cache/ddx``."""
-    return Path(os.environ.get("DDX_CACHE_DIR", Path.home() / ".cache" / "ddx"))
 
 
 def tokenizer_fingerprint(tokenizer: Any, max_length: int) -> str:
@@ -160,10 +155,8 @@ class TokenTable:
         )
         table = pa.table({"key": key_arr, "input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
         final = self.directory / f"part-{uuid.uuid4().hex}.arrow"
-        tmp = final.with_suffix(".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
 
     def pad(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) int64 arrays padded to the longest sequence on the tokenizer's side."""

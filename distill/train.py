@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from storage.errors import DdxError, FingerprintMismatchError
 from storage.store import TeacherStore
@@ -28,6 +28,12 @@ from storage.store import TeacherStore
 __all__ = ["RUN_FILE", "TrainConfig", "TrainResult", "read_run", "train", "train_phase1", "train_phase2"]
 
 RUN_FILE = "ddx_run.json"
+
+# The values of TrainConfig's choice fields; the three loss options are spelled as the losses' parameters.
+ProjectionInit = Literal["ridge", "random"]
+MseReduction = Literal["element", "vector"]
+InfoNceSpace = Literal["projected", "hybrid", "student"]
+NegativesScope = Literal["own", "batch"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,15 +65,16 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_length: int | None = None  # student tokens per text (default: the student's own)
     projection_hidden: int | None = None  # default 2 × student_dim
-    projection_init: str = "ridge"  # new projections: "ridge" fits the output layer on stored vectors; "random"
+    projection_init: ProjectionInit = "ridge"  # new projections: "ridge" fits the output layer on stored
+    #                                            vectors; "random" starts from random weights
     mse_weight: float | None = None  # default 0.4 (phase 1) / 0.2 (phase 2)
-    mse_reduction: str = "vector"  # squared distance per vector (weights then mean what they say; torch's
-    #                                "element" mean over B·D makes MSE ~1/D of the other terms)
+    mse_reduction: MseReduction = "vector"  # squared distance per vector (weights then mean what they say;
+    #                                         torch's "element" mean over B·D makes MSE ~1/D of the other terms)
     cos_weight: float = 0.6  # phase 1
     infonce_weight: float = 0.8  # phase 2
     temperature: float = 0.05  # InfoNCE softmax temperature on cosine similarities
-    infonce_space: str = "projected"  # "projected" (teacher space), "hybrid" (vs teacher passages) or "student"
-    negatives_scope: str = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
+    infonce_space: InfoNceSpace = "projected"  # "projected" (teacher space), "hybrid" (vs teacher passages), "student"
+    negatives_scope: NegativesScope = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
     length_grouping: bool = True  # batch similar lengths together (less padding)
     allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
     skip_bad: bool = False  # drop unknown ids / queries without positives instead of stopping

@@ -91,6 +91,8 @@ class DistillTrainer(Trainer):
         self._parts_n = 0
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")  # HF's own message for this case
         workers = self.args.dataloader_num_workers
         loader = torch.utils.data.DataLoader(
             self.train_dataset,
@@ -107,8 +109,11 @@ class DistillTrainer(Trainer):
         """AdamW with the projection on its own learning rate (it starts from random weights)."""
         if self.optimizer is not None or self._projection_lr is None:
             return super().create_optimizer(model)
+        target = model or self.model
+        if target is None:
+            raise ValueError("DistillTrainer.create_optimizer: no model to optimize.")
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in (model or self.model).named_parameters():
+        for name, param in target.named_parameters():
             if param.requires_grad:
                 no_decay = param.ndim < 2 or "norm" in name.lower()
                 groups.setdefault((name.startswith("model.projection."), no_decay), []).append(param)

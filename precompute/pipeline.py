@@ -214,7 +214,7 @@ def _scan(
     """Pass 1: sorted keys this rank must encode."""
     seen = KeySet()
     todo_parts: list[np.ndarray] = []
-    per_source = [{"spec": s.spec, "queries": 0, "passages": 0} for s in sources]
+    per_source: list[dict[str, Any]] = [{"spec": s.spec, "queries": 0, "passages": 0} for s in sources]
     for i, block in _iter_blocks(sources, config.roles):
         keys = _block_keys(block)
         n_query = sum(r.role == "query" for r in block)

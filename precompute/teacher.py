@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import DdxError
+from storage.fs import default_cache_dir
 from storage.spec import POOLING_MODES, TeacherSpec
 
 __all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "load_teacher", "weights_identity"]
@@ -110,7 +111,7 @@ def _hash_folder(path: Path) -> str:
         if p.is_file() and p.suffix.lower() not in _SKIP_HASH and p.name not in _SKIP_HASH and ".cache" not in p.parts
     )
     stat_key = json.dumps([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    cache_file = Path(os.environ.get("DDX_CACHE_DIR", Path.home() / ".cache" / "ddx")) / "weights-ids.json"
+    cache_file = default_cache_dir() / "weights-ids.json"
     cache = _read_json(cache_file)
     entry = f"{path.resolve()}:{hashlib.sha256(stat_key.encode()).hexdigest()}"
     if entry in cache:

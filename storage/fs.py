@@ -2,7 +2,11 @@
 
 Every write is atomic: local files go through a temp file, fsync and ``os.replace``; object stores
 (S3, GCS) make each PUT atomic by themselves. Reads of vectors do not come through here: local
-chunk files are memory-mapped directly (see ``segment.py``).
+chunk files are memory-mapped directly (see ``SegmentReader`` in ``segment.py``).
+
+:func:`atomic_path` and :func:`atomic_open` are the one temp-file-and-rename recipe for every local
+file ddx writes (store metadata, run files, projection weights, token tables, TREC runs), and
+:func:`default_cache_dir` the one answer to where ddx caches (token tables, unpacked models).
 """
 
 from __future__ import annotations
@@ -10,14 +14,60 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import DiskFullError
 
-__all__ = ["Location"]
+__all__ = ["Location", "atomic_open", "atomic_path", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$DDX_CACHE_DIR`` or ``~/.cache/ddx``: token tables, weight ids and unpacked models live below it."""
+    return Path(os.environ.get("DDX_CACHE_DIR", Path.home() / ".cache" / "ddx"))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp path beside ``path`` to write; renamed over ``path`` when the block ends, removed when it raises.
+
+    Readers see the old file or the new one, never a torn one. Whatever writes the temp file must have
+    closed it by the end of the block (:func:`atomic_open` also flushes and fsyncs it).
+
+    Example:
+        >>> with atomic_path(folder / "part.arrow") as tmp:  # doctest: +SKIP
+        ...     write_arrow(tmp)
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: Literal["w", "wb"] = "wb", *, encoding: str | None = None
+) -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; flushed, fsynced and renamed over ``path`` when the block ends.
+
+    When the block raises, the temp file is removed and ``path`` keeps its old content (or stays absent).
+
+    Example:
+        >>> with atomic_open(run / "ddx_run.json", "w", encoding="utf-8") as f:  # doctest: +SKIP
+        ...     f.write(text)
+    """
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class Location:
@@ -109,12 +159,5 @@ class Location:
 
 def _write_local_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        f.write(data)

@@ -120,11 +120,12 @@ class RowGather:
     def _copy_rows(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
         """One memcpy a row from its chunk straight into ``dst``, in request order (one copy in all)."""
         row_bytes = self.dim * self.dtype.itemsize
-        views, dst_bytes, o = self._byte_views, memoryview(dst).cast("B"), 0
+        # numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12 (mypy targets 3.11)
+        views, dst_bytes, o = self._byte_views, memoryview(dst).cast("B"), 0  # type: ignore[arg-type]
         for c, s in zip(ci.tolist(), (local * row_bytes).tolist(), strict=True):
             src = views[c]
             if src is None:
-                src = views[c] = memoryview(np.ascontiguousarray(self._chunk(c))).cast("B")
+                src = views[c] = memoryview(np.ascontiguousarray(self._chunk(c))).cast("B")  # type: ignore[arg-type]
             dst_bytes[o : o + row_bytes] = src[s : s + row_bytes]
             o += row_bytes
 

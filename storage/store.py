@@ -2,8 +2,8 @@
 
 A store is a directory (or fsspec URL) holding a Zarr v3 group. The root ``zarr.json`` carries the
 format version, the TeacherSpec and its fingerprint; ``segments/`` holds one segment per writer
-(see ``segment.py``). Readers see committed segments only, so a crashed or running writer never
-shows half its rows.
+(layout in ``segment_format.py``). Readers see committed segments only, so a crashed or running
+writer never shows half its rows.
 
 Example:
     >>> store = TeacherStore.create("stores/demo", spec)            # doctest: +SKIP
@@ -88,7 +88,7 @@ class TeacherStore:
             raise StoreNotFoundError(f"{loc.url!r} is a file, not a store directory. Choose another --store path.")
         if loc.exists() and loc.listdir():
             raise StoreExistsError(f"{loc.url!r} already exists and is not empty; open it, or pick a new --store path.")
-        attrs = {
+        attrs: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "teacher_spec": spec.to_dict(),
             "fingerprint": spec.fingerprint,

@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.errors import BadSourceError
-
 from .base import Qrels, Source, SourceOptions, TextRecord, TrainExample, join_title, text_id
 from .ledger import unique_records
-from .reading import check_role, iter_objects, require_path, split_from_name
+from .reading import check_role, files_by_split, iter_objects, require_path
 
 __all__ = ["HotpotQASource", "Question", "parse_question"]
 
 EXPECT = "a HotpotQA file (.jsonl/.json/.parquet, IRCoT or hotpot_qa layout) or a folder of them"
-SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +81,8 @@ class HotpotQASource(Source):
     def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
         super().__init__(spec, location, options)
         root = require_path(Path(location), self.kind, EXPECT)
-        paths = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.name.lower().endswith(SUFFIXES))
-        if not paths:
-            raise BadSourceError(f"No .jsonl/.json/.parquet files in '{root}'; hotpotqa: expects {EXPECT}.")
-        self.files: dict[str, list[Path]] = {}
-        for p in paths:
-            self.files.setdefault(split_from_name(p.name, "dev"), []).append(p)
+        missing = f"No .jsonl/.json/.parquet files in '{root}'; hotpotqa: expects {EXPECT}."
+        self.files = files_by_split(root, "dev", missing)
 
     def _questions(self, split: str | None = None) -> Iterator[tuple[str, Question]]:
         for name, paths in self.files.items():

@@ -20,16 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from storage.errors import BadSourceError
-
 from .base import Qrels, Source, SourceOptions, TextRecord, TrainExample, join_title, text_id
 from .ledger import unique_records
-from .reading import check_role, iter_objects, require_path, split_from_name
+from .reading import check_role, files_by_split, iter_objects, require_path
 
 __all__ = ["NQSource"]
 
 EXPECT = "a DPR-style NQ file (.json/.jsonl/.parquet with question, positive_ctxs, ...) or a folder of them"
-SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 CTX_FIELDS = ("positive_ctxs", "hard_negative_ctxs", "negative_ctxs")
 ID_FIELDS = ("passage_id", "psg_id", "id", "_id")
 
@@ -48,12 +45,8 @@ class NQSource(Source):
     def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
         super().__init__(spec, location, options)
         root = require_path(Path(location), self.kind, EXPECT)
-        paths = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.name.lower().endswith(SUFFIXES))
-        if not paths:
-            raise BadSourceError(f"No .json/.jsonl/.parquet files in '{root}'; nq: expects {EXPECT}.")
-        self.files: dict[str, list[Path]] = {}
-        for p in paths:
-            self.files.setdefault(split_from_name(p.name, "train"), []).append(p)
+        missing = f"No .json/.jsonl/.parquet files in '{root}'; nq: expects {EXPECT}."
+        self.files = files_by_split(root, "train", missing)
 
     def _rows(self, split: str | None = None) -> Iterator[tuple[str, str, str, dict[str, list[TextRecord]]]]:
         """(origin, query id, question, {ctx field: passage records}) of each well-formed record."""

@@ -23,6 +23,7 @@ from .base import Qrels, Source, TrainExample
 __all__ = [
     "check_role",
     "chosen_splits",
+    "files_by_split",
     "iter_json_lines",
     "iter_lines",
     "iter_objects",
@@ -41,6 +42,7 @@ __all__ = [
 
 ROLE_NAMES = ("query", "passage")
 SPLIT_WORDS = ("train", "dev", "validation", "val", "test", "eval")
+RECORD_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")  # question files (HotpotQA, NQ)
 
 
 def check_role(role: str | None) -> None:
@@ -251,6 +253,23 @@ def split_from_name(name: str, default: str) -> str:
         if word in SPLIT_WORDS:
             return word
     return default
+
+
+def files_by_split(root: Path, default_split: str, missing: str) -> dict[str, list[Path]]:
+    """``root`` (a file) or its record files, grouped by the split each name says (else ``default_split``).
+
+    Raises:
+        BadSourceError: ``root`` is a folder without record files (the message is ``missing``).
+    """
+    paths = (
+        [root] if root.is_file() else sorted(p for p in root.iterdir() if p.name.lower().endswith(RECORD_FILE_SUFFIXES))
+    )
+    if not paths:
+        raise BadSourceError(missing)
+    files: dict[str, list[Path]] = {}
+    for p in paths:
+        files.setdefault(split_from_name(p.name, default_split), []).append(p)
+    return files
 
 
 def chosen_splits(split: str | None, available: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 from urllib.parse import parse_qsl
 
 from storage.errors import BadSourceError
@@ -119,13 +120,13 @@ def parse_source(spec: str, options: SourceOptions | None = None) -> Source:
     if unknown:
         raise BadSourceError(f"{kind}: does not take parameter(s) {unknown} (in {spec!r}); it takes {list(allowed)}.")
     options = _apply(options or SourceOptions(), params, spec)
-    if is_table:
-        return cls(spec, location, options, params={k: v for k, v in params.items() if k in extra})  # type: ignore[call-arg]
+    if issubclass(cls, TableSource):
+        return cls(spec, location, options, params={k: v for k, v in params.items() if k in extra})
     return cls(spec, location, options)
 
 
 def _apply(options: SourceOptions, params: Mapping[str, str], spec: str) -> SourceOptions:
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     columns = {k: v for k, v in params.items() if k in FIELDS}
     if columns:
         changes["columns"] = {**options.columns, **columns}
@@ -137,6 +138,6 @@ def _apply(options: SourceOptions, params: Mapping[str, str], spec: str) -> Sour
             raise BadSourceError(f"skip_bad={params['skip_bad']!r} in {spec!r}; write skip_bad=1 or skip_bad=0.")
         changes["skip_bad"] = flag in TRUE
     try:
-        return dataclasses.replace(options, **changes) if changes else options  # type: ignore[arg-type]
+        return dataclasses.replace(options, **changes) if changes else options
     except ValueError as e:
         raise BadSourceError(f"{e} (in {spec!r})") from e

@@ -1,0 +1,242 @@
+"""Writing one segment: buffered appends, chunk-by-chunk flushes, a COMMIT written last.
+
+Flushing: rows are written chunk by chunk; an index part follows each write and is what makes
+those rows count. A time-based flush rewrites the current (partial) chunk atomically, so a crash
+loses at most the rows since the last flush, and :func:`storage.segment.salvage_segment` commits
+what the parts cover. The on-disk layout is described in :mod:`storage.segment_format`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from storage.errors import DiskFullError
+from storage.fs import Location
+from storage.keys import KEY_DTYPE
+from storage.segment_format import (
+    SEGMENTS,
+    IndexColumns,
+    chunk_crc,
+    n_chunks,
+    new_segment_id,
+    read_parts,
+    write_commit,
+)
+
+__all__ = ["SegmentWriter"]
+
+
+class SegmentWriter:
+    """Appends (key, vector) rows to a new segment and commits it.
+
+    Use as a context manager: the segment is committed when the block ends normally, and left
+    uncommitted (salvageable, never half-committed) when it raises.
+
+    Example:
+        >>> with SegmentWriter.create(loc, dim=32, dtype="float16", chunk_rows=1024) as w:
+        ...     w.append(keys, vectors, roles, n_tokens)
+    """
+
+    def __init__(self, loc: Location, seg_id: str, array: Any, *, chunk_rows: int, flush_seconds: float) -> None:
+        self.loc, self.seg_id, self._array = loc, seg_id, array
+        self.dim = int(array.shape[1])
+        self.dtype = np.dtype(array.dtype)
+        self.chunk_rows = chunk_rows
+        self.flush_seconds = flush_seconds
+        self.rows_flushed = 0  # rows covered by index parts
+        self._buf_vectors = np.zeros((chunk_rows, self.dim), dtype=self.dtype)
+        self._buf_index: list[IndexColumns] = []
+        self._buf_n = 0  # rows in the current chunk buffer (some may be flushed already)
+        self._buf_flushed = 0  # of those, rows already covered by a part
+        self._parts = 0
+        self._crcs: dict[int, int] = {}
+        self._last_flush = time.monotonic()
+        self._lock_fd: int | None = None
+        self.committed = False
+
+    @classmethod
+    def create(
+        cls,
+        loc: Location,
+        *,
+        dim: int,
+        dtype: str,
+        chunk_rows: int,
+        rank: int = 0,
+        world_size: int = 1,
+        flush_seconds: float = 60.0,
+        seg_id: str | None = None,
+    ) -> SegmentWriter:
+        """Create the segment's group and empty vector array, and take its writer lock."""
+        import zarr
+        from zarr.codecs import BytesCodec, Crc32cCodec
+
+        seg_id = seg_id or new_segment_id(rank, world_size)
+        writer: dict[str, str | int | float] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": rank,
+            "world_size": world_size,
+            "started": time.time(),
+        }
+        group = zarr.open_group(
+            store=loc.zarr_store(),
+            path=f"{SEGMENTS}/{seg_id}",
+            mode="w-",
+            attributes={"ddx_segment": {"writer": writer, "chunk_rows": chunk_rows}},
+        )
+        array = group.create_array(
+            "vectors",
+            shape=(0, dim),
+            chunks=(chunk_rows, dim),
+            dtype=dtype,
+            fill_value=0,
+            serializer=BytesCodec(endian="little"),
+            compressors=[Crc32cCodec()],
+            filters=None,
+            # zarr skips chunks that equal the fill value; readers memory-map every chunk file, so write them all
+            config={"write_empty_chunks": True},
+        )
+        self = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds)
+        self._take_lock()
+        self._heartbeat()
+        return self
+
+    def append(self, keys: np.ndarray, vectors: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray) -> None:
+        """Buffer rows; full chunks (and the partial one, every ``flush_seconds``) reach disk."""
+        if self.committed:
+            raise ValueError(f"Segment {self.seg_id!r} is committed and immutable; append through a new writer.")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(keys):
+            raise ValueError(f"Expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}.")
+        start = 0
+        while start < len(keys):
+            take = min(self.chunk_rows - self._buf_n, len(keys) - start)
+            sl = slice(start, start + take)
+            self._buf_vectors[self._buf_n : self._buf_n + take] = vectors[sl]
+            rows = self._chunk_start + self._buf_n + np.arange(take, dtype=np.int64)
+            self._buf_index.append(
+                IndexColumns(
+                    np.asarray(keys[sl], KEY_DTYPE),
+                    rows,
+                    np.asarray(roles[sl], np.uint8),
+                    np.asarray(n_tokens[sl], np.int32),
+                )
+            )
+            self._buf_n += take
+            start += take
+            if self._buf_n == self.chunk_rows:
+                self._flush_chunk(complete=True)
+        if self._buf_n > self._buf_flushed and time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the partial chunk now (atomically replacing its earlier version)."""
+        if self._buf_n > self._buf_flushed:
+            self._flush_chunk(complete=False)
+
+    def _padded_buffer(self) -> np.ndarray:
+        """The chunk as zarr stores it: rows past ``_buf_n`` hold the fill value 0."""
+        if self._buf_n == self.chunk_rows:
+            return self._buf_vectors
+        padded = self._buf_vectors.copy()
+        padded[self._buf_n :] = 0
+        return padded
+
+    @property
+    def _chunk_start(self) -> int:
+        return self.rows_flushed - self._buf_flushed
+
+    def _flush_chunk(self, *, complete: bool) -> None:
+        chunk = self._chunk_start // self.chunk_rows
+        end = self._chunk_start + self._buf_n
+        try:
+            if end > self._array.shape[0]:
+                self._array.resize((end, self.dim))
+            block = self._buf_vectors if complete else self._buf_vectors[: self._buf_n]
+            self._array[self._chunk_start : end] = block
+            self._crcs[chunk] = chunk_crc(self._padded_buffer())
+            part = IndexColumns.concat(self._buf_index)
+            new = part.rows >= self.rows_flushed
+            sub = IndexColumns(part.keys[new], part.rows[new], part.roles[new], part.n_tokens[new])
+            part_name = f"part-{self._parts:06d}.parquet"
+            self.loc.write_atomic(sub.to_parquet_bytes(), SEGMENTS, self.seg_id, "parts", part_name)
+        except OSError as exc:
+            raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
+        self._parts += 1
+        self.rows_flushed = end
+        self._last_flush = time.monotonic()
+        self._heartbeat()
+        if complete:
+            self._buf_index, self._buf_n, self._buf_flushed = [], 0, 0
+        else:
+            self._buf_index, self._buf_flushed = [part], self._buf_n
+
+    def commit(self) -> int:
+        """Flush the last rows, write index.parquet and then COMMIT; returns the row count.
+
+        Committing again is a no-op (a second commit used to rewrite the segment as empty).
+        """
+        if self.committed:
+            return self.rows_flushed
+        self.flush()
+        parts = read_parts(self.loc, self.seg_id)
+        index = IndexColumns.concat(parts)
+        crcs = [self._crcs[i] for i in range(n_chunks(self.rows_flushed, self.chunk_rows))]
+        try:
+            write_commit(self.loc, self.seg_id, index, crcs, self.chunk_rows, self._array, salvaged=False)
+        except OSError as exc:
+            raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
+        self.committed = True
+        self._release()
+        return self.rows_flushed
+
+    def abort(self) -> None:
+        """Stop writing; the segment stays uncommitted and the next run salvages or gc removes it."""
+        self._release()
+
+    def __enter__(self) -> SegmentWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _take_lock(self) -> None:
+        path = self.loc.local_path(SEGMENTS, self.seg_id, ".lock")
+        if path is None:
+            return
+        import fcntl
+
+        self._lock_fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _heartbeat(self) -> None:
+        payload = json.dumps({"time": time.time(), "rows": self.rows_flushed}).encode()
+        try:
+            self.loc.write_atomic(payload, SEGMENTS, self.seg_id, "HEARTBEAT")
+        except OSError as exc:
+            raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
+
+
+def _disk_error(exc: OSError, loc: Location, seg_id: str, rows: int) -> Exception:
+    import errno
+
+    if isinstance(exc, DiskFullError) or exc.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"Disk full while writing segment {seg_id!r} of store {loc.url!r}: {rows} rows of this run are saved, "
+            "committed segments are untouched. Free space and rerun the same command to resume."
+        )
+    return exc
