@@ -163,7 +163,8 @@ def check_run_store(run: dict[str, Any], run_path: str, store: TeacherStore) -> 
 
 
 def _check_teacher(store: TeacherStore, expected: str | None) -> None:
-    if expected and expected not in (store.spec.model, store.spec.weights_id) and expected not in store.spec.weights_id:
+    """Refuse a store of another teacher than ``expected`` (the model as typed, or part of its weights id)."""
+    if expected and expected != store.spec.model and expected not in store.spec.weights_id:
         raise FingerprintMismatchError(
             f"Store {store.url!r} holds vectors of teacher {store.spec.model!r}, but this run expects {expected!r}. "
             "Point --store at that teacher's store, or drop --expect-teacher."

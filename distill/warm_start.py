@@ -69,7 +69,7 @@ def ridge_warm_start(
     model: StudentModelWithProjection,
     dataset: Phase1Dataset,
     *,
-    max_texts: int = 20_000,
+    max_texts: int = 8_192,
     l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
     batch_size: int = 64,
     seed: int = 42,
