@@ -101,10 +101,18 @@ def run(args: argparse.Namespace) -> dict:
     if "evaluate" in stages:
         rows = []
         for name in ("scifact", "dl19"):
-            cfg = EvalConfig(model=str(p2), store=str(store), data=(src[name],), split="test", out=str(work / "eval"))
-            rows += _timed(timings, f"evaluate_{name}", lambda c=cfg: evaluate_retrieval(c)).rows
+            for run_name, run_dir in (("phase 2", p2), ("phase 1", p1)):
+                cfg = EvalConfig(
+                    model=str(run_dir),
+                    store=str(store),
+                    data=(src[name],),
+                    split="test",
+                    out=str(work / "eval" / run_dir.name),
+                )
+                result = _timed(timings, f"evaluate_{name}_{run_dir.name}", lambda c=cfg: evaluate_retrieval(c))
+                rows += [{**r, "run": run_name} for r in result.rows]
             base = EvalConfig(model=str(minilm_path()), data=(src[name],), split="test", modes=("student",))
-            rows += [{**r, "mode": "student (untrained)"} for r in evaluate_retrieval(base).rows]
+            rows += [{**r, "run": "untrained", "mode": "student (untrained)"} for r in evaluate_retrieval(base).rows]
         out["rows"] = rows
         (work / "results.json").write_text(json.dumps({"rows": rows, "timings": timings}, indent=2))
     timing_file.write_text(json.dumps(timings, indent=2))
@@ -114,12 +122,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_rows(rows: list[dict], timings: dict) -> None:
     cols = ("MRR@10", "nDCG@10", "Recall@100", "Recall@1000", "MAP")
-    print(f"{'data':<22}{'mode':<22}" + "".join(f"{c:>12}" for c in cols) + f"{'% teacher':>11}{'cos':>8}")
+    print(f"{'data':<22}{'run':<10}{'mode':<22}" + "".join(f"{c:>12}" for c in cols) + f"{'% teacher':>11}{'cos':>8}")
     for r in rows:
         name = r["data"].rstrip("/").rsplit("/", 1)[-1]
         kept, cos = r.get("retained_nDCG@10"), r.get("mean_cos_to_teacher")
         print(
-            f"{name:<22}{r['mode']:<22}"
+            f"{name:<22}{r.get('run', ''):<10}{r['mode']:<22}"
             + "".join(f"{r[c]:>12.4f}" for c in cols)
             + f"{(f'{kept:.1f}' if kept is not None else '-'):>11}{(f'{cos:.3f}' if cos is not None else '-'):>8}"
         )
