@@ -105,15 +105,23 @@ def weights_identity(model: str, revision: str | None = None) -> tuple[str, str]
 
 
 def _hash_folder(path: Path) -> str:
+    # Filter on the path inside the folder: a model kept under ~/.cache must still hash its own files.
     files = sorted(
         p
         for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() not in _SKIP_HASH and p.name not in _SKIP_HASH and ".cache" not in p.parts
+        if p.is_file()
+        and p.suffix.lower() not in _SKIP_HASH
+        and p.name not in _SKIP_HASH
+        and ".cache" not in p.relative_to(path).parts
     )
+    if not files:
+        raise DdxError(
+            f"Teacher folder {str(path)!r} holds no model files; pass the folder with modules.json / config.json."
+        )
     stat_key = json.dumps([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     cache_file = default_cache_dir() / "weights-ids.json"
     cache = _read_json(cache_file)
-    entry = f"{path.resolve()}:{hashlib.sha256(stat_key.encode()).hexdigest()}"
+    entry = f"v2:{path.resolve()}:{hashlib.sha256(stat_key.encode()).hexdigest()}"
     if entry in cache:
         return cache[entry]
     h = hashlib.blake2b(digest_size=16)

@@ -116,6 +116,8 @@ def test_weights_identity_follows_the_files_not_the_path(tiny_bert: Path, tmp_pa
     assert folder == str(tiny_bert) and wid.startswith("files:")
     moved = Path(shutil.copytree(tiny_bert, tmp_path / "moved"))
     assert weights_identity(str(moved))[1] == wid  # moving a model folder does not orphan its store
+    under_cache = Path(shutil.copytree(tiny_bert, tmp_path / ".cache" / "ddx" / "models" / "bert"))
+    assert weights_identity(str(under_cache))[1] == wid  # a model kept under ~/.cache hashes its own files
     (moved / "README.md").write_text("docs do not count")
     assert weights_identity(str(moved))[1] == wid
     weights = next(moved.rglob("model.safetensors"))
@@ -123,8 +125,11 @@ def test_weights_identity_follows_the_files_not_the_path(tiny_bert: Path, tmp_pa
     assert weights_identity(str(moved))[1] != wid  # changed weights: another teacher
 
 
-def test_weights_identity_errors(tiny_bert: Path) -> None:
+def test_weights_identity_errors(tiny_bert: Path, tmp_path: Path) -> None:
     with pytest.raises(DdxError, match=r"is a file; pass the model's folder"):
         weights_identity(str(tiny_bert / "modules.json"))
     with pytest.raises(DdxError, match=r"Cannot load teacher 'nobody/no-such-model-xyz': not a local folder"):
         weights_identity("nobody/no-such-model-xyz")  # offline in tests: the hub cache has no such model
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DdxError, match=r"holds no model files"):
+        weights_identity(str(tmp_path / "empty"))
