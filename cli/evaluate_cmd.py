@@ -69,7 +69,8 @@ def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The evaluation table, one row per data set and mode."""
-    header = f"{'data':<28} {'mode':<10}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'% teacher':>11}{'cos':>8}"
+    width = max([10, *(len(row["mode"]) + 1 for row in rows)])
+    header = f"{'data':<28} {'mode':<{width}}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'% teacher':>11}{'cos':>8}"
     click.echo(header)
     for row in rows:
         name = row["data"].split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1][:28]
@@ -77,6 +78,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         kept = row.get("retained_nDCG@10")
         cos = row.get("mean_cos_to_teacher")
         click.echo(
-            f"{name:<28} {row['mode']:<10}{cells}{(f'{kept:.1f}' if kept is not None else '-'):>11}"
+            f"{name:<28} {row['mode']:<{width}}{cells}{(f'{kept:.1f}' if kept is not None else '-'):>11}"
             f"{(f'{cos:.3f}' if cos is not None else '-'):>8}"
         )

@@ -33,7 +33,7 @@ from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
 from storage.errors import BadSourceError, DdxError
 from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
 from storage.segment import SegmentWriter
-from storage.store import TeacherStore
+from storage.store import TeacherStore, default_chunk_rows
 
 __all__ = ["PrecomputeConfig", "PrecomputeSummary", "precompute", "resolve_rank"]
 
@@ -256,7 +256,10 @@ def _encode(
     budget = config.token_budget or (65_536 if encoder.device.startswith("cuda") else 8_192)
     done = np.zeros(len(todo), dtype=bool)
     bar = _progress(len(todo), config.progress and rank == 0)
-    writer = store.writer(rank=rank, world_size=world, chunk_rows=config.flush_rows, flush_seconds=config.flush_seconds)
+    # Pass 1 counted the rows: a segment smaller than one default chunk gets one chunk of exactly its size
+    # (zarr pads the last chunk to full size, so a 300-text top-up would otherwise take 32 MiB on disk).
+    chunk_rows = config.flush_rows or min(default_chunk_rows(store.dim, store.dtype), max(len(todo), 1))
+    writer = store.writer(rank=rank, world_size=world, chunk_rows=chunk_rows, flush_seconds=config.flush_seconds)
     summary.segment = writer.seg_id
     with AsyncWriter(writer) as out:
         window: list[tuple[bytes, TextRecord]] = []

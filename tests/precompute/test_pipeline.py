@@ -219,6 +219,9 @@ def test_each_text_is_encoded_once_and_reruns_reuse(bert: TeacherEncoder, record
     s = TeacherStore.open(store)
     assert (len(s), s.index.duplicates, len(s.segments)) == (10, 0, 2)
     assert [src["passages"] for src in third.sources] == [4, 2, 3]  # per source, as read (before dedup)
+    # a top-up of 3 texts takes 3 rows on disk, not a default chunk padded with zeros
+    chunk = store / "segments" / third.segment / "vectors" / "c" / "0" / "0"
+    assert chunk.stat().st_size == 3 * s.dim * 2 + 4
 
 
 def test_roles_option_encodes_only_that_role(bert: TeacherEncoder, tmp_path: Path) -> None:
