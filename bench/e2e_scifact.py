@@ -15,6 +15,7 @@ accumulate in WORKDIR/timings.json and the final table goes to WORKDIR/results.j
 Usage:
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages evaluate --json
+    python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages phase2,evaluate --infonce-space hybrid
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             epochs=args.phase2_epochs,
             lr=3e-5,
             num_negatives=args.negatives,
+            infonce_space=args.infonce_space,
             mine_negatives=args.mine_negatives,
             **common,
         )
@@ -144,6 +146,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--negatives", type=int, default=3)
     parser.add_argument("--mine-negatives", type=int, default=7)
+    parser.add_argument(
+        "--infonce-space",
+        default="projected",
+        choices=("projected", "hybrid", "student"),
+        help="phase-2 InfoNCE space; 'hybrid' ranks projected queries against the stored teacher passages",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = run(args)
