@@ -187,14 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepared = prepare_data([parse_source(data, SourceOptions())], store, tokens, phase=2)
     prepare_s = time.perf_counter() - t
     dataset = Phase2Dataset(prepared.phase2, prepared.texts, store, tokens, num_negatives=args.negatives)
-    sampler = DistillBatchSampler(
-        len(dataset),
-        args.batch,
-        seed=0,
-        lengths=dataset.lengths,
-        positives=dataset.positive_sets(),
-        on_epoch=dataset.set_epoch,
-    )
+    sampler = DistillBatchSampler.for_dataset(dataset, args.batch, seed=0)
     collate = phase2_collate_fn(tokens)
     sample = collate(dataset.__getitems__(list(range(args.batch))))
     rows = sample["teacher_query"].shape[0] * 2 + int(sample["neg_mask"].sum())

@@ -104,14 +104,7 @@ def make_batches(store: Any, data: str, tokens: Any, args: argparse.Namespace, n
     prepared = prepare_data([parse_source(data, SourceOptions())], store, tokens, phase=2)
     recording = RecordingStore(store)
     dataset = Phase2Dataset(prepared.phase2, prepared.texts, recording, tokens, num_negatives=args.negatives)
-    sampler = DistillBatchSampler(
-        len(dataset),
-        args.batch,
-        seed=0,
-        lengths=dataset.lengths,
-        positives=dataset.positive_sets(),
-        on_epoch=dataset.set_epoch,
-    )
+    sampler = DistillBatchSampler.for_dataset(dataset, args.batch, seed=0)
     collate, by_row = phase2_collate_fn(tokens), texts_by_row(store, data)
     out: list[tuple[dict, list]] = []
     epoch = 0

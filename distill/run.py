@@ -9,8 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from distill.data import PreparedData, prepare_data
 from distill.train import RUN_FILE, TrainConfig, TrainResult
 from storage.fs import atomic_open
@@ -75,23 +73,17 @@ def _dataset(config: TrainConfig, data: PreparedData, store: TeacherStore, token
     from distill.sampling import DistillBatchSampler
 
     dataset: Phase1Dataset | Phase2Dataset
-    positives: list[np.ndarray] | None = None
     if config.phase == 1:
         assert data.phase1 is not None  # prepare_data(phase=1) fills phase1
         dataset, collate = Phase1Dataset(data.phase1, data.texts, store, tokens), phase1_collate_fn(tokens)
     else:
         assert data.phase2 is not None  # prepare_data(phase=2) fills phase2
-        phase2 = Phase2Dataset(
+        dataset = Phase2Dataset(
             data.phase2, data.texts, store, tokens, num_negatives=config.num_negatives, seed=config.seed
         )
-        dataset, positives, collate = phase2, phase2.positive_sets(), phase2_collate_fn(tokens)
-    sampler = DistillBatchSampler(
-        len(dataset),
-        config.batch_size,
-        seed=config.seed,
-        positives=positives,
-        lengths=dataset.lengths if config.length_grouping else None,
-        on_epoch=getattr(dataset, "set_epoch", None),
+        collate = phase2_collate_fn(tokens)
+    sampler = DistillBatchSampler.for_dataset(
+        dataset, config.batch_size, seed=config.seed, length_grouping=config.length_grouping
     )
     return dataset, sampler, collate
 

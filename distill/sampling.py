@@ -9,6 +9,7 @@ a resumed run replays exactly the batches it would have seen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,21 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.group_batches, self.drop_last = group_batches, drop_last
         self.on_epoch = on_epoch
         self.epoch = 0
+
+    @classmethod
+    def for_dataset(
+        cls, dataset: Any, batch_size: int, *, seed: int = 42, length_grouping: bool = True
+    ) -> DistillBatchSampler:
+        """The sampler for a Phase1Dataset or Phase2Dataset: its lengths, positives and epoch hook wired in."""
+        positive_sets = getattr(dataset, "positive_sets", None)
+        return cls(
+            len(dataset),
+            batch_size,
+            seed=seed,
+            positives=positive_sets() if positive_sets is not None else None,
+            lengths=dataset.lengths if length_grouping else None,
+            on_epoch=getattr(dataset, "set_epoch", None),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
