@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -117,11 +118,14 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
             --hard-negatives data/msmarco-hard-negatives.jsonl.gz --out runs/p2
         ddx train --config runs.yaml --lr 3e-5
     """
-    from distill.train import TrainConfig
+    from distill.train import TrainConfig, end_distributed
     from distill.train import train as run
 
     config = TrainConfig(data=tuple(data), hard_negatives=tuple(hard_negatives), **options)
     result = run(config)
+    end_distributed()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # every rank returns the same result; rank 0 reports it
     if as_json:
         echo_json(result.to_dict())
         return

@@ -103,11 +103,11 @@ class Phase2Loss(nn.Module):
 
     **Distributed.** When ``torch.distributed`` is initialised with more than one rank (and
     ``gather_across_ranks``), positives — and, for ``negatives="batch"``, valid hard negatives — are all-gathered
-    with gradients (``torch.distributed.nn.functional.all_gather``), so every rank scores its queries against the
-    global batch; target indices are offset by the number of positives on lower ranks. Ranks may hold different
-    batch sizes and numbers of negatives (they are padded for the collective and unpadded after). Each rank's
-    loss is the mean over its own queries; with equal per-rank batch sizes, DDP's gradient averaging then gives
-    exactly the gradient of the loss over the concatenated global batch.
+    with gradients (one ``all_gather`` forward, one ``all_reduce`` of the gradient backward), so every rank scores
+    its queries against the global batch; target indices are offset by the number of positives on lower ranks.
+    Ranks may hold different batch sizes and numbers of negatives (they are padded for the collective and unpadded
+    after). Each rank's loss is the mean over its own queries; with equal per-rank batch sizes, DDP's gradient
+    averaging then gives exactly the gradient of the loss over the concatenated global batch.
 
     **Duplicates.** If the same passage is the positive of two queries in a batch (or a hard negative of one
     query is another query's positive), it scores exactly like the target and acts as a false negative: that
@@ -261,7 +261,6 @@ def _all_gather_rows(rows: Tensor) -> tuple[Tensor, int]:
         The concatenation in rank order, and ``sum(n_r for lower ranks)`` (where this rank's rows start).
     """
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     world, rank = dist.get_world_size(), dist.get_rank()
     size = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
@@ -276,8 +275,36 @@ def _all_gather_rows(rows: Tensor) -> tuple[Tensor, int]:
         # A rank whose rows carry no graph (e.g. no hard negatives in its batch) must still join the backward
         # all-gather the other ranks run, or they wait for it forever.
         padded.requires_grad_(True)
-    gathered = dist_fn.all_gather(padded)
+    gathered = _GatherRows.apply(padded).chunk(world)
     return torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)]), offset
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal-shape ``[n, d]`` blocks into ``[world·n, d]``, differentiably.
+
+    Backward sums every rank's gradient of the gathered block (one ``all_reduce``) and keeps this rank's slice: the
+    gradient of the sum of all ranks' losses with respect to this rank's rows. ``torch.distributed.nn`` does the
+    same with a reduce-scatter (NCCL) or an all-to-all (other backends), but is deprecated; an all-reduce works on
+    every backend and the gathered block is small (one batch of embeddings).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        rows = rows.contiguous()
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows)
+        ctx.rank, ctx.n = dist.get_rank(), rows.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
 def _check_reduction(reduction: str) -> str:

@@ -189,6 +189,21 @@ def train(config: TrainConfig) -> TrainResult:
     return run_training(config, store)
 
 
+def end_distributed() -> None:
+    """Tear down the process group ``ddx train`` ran under (torchrun), once every rank has finished.
+
+    ``transformers`` starts the group and never ends it. A rank that exits with gloo work threads still alive can
+    abort with SIGABRT ("terminate called without an active exception") and NCCL warns about a leaked group, so
+    the command ends it: a barrier (no rank leaves while a peer still talks to it), then ``destroy_process_group``.
+    Only for a successful run; after a failure torchrun stops the other ranks. No-op outside torch.distributed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train_phase1(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """Phase 1: ``0.4·MSE + 0.6·(1 − cos)`` between projected student and teacher vectors."""
     base = config or TrainConfig(phase=1, **overrides)

@@ -46,7 +46,7 @@ def main() -> None:
     import distill.model as model_module
     import distill.trainer as trainer_module
     from distill.datasets import Phase1Dataset, Phase2Dataset
-    from distill.train import TrainConfig, train
+    from distill.train import TrainConfig, end_distributed, train
 
     rank = int(os.environ["RANK"])
     dump = Path(args.dump)
@@ -125,6 +125,7 @@ def main() -> None:
     except Stop as exc:
         evidence["stopped"] = str(exc)
     (dump / f"rank{rank}.json").write_text(json.dumps(evidence))
+    end_distributed()
 
 
 if __name__ == "__main__":

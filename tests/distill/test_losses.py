@@ -303,6 +303,9 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
         for layout in (UNEVEN, EVEN):
             for negatives in ("batch", "own"):
                 _check_rank(rank, layout, negatives, check_grads=layout is EVEN)
+        # No rank tears its process group down while a peer still has gloo work in flight (tearing down early
+        # aborted a rank with "terminate called without an active exception" on a loaded 2-core CI machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

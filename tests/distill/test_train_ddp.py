@@ -26,9 +26,11 @@ STEPS = 8
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def torchrun(*args: str, timeout: float = 180, script: Path | None = SCRIPT) -> subprocess.CompletedProcess[str]:
+    """Two ranks of ``script`` (or, with ``script=None``, of ``args`` as torchrun takes them, e.g. ``-m module``)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args]
+    target = [str(script)] if script else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -130,3 +132,43 @@ def test_ddp_resume_is_exact(
     ):
         # Batches trained (the loader prefetches one ahead, so compare the trained ones only).
         assert ev_b1["batches"][:stop_at] + ev_b2["batches"][: 10 - stop_at] == ev_a["batches"][:10]
+
+
+def test_ddx_train_cli_under_torchrun_reports_once_and_exits_cleanly(
+    teacher_store: Path, corpus: Corpus, phase1_run: TrainedRun, token_cache: Path, tmp_path: Path
+) -> None:
+    """``torchrun … -m cli.main train --json``: both ranks exit 0 (group ended); one JSON report, from rank 0."""
+    out = tmp_path / "run"
+    proc = torchrun(
+        "-m",
+        "cli.main",
+        "train",
+        "--phase",
+        "2",
+        "--store",
+        str(teacher_store),
+        "--data",
+        corpus.spec,
+        "--init",
+        phase1_run.out,
+        "--token-cache",
+        str(token_cache),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-negatives",
+        "2",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--json",
+        script=None,
+    )
+    report = json.loads(proc.stdout)  # exactly one document: a second rank's report would be "Extra data"
+    assert report["steps"] == 2 and Path(report["hybrid"]).is_dir()
+    assert "destroy_process_group" not in proc.stderr and "terminate called" not in proc.stderr
