@@ -15,7 +15,8 @@ accumulate in WORKDIR/timings.json and the final table goes to WORKDIR/results.j
 Usage:
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages evaluate --json
-    python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages phase2,evaluate --infonce-space hybrid
+    python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages phase2,evaluate \
+        --infonce-space projected --phase2-out phase2_projected --no-phase1-eval
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     timing_file = work / "timings.json"
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     src = sources(Path(args.data_root))
-    store, p1, p2 = work / "store", work / "phase1", work / "phase2"
+    store, p1, p2 = work / "store", work / "phase1", work / args.phase2_out
     stages = args.stages.split(",")
     out: dict = {}
     if "precompute" in stages:
@@ -99,11 +100,11 @@ def run(args: argparse.Namespace) -> dict:
             mine_negatives=args.mine_negatives,
             **common,
         )
-        out["phase2"] = _timed(timings, "phase2", lambda: train(cfg2)).to_dict()
+        out["phase2"] = _timed(timings, p2.name, lambda: train(cfg2)).to_dict()
     if "evaluate" in stages:
         rows = []
         for name in ("scifact", "dl19"):
-            for run_name, run_dir in (("phase 2", p2), ("phase 1", p1)):
+            for run_name, run_dir in (("phase 2", p2), ("phase 1", p1))[: 1 if args.no_phase1_eval else 2]:
                 cfg = EvalConfig(
                     model=str(run_dir),
                     store=str(store),
@@ -116,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
             base = EvalConfig(model=str(minilm_path()), data=(src[name],), split="test", modes=("student",))
             rows += [{**r, "run": "untrained", "mode": "student (untrained)"} for r in evaluate_retrieval(base).rows]
         out["rows"] = rows
-        (work / "results.json").write_text(json.dumps({"rows": rows, "timings": timings}, indent=2))
+        results = "results.json" if p2.name == "phase2" else f"results_{p2.name}.json"
+        (work / results).write_text(json.dumps({"rows": rows, "timings": timings}, indent=2))
     timing_file.write_text(json.dumps(timings, indent=2))
     out["timings"] = timings
     return out
@@ -148,10 +150,14 @@ def main() -> None:
     parser.add_argument("--mine-negatives", type=int, default=7)
     parser.add_argument(
         "--infonce-space",
-        default="projected",
-        choices=("projected", "hybrid", "student"),
-        help="phase-2 InfoNCE space; 'hybrid' ranks projected queries against the stored teacher passages",
+        default="projected+hybrid",
+        help="phase-2 InfoNCE space: projected, hybrid (projected queries against the stored teacher passages), "
+        "student, or several joined with '+' (e.g. projected+hybrid)",
     )
+    parser.add_argument(
+        "--phase2-out", default="phase2", help="phase-2 run folder under WORKDIR (keep runs of other settings)"
+    )
+    parser.add_argument("--no-phase1-eval", action="store_true", help="evaluate the phase-2 run only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = run(args)

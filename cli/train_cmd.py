@@ -80,11 +80,11 @@ from cli.options import config_option, echo_json, library_errors
 @click.option("--temperature", type=float, default=0.05, show_default=True, help="InfoNCE temperature.")
 @click.option(
     "--infonce-space",
-    type=click.Choice(["projected", "hybrid", "student"]),
-    default="projected",
+    default="projected+hybrid",
     show_default=True,
-    help="Where InfoNCE runs: projected student on both sides, projected queries vs "
-    "teacher passages (hybrid), or the student's own space.",
+    help="Where InfoNCE runs: projected student on both sides (projected), projected queries vs "
+    "teacher passages (hybrid), the student's own space (student), or several joined with '+' "
+    "(e.g. projected+hybrid: terms averaged).",
 )
 @click.option("--negatives-scope", type=click.Choice(["batch", "own"]), default="batch", show_default=True)
 @click.option("--length-grouping/--no-length-grouping", default=True, show_default=True)

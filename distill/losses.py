@@ -95,7 +95,9 @@ class Phase2Loss(nn.Module):
     ``space="hybrid"`` scores projected student queries against the *teacher's* positive and negative vectors
     (from the store): exactly what the hybrid system does at search time (student queries, teacher index);
     ``space="student"`` runs it on the raw student embeddings, so the student's own space learns to retrieve
-    while the MSE term still trains the projection.
+    while the MSE term still trains the projection. Spaces joined with ``+`` (``"projected+hybrid"``) average
+    their InfoNCE terms: one run that trains the projected passages to retrieve *and* keeps the projected queries
+    aligned with the teacher's index.
 
     **MSE.** ``F.mse_loss`` (mean over elements) between projected and teacher vectors, over the queries, the
     positives and the valid negatives stacked into one set of rows, so each valid row counts once and padded
@@ -119,7 +121,8 @@ class Phase2Loss(nn.Module):
         mse_weight: Weight of the MSE term (default 0.2).
         temperature: Softmax temperature applied to cosine similarities (default 0.05).
         negatives: ``"batch"`` (default) or ``"own"``: which hard negatives each query is scored against.
-        space: ``"projected"`` (default), ``"hybrid"`` or ``"student"``: the space InfoNCE runs in.
+        space: ``"projected"`` (default), ``"hybrid"``, ``"student"``, or several joined with ``+`` (their InfoNCE
+            terms averaged): the space(s) InfoNCE runs in.
         gather_across_ranks: Gather candidates across DDP ranks when distributed (default True).
         mse_reduction: ``"element"`` (default) or ``"vector"``; see :class:`Phase1Loss`.
 
@@ -160,7 +163,7 @@ class Phase2Loss(nn.Module):
         mse_weight: float = 0.2,
         temperature: float = 0.05,
         negatives: Literal["own", "batch"] = "batch",
-        space: Literal["projected", "hybrid", "student"] = "projected",
+        space: str = "projected",
         gather_across_ranks: bool = True,
         mse_reduction: Literal["element", "vector"] = "element",
     ) -> None:
@@ -170,8 +173,7 @@ class Phase2Loss(nn.Module):
             raise DdxError(f"Phase2Loss temperature must be > 0, got {temperature!r}.")
         if negatives not in ("own", "batch"):
             raise DdxError(f"Phase2Loss negatives must be 'own' or 'batch', got {negatives!r}.")
-        if space not in ("projected", "hybrid", "student"):
-            raise DdxError(f"Phase2Loss space must be 'projected', 'hybrid' or 'student', got {space!r}.")
+        self.spaces = infonce_spaces(space)
         self.infonce_weight = infonce_weight
         self.mse_weight = mse_weight
         self.temperature = temperature
@@ -200,20 +202,28 @@ class Phase2Loss(nn.Module):
         _check_teacher("teacher_query", teacher_query, like=query_projected)
         _check_teacher("teacher_positive", teacher_positive, like=positive_projected)
         _check_teacher("teacher_negatives", teacher_negatives, like=negatives_projected)
-        if self.space == "student":
-            if query is None or positive is None or negatives is None:
-                raise DdxError("Phase2Loss(space='student') needs the student embeddings query, positive, negatives.")
-            _check_triplet("student", query, positive, negatives, neg_mask)
-            infonce = self.infonce(query, positive, negatives, neg_mask)
-        elif self.space == "hybrid":
-            infonce = self.infonce(query_projected, teacher_positive, teacher_negatives, neg_mask)
-        else:
-            infonce = self.infonce(query_projected, positive_projected, negatives_projected, neg_mask)
+        parts: dict[str, Tensor] = {}
+        for space in self.spaces:
+            if space == "student":
+                if query is None or positive is None or negatives is None:
+                    raise DdxError(
+                        "Phase2Loss(space='student') needs the student embeddings query, positive, negatives."
+                    )
+                _check_triplet("student", query, positive, negatives, neg_mask)
+                parts[space] = self.infonce(query, positive, negatives, neg_mask)
+            elif space == "hybrid":
+                parts[space] = self.infonce(query_projected, teacher_positive, teacher_negatives, neg_mask)
+            else:
+                parts[space] = self.infonce(query_projected, positive_projected, negatives_projected, neg_mask)
+        infonce = torch.stack(list(parts.values())).mean()
         predicted = torch.cat([query_projected, positive_projected, negatives_projected[neg_mask]])
         target = torch.cat([teacher_query, teacher_positive, teacher_negatives[neg_mask]])
         mse = _mse(_upcast(predicted), _upcast(target), self.mse_reduction)
         loss = self.infonce_weight * infonce + self.mse_weight * mse
-        return loss, {"infonce": infonce.detach(), "mse": mse.detach(), "loss": loss.detach()}
+        logged = {"infonce": infonce.detach(), "mse": mse.detach(), "loss": loss.detach()}
+        if len(parts) > 1:
+            logged.update({f"infonce_{space}": part.detach() for space, part in parts.items()})
+        return loss, logged
 
     def infonce(self, query: Tensor, positive: Tensor, negatives: Tensor, neg_mask: Tensor) -> Tensor:
         """InfoNCE of ``query`` [B, d] against positives [B, d] and hard negatives [B, K, d] (masked by [B, K]).
@@ -244,6 +254,21 @@ class Phase2Loss(nn.Module):
             f"infonce_weight={self.infonce_weight}, mse_weight={self.mse_weight}, temperature={self.temperature}, "
             f"negatives={self.negatives!r}, space={self.space!r}"
         )
+
+
+INFONCE_SPACES = ("projected", "hybrid", "student")
+
+
+def infonce_spaces(space: str) -> tuple[str, ...]:
+    """``"projected+hybrid"`` → ``("projected", "hybrid")``; an unknown or repeated space is a DdxError."""
+    spaces = tuple(part.strip() for part in str(space).split("+"))
+    unknown = [part for part in spaces if part not in INFONCE_SPACES]
+    if unknown or len(set(spaces)) != len(spaces):
+        raise DdxError(
+            f"InfoNCE space {space!r} is not valid: use one of {', '.join(INFONCE_SPACES)}, "
+            "or several joined with '+' (e.g. 'projected+hybrid'), each at most once."
+        )
+    return spaces
 
 
 def _world_size() -> int:

@@ -32,7 +32,7 @@ RUN_FILE = "ddx_run.json"
 # The values of TrainConfig's choice fields; the three loss options are spelled as the losses' parameters.
 ProjectionInit = Literal["ridge", "random"]
 MseReduction = Literal["element", "vector"]
-InfoNceSpace = Literal["projected", "hybrid", "student"]
+InfoNceSpace = str  # "projected", "hybrid", "student", or several joined with "+" (distill.losses.infonce_spaces)
 NegativesScope = Literal["own", "batch"]
 
 
@@ -73,7 +73,10 @@ class TrainConfig:
     cos_weight: float = 0.6  # phase 1
     infonce_weight: float = 0.8  # phase 2
     temperature: float = 0.05  # InfoNCE softmax temperature on cosine similarities
-    infonce_space: InfoNceSpace = "projected"  # "projected" (teacher space), "hybrid" (vs teacher passages), "student"
+    # Where phase-2 InfoNCE runs: "projected" (projected student on both sides), "hybrid" (projected queries vs the
+    # stored teacher passages), "student", or several joined with "+", their terms averaged. The default trains both
+    # the projected passages and the queries' alignment with a teacher index (docs/DESIGN.md, "Losses").
+    infonce_space: InfoNceSpace = "projected+hybrid"
     negatives_scope: NegativesScope = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
     length_grouping: bool = True  # batch similar lengths together (less padding)
     allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
@@ -100,8 +103,14 @@ class TrainConfig:
             raise ValueError("Choose one of --bf16 and --fp16.")
         if self.projection_init not in ("ridge", "random"):
             raise ValueError(f"projection_init must be 'ridge' or 'random', got {self.projection_init!r}.")
-        if self.infonce_space not in ("projected", "hybrid", "student") or self.negatives_scope not in ("batch", "own"):
-            raise ValueError("infonce_space must be projected|hybrid|student and negatives_scope batch|own.")
+        if self.negatives_scope not in ("batch", "own"):
+            raise ValueError(f"negatives_scope must be 'batch' or 'own', got {self.negatives_scope!r}.")
+        from distill.losses import infonce_spaces
+
+        try:
+            infonce_spaces(self.infonce_space)
+        except DdxError as exc:
+            raise ValueError(str(exc)) from None
         for name in ("batch_size", "grad_accum", "num_negatives"):
             if getattr(self, name) < (0 if name == "num_negatives" else 1):
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")

@@ -222,6 +222,47 @@ def test_phase2_errors() -> None:
         Phase2Loss(temperature=0.0)
 
 
+def test_phase2_hybrid_space_ranks_projected_queries_against_teacher_passages() -> None:
+    inputs = phase2_batch(batch=4, k_max=3, dim=4, teacher_dim=6)
+    _, parts = Phase2Loss(space="hybrid")(**inputs)
+    q = inputs["query_projected"].double()
+    tp, tn = inputs["teacher_positive"].double(), inputs["teacher_negatives"].double()
+    expected = reference_infonce(q, tp, tn, inputs["neg_mask"], temperature=0.05, negatives="batch").mean()
+    assert parts["infonce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # The student's own passages play no part in the hybrid InfoNCE (only in the MSE anchor).
+    moved = {**inputs, "positive_projected": inputs["positive_projected"] + 1.0}
+    assert Phase2Loss(space="hybrid")(**moved)[1]["infonce"].item() == pytest.approx(parts["infonce"].item())
+
+
+def test_phase2_joined_spaces_average_their_infonce_terms() -> None:
+    inputs = phase2_batch(batch=4, k_max=3, dim=6, teacher_dim=6)
+    single = {space: Phase2Loss(space=space)(**inputs)[1] for space in ("projected", "hybrid", "student")}
+    loss, parts = Phase2Loss(space="projected+hybrid")(**inputs)
+    want = (single["projected"]["infonce"] + single["hybrid"]["infonce"]) / 2
+    assert parts["infonce"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert parts["infonce_projected"].item() == pytest.approx(single["projected"]["infonce"].item(), rel=1e-6)
+    assert parts["infonce_hybrid"].item() == pytest.approx(single["hybrid"]["infonce"].item(), rel=1e-6)
+    assert loss.item() == pytest.approx((0.8 * parts["infonce"] + 0.2 * parts["mse"]).item(), rel=1e-6)
+    three = Phase2Loss(space="student + projected + hybrid")(**inputs)[1]["infonce"]
+    assert three.item() == pytest.approx(sum(v["infonce"].item() for v in single.values()) / 3, rel=1e-6)
+    assert "infonce_projected" not in single["projected"], "a single space logs one InfoNCE term"
+
+
+@pytest.mark.parametrize("space", ["teacher", "projected+", "hybrid+hybrid", "projected,hybrid"])
+def test_phase2_bad_space_names_the_choices(space: str) -> None:
+    with pytest.raises(DdxError, match=r"use one of projected, hybrid, student, or several joined with '\+'"):
+        Phase2Loss(space=space)
+
+
+def test_train_config_checks_the_space() -> None:
+    from distill.train import TrainConfig
+
+    base = dict(phase=2, store="s", data=("beir:x",), out="o", student="m")
+    assert TrainConfig(**base, infonce_space="projected+hybrid").infonce_space == "projected+hybrid"
+    with pytest.raises(ValueError, match="InfoNCE space 'hybird' is not valid"):
+        TrainConfig(**base, infonce_space="hybird")
+
+
 # ---------------------------------------------------------------- through the real model
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import torch
 
+from distill.losses import infonce_spaces
 from distill.model import StudentModelWithProjection
+from distill.train import TrainConfig
 from tests.distill.conftest import TRAIN_QUERIES, Corpus, TrainedRun
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
@@ -93,15 +95,18 @@ def test_ddp_phase2_ranks_agree_and_rank0_writes(
     assert {i for batch in ev0["batches"][:STEPS] + ev1["batches"][:STEPS] for i in batch} == set(range(TRAIN_QUERIES))
 
     # InfoNCE gathered candidates across ranks: every rank scored its queries against both ranks' positives, its own
-    # rows at its offset. Calls alternate positives / hard negatives.
+    # rows at its offset. Each InfoNCE space of the default (projected+hybrid) gathers positives, then hard negatives.
+    per_step = 2 * len(infonce_spaces(TrainConfig.__dataclass_fields__["infonce_space"].default))
+    assert len(ev0["gathers"]) == len(ev1["gathers"]) == per_step * STEPS
     for step in range(STEPS):
-        (n0, g0, o0), (n1, g1, o1) = ev0["gathers"][2 * step], ev1["gathers"][2 * step]
-        assert g0 == g1 == n0 + n1 and (o0, o1) == (0, n0)
-        (m0, h0, _), (m1, h1, _) = ev0["gathers"][2 * step + 1], ev1["gathers"][2 * step + 1]
-        assert h0 == h1 == m0 + m1
+        for call in range(step * per_step, (step + 1) * per_step, 2):
+            (n0, g0, o0), (n1, g1, o1) = ev0["gathers"][call], ev1["gathers"][call]
+            assert g0 == g1 == n0 + n1 and (o0, o1) == (0, n0)
+            (m0, h0, _), (m1, h1, _) = ev0["gathers"][call + 1], ev1["gathers"][call + 1]
+            assert h0 == h1 == m0 + m1
     # The case that used to crash: a step where one rank's batch has no hard negatives and the other's has some (the
     # negatives gather's backward is a collective that both ranks must join; see DistillModule._scatter).
-    negatives = [(ev0["gathers"][2 * s + 1][0], ev1["gathers"][2 * s + 1][0]) for s in range(STEPS)]
+    negatives = [(ev0["gathers"][per_step * s + 1][0], ev1["gathers"][per_step * s + 1][0]) for s in range(STEPS)]
     assert any(min(pair) == 0 < max(pair) for pair in negatives), negatives
 
 
