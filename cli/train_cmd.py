@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
@@ -123,8 +122,7 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
 
     config = TrainConfig(data=tuple(data), hard_negatives=tuple(hard_negatives), **options)
     result = run(config)
-    end_distributed()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not end_distributed():
         return  # every rank returns the same result; rank 0 reports it
     if as_json:
         echo_json(result.to_dict())

@@ -63,11 +63,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         unknown = set(self.modes) - set(MODES)
         if unknown or not self.modes:
-            raise ValueError(f"EvalConfig.modes must be among {MODES}, got {self.modes}.")
+            raise DdxError(f"EvalConfig.modes must be among {MODES}, got {self.modes}.")
         if self.search not in SEARCHES:
-            raise ValueError(f"EvalConfig.search must be one of {SEARCHES}, got {self.search!r}.")
+            raise DdxError(f"EvalConfig.search must be one of {SEARCHES}, got {self.search!r}.")
         if not self.data:
-            raise ValueError("EvalConfig.data is empty: pass at least one --data SOURCE with qrels.")
+            raise DdxError("EvalConfig.data is empty: pass at least one --data SOURCE with qrels.")
 
 
 @dataclass

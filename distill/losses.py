@@ -298,7 +298,7 @@ def _all_gather_rows(rows: Tensor) -> tuple[Tensor, int]:
     padded = F.pad(rows, (0, 0, 0, max(counts) - rows.shape[0]))
     if torch.is_grad_enabled() and not padded.requires_grad:
         # A rank whose rows carry no graph (e.g. no hard negatives in its batch) must still join the backward
-        # all-gather the other ranks run, or they wait for it forever.
+        # all-reduce the other ranks run, or they wait for it forever.
         padded.requires_grad_(True)
     gathered = _GatherRows.apply(padded).chunk(world)
     return torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)]), offset
@@ -327,7 +327,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         import torch.distributed as dist
 
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 

@@ -94,26 +94,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):
-            raise ValueError(f"TrainConfig.phase must be 1 or 2, got {self.phase!r}.")
+            raise DdxError(f"TrainConfig.phase must be 1 or 2, got {self.phase!r}.")
         if not self.data and not self.hard_negatives:
-            raise ValueError("TrainConfig.data is empty: pass at least one --data SOURCE.")
+            raise DdxError("TrainConfig.data is empty: pass at least one --data SOURCE.")
         if self.student is None and self.init is None:
-            raise ValueError("Pass --student (a sentence-transformers model) or --init (a previous run folder).")
+            raise DdxError("Pass --student (a sentence-transformers model) or --init (a previous run folder).")
         if self.bf16 and self.fp16:
-            raise ValueError("Choose one of --bf16 and --fp16.")
+            raise DdxError("Choose one of --bf16 and --fp16.")
         if self.projection_init not in ("ridge", "random"):
-            raise ValueError(f"projection_init must be 'ridge' or 'random', got {self.projection_init!r}.")
+            raise DdxError(f"projection_init must be 'ridge' or 'random', got {self.projection_init!r}.")
         if self.negatives_scope not in ("batch", "own"):
-            raise ValueError(f"negatives_scope must be 'batch' or 'own', got {self.negatives_scope!r}.")
+            raise DdxError(f"negatives_scope must be 'batch' or 'own', got {self.negatives_scope!r}.")
         from distill.losses import infonce_spaces
 
-        try:
-            infonce_spaces(self.infonce_space)
-        except DdxError as exc:
-            raise ValueError(str(exc)) from None
+        infonce_spaces(self.infonce_space)  # DdxError naming the choices
         for name in ("batch_size", "grad_accum", "num_negatives"):
             if getattr(self, name) < (0 if name == "num_negatives" else 1):
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+                raise DdxError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
 
     @property
     def resolved_projection_lr(self) -> float:
@@ -198,19 +195,25 @@ def train(config: TrainConfig) -> TrainResult:
     return run_training(config, store)
 
 
-def end_distributed() -> None:
+def end_distributed() -> bool:
     """Tear down the process group ``ddx train`` ran under (torchrun), once every rank has finished.
 
     ``transformers`` starts the group and never ends it. A rank that exits with gloo work threads still alive can
     abort with SIGABRT ("terminate called without an active exception") and NCCL warns about a leaked group, so
     the command ends it: a barrier (no rank leaves while a peer still talks to it), then ``destroy_process_group``.
     Only for a successful run; after a failure torchrun stops the other ranks. No-op outside torch.distributed.
+
+    Returns:
+        Whether this process was rank 0 of the group (True when not distributed): the one that reports.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank == 0
 
 
 def train_phase1(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:

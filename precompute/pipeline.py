@@ -63,14 +63,14 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if not self.data:
-            raise ValueError("PrecomputeConfig.data is empty: pass at least one --data SOURCE.")
+            raise DdxError("PrecomputeConfig.data is empty: pass at least one --data SOURCE.")
         bad_roles = set(self.roles) - {"query", "passage"}
         if bad_roles or not self.roles:
-            raise ValueError(f"PrecomputeConfig.roles must be 'query' and/or 'passage', got {self.roles}.")
+            raise DdxError(f"PrecomputeConfig.roles must be 'query' and/or 'passage', got {self.roles}.")
         if self.limit is not None and self.limit < 0:
-            raise ValueError(f"--limit must be >= 0, got {self.limit}.")
+            raise DdxError(f"--limit must be >= 0, got {self.limit}.")
         if self.window <= 0 or self.max_batch_size <= 0:
-            raise ValueError("window and max_batch_size must be positive.")
+            raise DdxError("window and max_batch_size must be positive.")
 
 
 @dataclass
@@ -118,7 +118,7 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     r = rank if rank is not None else int(env_rank or 0)
     w = world_size if world_size is not None else int(env_world or 1)
     if not 0 <= r < w:
-        raise ValueError(f"Rank {r} is outside world size {w}.")
+        raise DdxError(f"Rank {r} is outside world size {w}.")
     return r, w
 
 

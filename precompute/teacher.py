@@ -67,9 +67,9 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"Unknown teacher preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+            raise DdxError(f"Unknown teacher preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
         if self.pooling is not None and self.pooling not in POOLING_MODES:
-            raise ValueError(f"Unknown pooling {self.pooling!r}; choose one of {POOLING_MODES}.")
+            raise DdxError(f"Unknown pooling {self.pooling!r}; choose one of {POOLING_MODES}.")
 
     def resolved(self) -> TeacherConfig:
         """This config with the preset's values filled in where the user gave none."""

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from storage.errors import DimensionMismatchError, FingerprintMismatchError
+from storage.errors import DdxError, DimensionMismatchError, FingerprintMismatchError
 
 __all__ = ["POOLING_MODES", "TeacherSpec"]
 
@@ -47,17 +47,17 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLING_MODES:
-            raise ValueError(f"TeacherSpec.pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+            raise DdxError(f"TeacherSpec.pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"TeacherSpec.padding_side must be 'left' or 'right', got {self.padding_side!r}.")
+            raise DdxError(f"TeacherSpec.padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         if self.dtype not in DTYPES:
-            raise ValueError(f"TeacherSpec.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+            raise DdxError(f"TeacherSpec.dtype must be one of {DTYPES}, got {self.dtype!r}.")
         if self.dim <= 0 or self.max_seq_length <= 0:
-            raise ValueError(
+            raise DdxError(
                 f"TeacherSpec.dim and max_seq_length must be positive, got {self.dim}, {self.max_seq_length}."
             )
         if not self.weights_id:
-            raise ValueError("TeacherSpec.weights_id must identify the weights (hub commit or file hash).")
+            raise DdxError("TeacherSpec.weights_id must identify the weights (hub commit or file hash).")
 
     def prompt(self, role: str) -> str:
         """The prompt prepended to texts of ``role``."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.errors import BadSourceError
+from storage.errors import BadSourceError, DdxError
 from storage.keys import content_key, key_hex
 
 __all__ = [
@@ -67,7 +67,7 @@ class SourceOptions:
 
     def __post_init__(self) -> None:
         if "{text}" not in self.title_join:
-            raise ValueError(f"SourceOptions.title_join must contain '{{text}}', got {self.title_join!r}.")
+            raise DdxError(f"SourceOptions.title_join must contain '{{text}}', got {self.title_join!r}.")
 
 
 def join_title(title: str | None, text: str, rule: str) -> str:

@@ -165,6 +165,32 @@ def test_library_errors_are_one_clean_line(tmp_path: Path) -> None:
     assert as_file.exit_code == 1 and "is a file, not a teacher store directory" in as_file.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--infonce-space", "projected+hybird"], "InfoNCE space 'projected+hybird' is not valid: use one of"),
+        (["--bf16", "--fp16"], "Choose one of --bf16 and --fp16."),
+    ],
+    ids=["infonce-space", "bf16-and-fp16"],
+)
+def test_bad_train_options_are_one_clean_line(args: list[str], message: str, tmp_path: Path) -> None:
+    """Options the config rejects stop before anything is read or written, with one line and no traceback."""
+    base = ["train", "--phase", "2", "--store", str(tmp_path / "store"), "--data", "beir:x", "--student", "m"]
+    result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"Error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_precompute_option_is_one_clean_line(tmp_path: Path) -> None:
+    base = ["precompute-teacher", "--store", str(tmp_path / "s"), "--data", "beir:x", "--teacher", "m"]
+    result = CliRunner().invoke(cli, [*base, "--limit", "-1"])
+    assert result.exit_code == 1 and result.stderr == "Error: --limit must be >= 0, got -1.\n"
+    result = CliRunner().invoke(cli, [*base, "--rank", "3", "--world-size", "2"])
+    assert result.exit_code == 1 and result.stderr == "Error: Rank 3 is outside world size 2.\n"
+    assert not (tmp_path / "s").exists()
+
+
 def test_version_and_unknown_command() -> None:
     assert CliRunner().invoke(cli, ["--version"]).stdout.strip() == "ddx, version 0.1.0"
     unknown = CliRunner().invoke(cli, ["precompute"])

@@ -38,9 +38,8 @@ def torchrun(*args: str, timeout: float = 180, script: Path | None = SCRIPT) -> 
     return proc
 
 
-def _args(
-    teacher_store: Path, corpus: Corpus, phase1_run: TrainedRun, token_cache: Path, out: Path, dump: Path
-) -> list[str]:
+def _run_args(teacher_store: Path, corpus: Corpus, phase1_run: TrainedRun, token_cache: Path, out: Path) -> list[str]:
+    """The options a phase-2 run from the fixture's phase-1 run needs (the same for the script and ``ddx train``)."""
     return [
         "--store",
         str(teacher_store),
@@ -52,9 +51,13 @@ def _args(
         str(token_cache),
         "--out",
         str(out),
-        "--dump",
-        str(dump),
     ]
+
+
+def _args(
+    teacher_store: Path, corpus: Corpus, phase1_run: TrainedRun, token_cache: Path, out: Path, dump: Path
+) -> list[str]:
+    return [*_run_args(teacher_store, corpus, phase1_run, token_cache, out), "--dump", str(dump)]
 
 
 def _evidence(dump: Path) -> list[dict[str, Any]]:
@@ -150,16 +153,7 @@ def test_ddx_train_cli_under_torchrun_reports_once_and_exits_cleanly(
         "train",
         "--phase",
         "2",
-        "--store",
-        str(teacher_store),
-        "--data",
-        corpus.spec,
-        "--init",
-        phase1_run.out,
-        "--token-cache",
-        str(token_cache),
-        "--out",
-        str(out),
+        *_run_args(teacher_store, corpus, phase1_run, token_cache, out),
         "--max-steps",
         "2",
         "--batch-size",
