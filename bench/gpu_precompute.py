@@ -38,7 +38,7 @@ H200_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, vendor datasheet (SXM)
 
 
 def load_texts(corpus: Path, copies: int) -> list[str]:
-    base = [json.loads(line)["text"] for line in corpus.read_text().splitlines() if line.strip()]
+    base = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").split("\n") if line.strip()]
     texts = list(base)
     for k in range(1, copies):
         texts += [f"{t} (variant {k})" for t in base]
@@ -190,11 +190,52 @@ def run(args: argparse.Namespace) -> dict:
         results["runs"][-1]["padding_waste"] = round(summary.padding_waste, 4)
         results["runs"][-1]["encoded"] = summary.encoded
         shutil.rmtree(store, ignore_errors=True)
+    if args.profile_out:
+        results["profile"] = profile_precompute(args, model, spec, corpus, tmp, device)
     bare = min(r["seconds"] for r in results["runs"] if r["method"].startswith("bare"))
     for r in results["runs"]:
         r["vs_best_bare"] = round(bare / r["seconds"], 3)
     shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def profile_precompute(args: argparse.Namespace, model, spec, corpus: Path, tmp: Path, device: str) -> dict:
+    """torch.profiler over one ddx precompute (first token budget): where the wall time goes.
+
+    Writes the operator table (sorted by device time) to ``--profile-out`` and returns the share of the wall
+    time the GPU spent in kernels (the rest is the GPU waiting on the host: tokenization, copies, the writer).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from precompute.pipeline import PrecomputeConfig, precompute
+    from precompute.teacher import TeacherConfig, TeacherEncoder
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    store = tmp / "store_profile"
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        precompute(
+            PrecomputeConfig(
+                store=str(store),
+                data=(f"beir:{corpus}",),
+                teacher=TeacherConfig(model="-"),
+                token_budget=args.token_budgets[0],
+                roles=("passage",),
+                progress=False,
+            ),
+            encoder=TeacherEncoder(model, spec, device),
+        )
+        if device == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    Path(args.profile_out).write_text(events.table(sort_by=sort, row_limit=40))
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    shutil.rmtree(store, ignore_errors=True)
+    kernel_s = kernel_us / 1e6
+    return {"wall_s": round(wall, 2), "gpu_kernel_s": round(kernel_s, 2), "gpu_busy": round(kernel_s / wall, 3)}
 
 
 def main() -> None:
@@ -205,6 +246,7 @@ def main() -> None:
     parser.add_argument("--st-batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--token-budgets", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--json-out")
+    parser.add_argument("--profile-out", help="Also profile one ddx run (torch.profiler) and write its table here.")
     parser.add_argument("--tiny", action="store_true", help="Shrink the model (CPU smoke test of this script).")
     args = parser.parse_args()
     if args.tiny:

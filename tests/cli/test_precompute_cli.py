@@ -18,6 +18,7 @@ from precompute.sources import parse_source
 from storage.keys import content_keys
 from storage.store import TeacherStore
 from tests.precompute.test_pipeline import (
+    default_device_atol,
     direct,
     one_torch_thread,  # noqa: F401 - autouse fixture
     write_beir,
@@ -107,7 +108,7 @@ def test_cli_values_equal_a_direct_encode(tiny_bert: Path, tmp_path: Path) -> No
     folder = write_beir(tmp_path / "beir", texts)
     assert invoke(*precompute_args(tiny_bert, tmp_path / "s", folder)).exit_code == 0
     got = TeacherStore.open(tmp_path / "s").get(content_keys("passage", texts)).astype(np.float32)
-    np.testing.assert_allclose(got, direct(tiny_bert, texts, "passage"), atol=2e-3, rtol=0)
+    np.testing.assert_allclose(got, direct(tiny_bert, texts, "passage"), atol=default_device_atol(), rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,17 @@ def _sentence_transformer(path: str) -> Any:
     return SentenceTransformer(path, device="cpu")
 
 
+def default_device_atol() -> float:
+    """Tolerance of a precompute on ddx's *default* device (CLI, subprocesses) against :func:`direct` (fp32, CPU).
+
+    With CUDA present ddx computes in bfloat16 (8-bit mantissa): on an H100 the tiny BERT's stored vectors
+    differed from the fp32 encode by up to 5.0e-3. A misaligned row is off by ~0.1, so 2e-2 still catches one.
+    """
+    import torch
+
+    return 2e-2 if torch.cuda.is_available() else ATOL
+
+
 def direct(model_path: Path, texts: list[str], role: str) -> np.ndarray:
     """A plain ``SentenceTransformer(path).encode``: queries with ``prompt_name="query"`` when the model has one."""
     model = _sentence_transformer(str(model_path))

@@ -27,7 +27,7 @@ import pytest
 
 from storage.keys import content_keys
 from storage.store import TeacherStore
-from tests.precompute.test_pipeline import direct, write_beir
+from tests.precompute.test_pipeline import default_device_atol, direct, write_beir
 from tests.tiny_models import tiny_corpus
 
 PRELOAD = [
@@ -197,10 +197,16 @@ def test_resume_after_sigkill_at_random_points(ddx: Ddx, tiny_bert: Path, crash_
     sample = random.Random(0).sample(range(len(passages)), 300)
     texts = [passages[i] for i in sample]
     np.testing.assert_allclose(
-        s.get(content_keys("passage", texts)).astype(np.float32), direct(tiny_bert, texts, "passage"), atol=2e-3, rtol=0
+        s.get(content_keys("passage", texts)).astype(np.float32),
+        direct(tiny_bert, texts, "passage"),
+        atol=default_device_atol(),
+        rtol=0,
     )
     np.testing.assert_allclose(
-        s.get(content_keys("query", queries)).astype(np.float32), direct(tiny_bert, queries, "query"), atol=2e-3, rtol=0
+        s.get(content_keys("query", queries)).astype(np.float32),
+        direct(tiny_bert, queries, "query"),
+        atol=default_device_atol(),
+        rtol=0,
     )
     verify = cache_verify(store)
     assert verify.returncode == 0 and verify.stdout.startswith("OK: "), verify.stdout + verify.stderr
@@ -233,7 +239,10 @@ def test_two_writers_into_one_store_at_once(ddx: Ddx, tiny_bert: Path, tmp_path:
     assert s.rows == len(everything) + s.index.duplicates
     texts = sorted(set(only_a + only_b + shared))
     np.testing.assert_allclose(
-        s.get(content_keys("passage", texts)).astype(np.float32), direct(tiny_bert, texts, "passage"), atol=2e-3, rtol=0
+        s.get(content_keys("passage", texts)).astype(np.float32),
+        direct(tiny_bert, texts, "passage"),
+        atol=default_device_atol(),
+        rtol=0,
     )
     verify = cache_verify(store)
     assert verify.returncode == 0, verify.stderr
