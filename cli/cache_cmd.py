@@ -110,7 +110,9 @@ def info(store: str, as_json: bool) -> None:
 @AS_JSON
 @library_errors
 def verify(store: str, as_json: bool) -> None:
-    """Check checksums, counts and index/vector agreement; exit status 1 on damage.
+    """Check every file readers trust (metadata, index, chunks, row checksums); exit status 1 on damage.
+
+    Each problem names the damaged file below the store. It works on a store too damaged to open.
 
     \b
     Example:
@@ -118,7 +120,7 @@ def verify(store: str, as_json: bool) -> None:
     """
     from storage.maintenance import verify_store
 
-    report = verify_store(_open(store))
+    report = verify_store(store)
     if as_json:
         echo_json(report.to_dict())
     else:

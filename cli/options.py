@@ -7,8 +7,10 @@ when present, so one file can configure every command of an experiment.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-__all__ = ["config_option", "echo_json", "library_errors", "load_config_file"]
+__all__ = ["config_option", "echo_json", "library_errors", "load_config_file", "one_line", "os_error_line"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,7 +94,7 @@ def echo_json(data: Any) -> None:
 
 
 def library_errors(func: F) -> F:
-    """Turn ddx's own errors (and missing files) into one clean line and exit status 1."""
+    """Turn ddx's own errors and OS errors (missing file, disk full, read-only) into one clean line, exit status 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -101,11 +103,37 @@ def library_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DdxError as exc:
-            raise click.ClickException(str(exc)) from exc
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".strip()) from exc
+            raise click.ClickException(one_line(str(exc))) from exc
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from exc
         except KeyboardInterrupt:
             click.echo("Interrupted. Rerun the same command to resume; finished work is kept.", err=True)
             sys.exit(130)
 
     return cast(F, wrapper)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "Free space and rerun the same command; finished work is kept.",
+    errno.EROFS: "The file system is mounted read-only; run this where the path is writable.",
+    errno.EACCES: "Check the owner and permissions of that path (or run as a user who may write it).",
+    errno.EPERM: "Check the owner and permissions of that path (or run as a user who may write it).",
+}
+_WRAPPED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?:\w+Error|\w+Exception): ")
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<strerror>: <path>. <what to do>`` for an OS error, on one line."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    hint = _OS_HINTS.get(exc.errno or 0, "")
+    return one_line(f"{what}{where}. {hint}".strip())
+
+
+def one_line(message: str) -> str:
+    """The message as one line. An error re-raised from a DataLoader worker carries the worker's traceback
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = _WRAPPED.sub("", last.strip())
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())

@@ -86,12 +86,30 @@ from cli.options import config_option, echo_json, library_errors
     "(e.g. projected+hybrid: terms averaged).",
 )
 @click.option("--negatives-scope", type=click.Choice(["batch", "own"]), default="batch", show_default=True)
+@click.option(
+    "--mini-batch-size",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Phase 2: sequences per forward of the cached (GradCache) loss: memory is set by this, not by "
+    "batch × negatives × length; same gradient, ~1/3 more compute. 0: the plain step (all in one graph).",
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=False,
+    show_default=True,
+    help="Recompute the student's layer activations in backward: less memory, ~30 % more time.",
+)
 @click.option("--length-grouping/--no-length-grouping", default=True, show_default=True)
 @click.option("--allow-missing", is_flag=True, help="Drop examples lacking teacher vectors instead of stopping.")
 @click.option("--skip-bad", is_flag=True, help="Drop unknown ids and queries without positives instead of stopping.")
 @click.option("--expect-teacher", help="Refuse a store made by another teacher than this one.")
 @click.option("--title-join", default="{title} {text}", show_default=True, help="Must match the precompute run's.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the newest complete checkpoint in OUT/checkpoints (damaged ones are skipped and set aside).",
+)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers.")
 @click.option("--logging-steps", type=int, default=10, show_default=True)
 @click.option("--save-steps", type=int, default=500, show_default=True)
@@ -133,6 +151,8 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
         f"phase {config.phase}: {result.steps} steps on {result.report.get('examples', 0):,} examples, "
         f"loss {first} -> {final} ({result.report.get('seconds', 0):.0f}s)"
     )
+    if result.report.get("resumed_from"):
+        click.echo(f"  resumed from: {result.report['resumed_from']}")
     for key in ("missing_vectors", "dropped_missing", "held_out_queries"):
         if result.report.get(key):
             click.echo(f"  {key.replace('_', ' ')}: {result.report[key]:,}")

@@ -7,7 +7,9 @@ few int64 arrays, not millions of Python objects. Source ids map to keys through
 
 Before any training step, every text a run needs must have a teacher vector. If not, the run stops
 with the count per data set and the exact ``ddx precompute-teacher`` command that fills the gap
-(``allow_missing`` drops those examples instead and reports how many).
+(``allow_missing`` drops those examples instead and reports how many). Resolving needs no student
+(``resolve_data``); only the token pass does (``PreparedData.add_tokens``), so ``ddx train`` finds bad
+data and missing vectors in seconds, before it spends minutes loading the student's weights.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from storage.errors import BadSourceError, DdxError, MissingVectorsError
 from storage.keys import KEY_DTYPE, content_keys, role_code
 from storage.store import TeacherStore
 
-__all__ = ["IdMap", "PreparedData", "Ragged", "TextIndex", "missing_vectors_command", "prepare_data"]
+__all__ = [
+    "IdMap",
+    "PreparedData",
+    "Ragged",
+    "TextIndex",
+    "missing_vectors_command",
+    "prepare_data",
+    "resolve_data",
+]
 
 BLOCK = 8192
 
@@ -136,12 +146,21 @@ class Phase2Examples:
 
 @dataclass
 class PreparedData:
-    """What training reads: the text index, phase-1 texts or phase-2 examples, and a report."""
+    """What training reads: the text index, phase-1 texts or phase-2 examples, and a report.
+
+    :func:`resolve_data` fills everything but the token handles (``texts.tokens``); :meth:`add_tokens` fills those
+    once the student's tokenizer is at hand, so bad data and missing vectors stop a run before the student loads.
+    """
 
     texts: TextIndex
     phase1: np.ndarray | None = None
     phase2: Phase2Examples | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    to_tokenize: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # positions training reads
+
+    def add_tokens(self, sources: list[Source], table: TokenTable) -> int:
+        """Second pass over ``sources``: student tokens of every text training reads; returns how many were new."""
+        return fill_tokens(sources, self.texts, self.to_tokenize, table)
 
 
 def _blocks(source: Source) -> Iterator[list[TextRecord]]:
@@ -365,7 +384,36 @@ def prepare_data(
     mine_negatives: int = 0,
     mine_margin: float = 0.95,
 ) -> PreparedData:
-    """Resolve sources into training data for ``phase`` (1: texts, 2: examples).
+    """Resolve sources into training data for ``phase`` (1: texts, 2: examples), tokens included.
+
+    :func:`resolve_data` then :meth:`PreparedData.add_tokens`; see there for what raises.
+    """
+    data = resolve_data(
+        sources,
+        store,
+        phase=phase,
+        split=split,
+        allow_missing=allow_missing,
+        skip_bad=skip_bad,
+        mine_negatives=mine_negatives,
+        mine_margin=mine_margin,
+    )
+    data.add_tokens(sources, table)
+    return data
+
+
+def resolve_data(
+    sources: list[Source],
+    store: TeacherStore,
+    *,
+    phase: int,
+    split: str | None = "train",
+    allow_missing: bool = False,
+    skip_bad: bool = False,
+    mine_negatives: int = 0,
+    mine_margin: float = 0.95,
+) -> PreparedData:
+    """Resolve sources against the store for ``phase``, without tokens: no student model is needed yet.
 
     Raises:
         MissingVectorsError: needed texts lack teacher vectors (unless ``allow_missing``).
@@ -374,7 +422,7 @@ def prepare_data(
     """
     texts, maps = scan_sources(sources)
     if phase == 1:
-        return _prepare_phase1(sources, store, table, texts, maps, split, allow_missing)
+        return _prepare_phase1(sources, store, texts, maps, split, allow_missing)
     examples, report = resolve_examples(sources, texts, maps, split, skip_bad)
     if mine_negatives:
         from distill.mining import mine_hard_negatives
@@ -390,14 +438,12 @@ def prepare_data(
             "the data has queries with judged positives for this split."
         )
     report["missing_vectors"] = int((~have).sum())
-    fill_tokens(sources, texts, needed[have], table)
-    return PreparedData(texts, phase2=examples, report=report)
+    return PreparedData(texts, phase2=examples, report=report, to_tokenize=needed[have])
 
 
 def _prepare_phase1(
     sources: list[Source],
     store: TeacherStore,
-    table: TokenTable,
     texts: TextIndex,
     maps: list[IdMap],
     split: str | None,
@@ -408,13 +454,12 @@ def _prepare_phase1(
     kept = needed[have]
     if len(kept) == 0:
         raise DdxError(f"No texts to train on from {[s.spec for s in sources]}.")
-    fill_tokens(sources, texts, kept, table)
     report = {
         "texts": len(kept),
         "missing_vectors": int((~have).sum()),
         "held_out_queries": int(len(texts.keys) - len(needed)),
     }
-    return PreparedData(texts, phase1=kept, report=report)
+    return PreparedData(texts, phase1=kept, report=report, to_tokenize=kept)
 
 
 def _drop_missing(examples: Phase2Examples, texts: TextIndex) -> tuple[Phase2Examples, int]:

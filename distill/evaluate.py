@@ -14,7 +14,8 @@ SentenceTransformer folder may stand in for a run (only ``student`` and ``teache
 how the all-MiniLM-L6-v2 / SciFact check (nDCG@10 = 0.645) runs through this very code.
 
 Eval sets and the vectors each mode searches come from :mod:`distill.eval_inputs`; this module runs the
-searches, scores them and writes the table.
+searches, scores them and writes the table. With ``routed`` (a router folder), the teacher and hybrid runs are
+also mixed per query into the routing curve (:mod:`distill.routing_curve`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from distill.eval_inputs import Encoders, EvalSet, SetVectors, load_eval_set, mode_inputs, set_vectors
 from distill.metrics import metrics_from_topk, trec_tie_priority, write_trec_run
 from distill.search import PassageSource, exact_search, faiss_search
-from distill.train import check_run_store
+from distill.train import check_run_store, read_run
 from precompute.sources import SourceOptions, parse_source
 from storage.errors import DdxError
 from storage.store import TeacherStore
@@ -59,8 +60,11 @@ class EvalConfig:
     out: str | None = None  # where results JSON/CSV go (default: <model>/eval when model is a run)
     title_join: str = "{title} {text}"
     progress: bool = True
+    routed: str | None = None  # router folder of 'ddx router fit': adds the routing curve (distill.routing_curve)
 
     def __post_init__(self) -> None:
+        if self.routed and not {"teacher", "hybrid"} <= set(self.modes):
+            raise DdxError(f"--routed mixes the teacher and hybrid runs: keep both in --modes (got {self.modes}).")
         unknown = set(self.modes) - set(MODES)
         if unknown or not self.modes:
             raise DdxError(f"EvalConfig.modes must be among {MODES}, got {self.modes}.")
@@ -77,9 +81,11 @@ class EvalResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)  # routing curves (with --routed), one per data set
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "notes": self.notes, "files": self.files}
+        out = {"rows": self.rows, "notes": self.notes, "files": self.files}
+        return out | ({"routing_curves": self.curves} if self.curves else {})
 
 
 def _search(
@@ -119,9 +125,9 @@ def _available_modes(config: EvalConfig, enc: Encoders, store: TeacherStore | No
 
 
 def _evaluate_set(
-    config: EvalConfig, es: EvalSet, enc: Encoders, store: TeacherStore | None, modes: list[str]
-) -> list[dict[str, Any]]:
-    """One table row per mode for one eval set (and its TREC run files with ``save_run``)."""
+    config: EvalConfig, es: EvalSet, enc: Encoders, store: TeacherStore | None, modes: list[str], router: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """One table row per mode for one eval set (and its TREC run files with ``save_run``), and its routing curve."""
     need_teacher = bool({"teacher", "hybrid"} & set(modes))
     v, rate = set_vectors(es, enc, store, need_teacher, config.teacher, config.title_join)
     priority = trec_tie_priority(es.doc_ids)
@@ -130,13 +136,14 @@ def _evaluate_set(
             f"{es.source.spec}: k={max(config.k_values)} is larger than the corpus "
             f"({len(es.doc_ids)} passages): every passage is ranked"
         )
-    out = []
+    out, searched = [], {}
     for mode in modes:
         queries, passages = mode_inputs(mode, v, enc)
         scores, idx = _search(config, queries, passages, len(es.doc_ids), priority)
         metrics = metrics_from_topk(
             es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values, doc_priority=priority
         )
+        searched[mode] = (scores, metrics)
         out.append(
             {
                 "data": es.source.spec,
@@ -153,8 +160,14 @@ def _evaluate_set(
             path = Path(config.save_run) / f"{es.name}-{config.split}-{mode}.trec"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_trec_run(path, es.query_ids, es.doc_ids, idx, scores, tag=f"ddx-{mode}")
+    curve = None
+    if router is not None:
+        from distill.routing_curve import routed_rows
+
+        rows, curve = routed_rows(router, es, config.split, v, searched)
+        out.extend(rows)
     _add_retained(out)
-    return out
+    return out, curve
 
 
 def _cosine(mode: str, v: SetVectors, enc: Encoders) -> float | None:
@@ -189,14 +202,17 @@ def evaluate_retrieval(config: EvalConfig) -> EvalResult:
     """Evaluate every available mode on every data set; write the table as JSON and CSV.
 
     Returns:
-        The table rows (data set, split, mode, metrics, % of teacher retained, cosine to teacher, encode rate).
+        The table rows (data set, split, mode, metrics, % of teacher retained, cosine to teacher, encode rate);
+        with ``routed``, also the routing-curve rows (``encoder@20%``, ``oracle@20%``, ...) and their curves.
 
     Raises:
-        FingerprintMismatchError: the run was trained against another store.
+        FingerprintMismatchError: the run was trained against another store, or the ``routed`` router was fitted
+            on another store or student.
         MissingVectorsError: the store lacks texts of the evaluation set (and no --teacher was given).
         BadSourceError: empty split, or unknown judged documents under --strict.
     """
     store = TeacherStore.open(config.store) if config.store else None
+    router = _checked_router(config, store) if config.routed else None  # before the student loads: fails fast
     enc = Encoders(config.model, config.device, config.batch_size, config.progress)
     if store is not None and enc.run is not None:
         check_run_store(enc.run, config.model, store)
@@ -205,12 +221,32 @@ def evaluate_retrieval(config: EvalConfig) -> EvalResult:
     result = EvalResult()
     for spec in config.data:
         es = load_eval_set(parse_source(spec, options), config.split, config.strict)
-        result.rows.extend(_evaluate_set(config, es, enc, store, modes))
+        rows, curve = _evaluate_set(config, es, enc, store, modes, router)
+        result.rows.extend(rows)
+        result.curves.extend([curve] if curve else [])
         result.notes.extend(es.notes)
     out = config.out or (str(Path(config.model) / "eval") if enc.run is not None else None)
     if out:
         result.files = _write_tables(result, Path(out), config.split)
+    if out and result.curves:
+        from distill.routing_curve import write_routing_curve
+
+        files, notes = write_routing_curve(result.curves, Path(out), config.split)
+        result.files.extend(files)
+        result.notes.extend(notes)
     return result
+
+
+def _checked_router(config: EvalConfig, store: TeacherStore | None) -> Any:
+    """The ``--routed`` router, refused unless it was fitted on this store and this run's student."""
+    from distill.router import Router, student_identity
+
+    if store is None or config.routed is None:
+        raise DdxError("--routed needs --store: routed queries search with their stored teacher vectors.")
+    check_run_store(read_run(config.model), config.model, store)  # a run folder, trained on this store
+    router = Router.load(config.routed, device="cpu")
+    router.check(store_fingerprint=store.fingerprint, student_id=student_identity(config.model), where=config.routed)
+    return router
 
 
 def _write_tables(result: EvalResult, out: Path, split: str) -> list[str]:

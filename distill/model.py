@@ -128,6 +128,28 @@ class StudentModelWithProjection(nn.Module):
         embedding = self.student(dict(features))["sentence_embedding"]
         return {"student": embedding, "projected": self.projection(embedding)}
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the student transformer's layer activations in backward instead of keeping them.
+
+        A layer then keeps only its input (``T × hidden`` per sequence) instead of ~35 times that (mpnet at 512
+        tokens in fp32 with eager attention; bench/phase2_memory.py has the arithmetic), for one more forward of each
+        layer in backward (~+1/3 compute). Non-reentrant (``use_reentrant=False``): exact under DDP with unused
+        parameters and when no input needs a gradient; dropout is replayed from the saved RNG state.
+
+        Raises:
+            DdxError: If no module of the student supports it (e.g. static embeddings: nothing to recompute).
+        """
+        # sentence-transformers >= 6 names it activation_checkpointing_enable; older releases only have the alias
+        enable = (
+            getattr(self.student, "activation_checkpointing_enable", None) or self.student.gradient_checkpointing_enable
+        )
+        enable({"use_reentrant": False})
+        if not any(getattr(m, "gradient_checkpointing", False) is True for m in self.student.modules()):
+            raise DdxError(
+                f"Gradient checkpointing is not available for this student ({type(self.student[0]).__name__}: no "
+                "transformer layers to recompute). Train without --gradient-checkpointing."
+            )
+
     def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None) -> dict[str, Tensor]:
         """Tokenize texts the way the student does (its prompts and max length), on the student's device.
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from distill.data import PreparedData, prepare_data
+from distill.data import PreparedData, resolve_data
 from distill.train import RUN_FILE, TrainConfig, TrainResult
 from storage.fs import atomic_open
 from storage.store import TeacherStore
@@ -49,6 +49,23 @@ def _sources(config: TrainConfig) -> list[Any]:
     options = SourceOptions(skip_bad=config.skip_bad, title_join=config.title_join)
     extra = [s if ":" in s.split("/")[0] else f"msmarco:{s}" for s in config.hard_negatives]
     return [parse_source(s, options) for s in (*config.data, *extra)]
+
+
+def _resolve(config: TrainConfig, store: TeacherStore) -> tuple[list[Any], PreparedData]:
+    """The run's sources and its data resolved against the store: bad data and missing vectors raise here, with
+    no student loaded (its tokens are added later, by ``PreparedData.add_tokens``)."""
+    sources = _sources(config)
+    data = resolve_data(
+        sources,
+        store,
+        phase=config.phase,
+        split=config.split,
+        allow_missing=config.allow_missing,
+        skip_bad=config.skip_bad,
+        mine_negatives=config.mine_negatives,
+        mine_margin=config.mine_margin,
+    )
+    return sources, data
 
 
 def _loss(config: TrainConfig) -> Any:
@@ -122,38 +139,40 @@ def _training_args(config: TrainConfig, out: Path) -> Any:
 
 
 def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
-    """Build everything for ``config`` and train; returns where the outputs went."""
+    """Build everything for ``config`` and train; returns where the outputs went.
+
+    Everything that can fail from files alone (the checkpoint to resume from, the data and its stored vectors)
+    is checked before the student's weights load: a mistake costs seconds, not the minutes a large student takes.
+    """
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from distill.checkpoints import ManifestCallback, announce, find_resume
     from distill.tokens import TokenTable
     from distill.trainer import DistillModule, DistillTrainer, JsonLogCallback, StderrProgressCallback
 
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    resume = find_resume(out / "checkpoints") if config.resume else None
+    sources, data = _resolve(config, store)
     set_seed(config.seed)
     model = _load_model(config, store)
     tokens = TokenTable.for_tokenizer(model.student.tokenizer, int(model.student.max_seq_length), config.token_cache)
-    data = prepare_data(
-        _sources(config),
-        store,
-        tokens,
-        phase=config.phase,
-        split=config.split,
-        allow_missing=config.allow_missing,
-        skip_bad=config.skip_bad,
-        mine_negatives=config.mine_negatives,
-        mine_margin=config.mine_margin,
-    )
+    data.add_tokens(sources, tokens)
     dataset, sampler, collate = _dataset(config, data, store, tokens)
     if config.phase == 1 and not config.init and config.projection_init == "ridge":
         from distill.warm_start import ridge_warm_start
 
         data.report["warm_start"] = ridge_warm_start(model, dataset, seed=config.seed)
     trainer = DistillTrainer(
-        model=DistillModule(model, _loss(config), config.phase),
+        model=DistillModule(
+            model,
+            _loss(config),
+            config.phase,
+            mini_batch_size=config.mini_batch_size,
+            gradient_checkpointing=config.gradient_checkpointing,
+        ),
         args=_training_args(config, out),
         train_dataset=dataset,
         batch_sampler=sampler,
@@ -164,8 +183,11 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
         trainer.remove_callback(callback)
     trainer.add_callback(JsonLogCallback(out / "train_log.jsonl"))
     trainer.add_callback(StderrProgressCallback(f"phase {config.phase}", enabled=config.progress))
-    resume = get_last_checkpoint(str(out / "checkpoints")) if config.resume and (out / "checkpoints").is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.add_callback(ManifestCallback())
+    if resume is not None and trainer.is_world_process_zero():
+        announce(resume)
+    checkpoint = str(resume.checkpoint) if resume and resume.checkpoint else None
+    trainer.train(resume_from_checkpoint=checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(
         out=str(out),
@@ -175,8 +197,10 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
         steps=trainer.state.global_step,
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
-        report={**data.report, "examples": len(dataset), "seconds": 0.0, "resumed_from": resume},
+        report={**data.report, "examples": len(dataset), "seconds": 0.0, "resumed_from": checkpoint},
     )
+    if resume is not None and resume.skipped:
+        result.report["skipped_checkpoints"] = {p.name: why for p, why in resume.skipped}
     result.report["seconds"] = round(time.perf_counter() - started, 2)
     if trainer.is_world_process_zero():
         model.save(out, teacher_normalize=store.spec.normalize)

@@ -11,7 +11,8 @@ folder::
       projection_layer.pt    projection weights and dims
       ddx_run.json           resolved config, store fingerprint and teacher spec, data report, final losses
       train_log.jsonl        every logged step (loss and its parts, learning rate)
-      checkpoints/           HF checkpoints (optimizer, scheduler, RNG): --resume continues from the last
+      checkpoints/           HF checkpoints (optimizer, scheduler, RNG) with a ddx manifest each: --resume continues
+                             from the newest complete one (distill.checkpoints), skipping damaged ones
 """
 
 from __future__ import annotations
@@ -78,12 +79,18 @@ class TrainConfig:
     # the projected passages and the queries' alignment with a teacher index (docs/DESIGN.md, "Losses").
     infonce_space: InfoNceSpace = "projected+hybrid"
     negatives_scope: NegativesScope = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
+    # Phase 2: sequences per forward of the cached (GradCache) step, which gives the full batch's gradient with the
+    # activations of this many sequences held at a time, for one more forward without a graph. 8 keeps MiniLM at 256
+    # tokens near 2.3 GB on CPU and mpnet at 512 tokens near 7 GB (fp32) on a GPU, where up to ~100 fits and runs
+    # faster (docs/DESIGN.md, "Phase-2 memory"); None or 0: the plain step, all 288 sequences' activations at once.
+    mini_batch_size: int | None = 8
+    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory, +30 %)
     length_grouping: bool = True  # batch similar lengths together (less padding)
     allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
     skip_bad: bool = False  # drop unknown ids / queries without positives instead of stopping
     expect_teacher: str | None = None  # refuse a store made by another teacher (model id or path)
     title_join: str = "{title} {text}"  # must match the precompute run's
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    resume: bool = False  # continue from the newest complete checkpoint in out/checkpoints
     num_workers: int = 2  # DataLoader workers
     logging_steps: int = 10
     save_steps: int = 500
@@ -111,6 +118,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "num_negatives"):
             if getattr(self, name) < (0 if name == "num_negatives" else 1):
                 raise DdxError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+        size = self.mini_batch_size
+        if size is not None and not (isinstance(size, int) and size >= 0):
+            raise DdxError(
+                f"TrainConfig.mini_batch_size must be a whole number >= 0 (0: the plain step), got "
+                f"{self.mini_batch_size!r}."
+            )
 
     @property
     def resolved_projection_lr(self) -> float:
@@ -185,6 +198,9 @@ def train(config: TrainConfig) -> TrainResult:
         MissingVectorsError: needed texts have no teacher vector (message has the command to add them).
         BadSourceError: unknown ids, queries without positives, malformed data.
         DimensionMismatchError: the student and projection (or --init run) disagree on dims.
+        DdxError: ``resume`` is set and every checkpoint in ``out/checkpoints`` is incomplete.
+
+    Every error above is raised before the student's weights load (only the dimension check needs them).
     """
     from distill.run import run_training
 

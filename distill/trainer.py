@@ -8,13 +8,16 @@ down, the HF Trainer still gives bf16/fp16, gradient accumulation, warmup and sc
 with optimizer/scheduler/RNG state, exact resume (batch skipping) and DDP via torchrun — with our
 own DataLoader (batch sampler + ``__getitems__``) plugged in through ``get_train_dataloader``.
 
-Phases differ only in the loss and the batch layout handled by :class:`DistillModule`.
+Phases differ only in the loss and the batch layout handled by :class:`DistillModule`. A phase-2 module with a
+``mini_batch_size`` runs the cached step (:mod:`distill.cached_loss`), which does its own two-pass backward:
+:meth:`DistillTrainer.training_step` hands it the Trainer's scaled backward instead of calling it on one loss.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
+from distill.cached_loss import EMBEDDING_KEYS, cached_step
 from distill.losses import Phase1Loss, Phase2Loss
 from distill.model import StudentModelWithProjection
 
@@ -29,30 +33,97 @@ __all__ = ["DistillModule", "DistillTrainer", "JsonLogCallback", "SamplerEpochCa
 
 
 class DistillModule(nn.Module):
-    """Student + projection + the phase's loss; ``forward(**batch)`` returns the loss and its parts."""
+    """Student + projection + the phase's loss; ``forward(**batch)`` returns the loss and its parts.
 
-    def __init__(self, model: StudentModelWithProjection, loss: Phase1Loss | Phase2Loss, phase: int) -> None:
+    ``forward(embed=features)`` embeds one set of token tensors instead (``{"student", "projected"}``): the cached
+    phase-2 step calls it per mini-batch, through the DDP wrapper for the mini-batch whose backward syncs gradients.
+
+    Args:
+        model: The student with its projection.
+        loss: The phase's loss.
+        phase: 1 or 2.
+        mini_batch_size: Phase 2: run :meth:`forward_backward` as the cached step (:mod:`distill.cached_loss`) with
+            this many sequences per forward; ``None`` or 0: the plain step (every sequence of the batch in one graph).
+            Ignored in phase 1, whose loss is per row (there, gradient accumulation bounds memory exactly).
+        gradient_checkpointing: Recompute the student's layer activations in backward instead of keeping them.
+    """
+
+    def __init__(
+        self,
+        model: StudentModelWithProjection,
+        loss: Phase1Loss | Phase2Loss,
+        phase: int,
+        *,
+        mini_batch_size: int | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.model, self.loss, self.phase = model, loss, phase
+        self.mini_batch_size = mini_batch_size if phase == 2 and mini_batch_size else None
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
 
-    def forward(self, **batch: Tensor) -> dict[str, Tensor]:
+    def forward(self, embed: Mapping[str, Tensor] | None = None, **batch: Tensor) -> dict[str, Tensor]:
+        if embed is not None:
+            return self.model(embed)
         if self.phase == 1:
             out = self.model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
             loss, parts = self.loss(out["projected"], batch["teacher"])
         else:
             loss, parts = self._phase2(batch)
-        return {"loss": loss, **{f"loss_{k}": v for k, v in parts.items() if k != "loss"}}
+        return _named(loss, parts)
+
+    def forward_backward(
+        self,
+        batch: dict[str, Tensor],
+        *,
+        backward: Callable[[Tensor], None] = Tensor.backward,
+        synced: nn.Module | None = None,
+    ) -> dict[str, Tensor]:
+        """The loss of one batch, with its gradient accumulated into the parameters' ``.grad``: plain or cached.
+
+        Args:
+            batch: A collated batch of this module's phase.
+            backward: Backpropagates a loss (the trainer passes one that scales for accumulation and fp16).
+            synced: The module as wrapped for DDP (``None``: this one); the plain step runs through it, the cached
+                step runs its last mini-batch through it.
+
+        Returns:
+            ``forward``'s dict: the loss (detached when cached) and its parts.
+        """
+        wrapped = synced if synced is not None else self
+        if self.mini_batch_size is None:
+            out = wrapped(**batch)
+            backward(out["loss"])
+            return out
+        loss, parts = cached_step(
+            batch,
+            mini_batch_size=self.mini_batch_size,
+            embed=lambda features: self(embed=features),
+            embed_synced=lambda features: wrapped(embed=features),
+            loss_from_embeddings=lambda q, p, n: self.phase2_loss(batch, q, p, n),
+            backward=backward,
+        )
+        return _named(loss, parts)
 
     def _encode(self, batch: dict[str, Tensor], name: str) -> dict[str, Tensor]:
         return self.model({"input_ids": batch[f"{name}_input_ids"], "attention_mask": batch[f"{name}_attention_mask"]})
 
     def _phase2(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         q, p = self._encode(batch, "query"), self._encode(batch, "pos")
+        n = self._encode(batch, "neg") if int(batch["neg_mask"].sum()) > 0 else None
+        return self.phase2_loss(batch, q, p, n)
+
+    def phase2_loss(
+        self,
+        batch: Mapping[str, Tensor],
+        q: Mapping[str, Tensor],
+        p: Mapping[str, Tensor],
+        n: Mapping[str, Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Phase2Loss of the batch from its embeddings (``n``: the valid negatives' rows in ``neg_mask`` order)."""
         mask = batch["neg_mask"]
-        negs = {key: self._scatter(None, mask, q[key]) for key in ("student", "projected")}
-        if int(mask.sum()) > 0:
-            n = self._encode(batch, "neg")
-            negs = {key: self._scatter(n[key], mask, q[key]) for key in ("student", "projected")}
+        negs = {key: self._scatter(n[key] if n is not None else None, mask, q[key]) for key in EMBEDDING_KEYS}
         return self.loss(
             query_projected=q["projected"],
             positive_projected=p["projected"],
@@ -74,6 +145,11 @@ class DistillModule(nn.Module):
             return out
         b, k = mask.nonzero(as_tuple=True)
         return out.index_put((b, k), values.to(out.dtype))
+
+
+def _named(loss: Tensor, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{"loss": loss, "loss_<part>": ...}``: what the trainer logs."""
+    return {"loss": loss, **{f"loss_{k}": v for k, v in parts.items() if k != "loss"}}
 
 
 class DistillTrainer(Trainer):
@@ -135,11 +211,37 @@ class DistillTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Tensor | tuple[Tensor, Any]:
         out = model(**inputs)
+        self._record_parts(out)
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        """HF's step, or, when the module has a ``mini_batch_size``, the cached phase-2 step with its own backward.
+
+        The cached step backpropagates twice (loss → embeddings, then embeddings → parameters per mini-batch), so it
+        cannot hand one loss to HF's ``accelerator.backward``. It scales as HF's step does: the loss is divided by
+        the number of accumulated batches (ddx's batches have no ``labels``, so HF never counts items instead) and
+        goes through ``accelerator.backward`` (fp16's loss scaler); the scale then reaches the parameters through the
+        cached gradients. Under DDP the last mini-batch runs through the wrapper ``model``, so HF's ``no_sync`` for
+        the non-final accumulated batches still applies.
+        """
+        module = self.accelerator.unwrap_model(model)
+        if not getattr(module, "mini_batch_size", None):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        with self.compute_loss_context_manager():
+            out = module.forward_backward(
+                inputs, backward=lambda loss: self.accelerator.backward(loss * scale), synced=model
+            )
+        self._record_parts(out)
+        return out["loss"].detach() * scale
+
+    def _record_parts(self, out: dict[str, Tensor]) -> None:
         for key, value in out.items():
             if key.startswith("loss_"):
                 self._parts[key] = self._parts.get(key, 0.0) + float(value)
         self._parts_n += 1
-        return (out["loss"], out) if return_outputs else out["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._parts_n and "loss" in logs:

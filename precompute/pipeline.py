@@ -22,17 +22,18 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from precompute.batching import padding_waste, token_budget_batches
 from precompute.sources import Source, SourceOptions, TextRecord, parse_source
-from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
+from precompute.teacher import TeacherConfig, TeacherEncoder, expected_spec, load_teacher
 from storage.errors import BadSourceError, DdxError
+from storage.fs import Location
 from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
-from storage.segment import SegmentWriter
+from storage.segment import SegmentWriter, claim_and_salvage
 from storage.store import TeacherStore, default_chunk_rows
 
 __all__ = ["PrecomputeConfig", "PrecomputeSummary", "precompute", "resolve_rank"]
@@ -158,7 +159,11 @@ def precompute(
 
 
 def _load_teacher(config: PrecomputeConfig) -> TeacherEncoder:
-    """``load_teacher``; under ``progress=False`` transformers' own "Loading weights" bar stays off too."""
+    """``load_teacher``, once the store is known to take this teacher's vectors as far as the files tell.
+
+    Under ``progress=False`` transformers' own "Loading weights" bar stays off too.
+    """
+    _check_store_before_loading(config)
     if config.progress:
         return load_teacher(config.teacher)
     from transformers.utils import logging as hf_logging
@@ -172,13 +177,46 @@ def _load_teacher(config: PrecomputeConfig) -> TeacherEncoder:
             hf_logging.enable_progress_bar()
 
 
+def _check_store_before_loading(config: PrecomputeConfig) -> None:
+    """Refuse an existing store of another teacher spec from the config and the model's files alone.
+
+    Loading gte-Qwen2-7B takes minutes; every spec field but a few exotic cases is settled by the config and the
+    model folder's JSON files (:func:`precompute.teacher.expected_spec`), so a mismatch is found in seconds. The
+    store is checked again against the loaded model's full spec (``open_or_create``).
+
+    Raises:
+        FingerprintMismatchError, DimensionMismatchError: as ``TeacherStore.open`` with the full spec would.
+    """
+    loc = Location(config.store)
+    if not (loc.isdir() and loc.exists("zarr.json")):
+        return  # a new store is created from the loaded model's spec
+    stored = TeacherStore.open(config.store).spec
+    stored.check_matches(replace(stored, **expected_spec(config.teacher)), loc.url)
+
+
 def _salvage_all(store: TeacherStore, wait_s: float = 300.0) -> list[tuple[str, int]]:
-    """Salvage abandoned segments (each under its lock, so concurrent ranks split the work)."""
-    done = store.salvage()
+    """Salvage abandoned segments; returns (segment, rows) for those this process committed.
+
+    Each segment is salvaged under its claim, so of many processes starting at once (torchrun ranks
+    after a crash) exactly one commits it and reports its rows. The others wait until it is done, so
+    their scan counts its rows as stored instead of encoding them again. A salvager that dies releases
+    its claim and the next try here finishes the job; after ``wait_s`` this run goes on regardless.
+    """
+    pending = {s for s, state in store.uncommitted_segments() if state in ("abandoned", "salvaging")}
+    done: list[tuple[str, int]] = []
     deadline = time.monotonic() + wait_s
-    while any(state == "abandoned" for _, state in store.uncommitted_segments()) and time.monotonic() < deadline:
-        time.sleep(0.2)  # another rank is salvaging it right now
-        done += store.salvage()
+    while pending and time.monotonic() < deadline:
+        for seg_id in sorted(pending):
+            result = claim_and_salvage(store.loc, seg_id)
+            if result.outcome == "busy":
+                continue  # another process is salvaging it right now
+            pending.discard(seg_id)
+            if result.outcome == "salvaged":
+                done.append((seg_id, result.rows))
+            elif result.outcome == "damaged":
+                warnings.warn(result.detail, stacklevel=3)
+        if pending:
+            time.sleep(0.05)
     store.refresh()
     return done
 
@@ -203,6 +241,18 @@ def _block_keys(block: list[TextRecord]) -> np.ndarray:
     return content_keys([r.role for r in block], [r.text for r in block])
 
 
+def _key_blocks(sources: list[Source], roles: tuple[str, ...]) -> Iterator[tuple[int, str, np.ndarray]]:
+    """Pass 1's reading: ``(source index, role, content keys)`` per block, the texts read as columns."""
+    for i, source in enumerate(sources):
+        for block in source.iter_text_blocks():  # every role: bad input of any role stops the run here
+            if block.role not in roles:
+                continue
+            if (row := block.first_blank()) is not None:
+                origin, rid = block.origins[row] or source.spec, block.ids[row]
+                raise BadSourceError(f"{origin}: empty text for id {rid!r} ({block.role}).")
+            yield i, block.role, block.keys()
+
+
 def _scan(
     sources: list[Source],
     store: TeacherStore,
@@ -215,15 +265,10 @@ def _scan(
     seen = KeySet()
     todo_parts: list[np.ndarray] = []
     per_source: list[dict[str, Any]] = [{"spec": s.spec, "queries": 0, "passages": 0} for s in sources]
-    for i, block in _iter_blocks(sources, config.roles):
-        keys = _block_keys(block)
-        n_query = sum(r.role == "query" for r in block)
-        per_source[i]["queries"] += n_query
-        per_source[i]["passages"] += len(block) - n_query
-        summary.texts_read += len(block)
-        keys = keys[first_occurrence(keys)]
-        keys = keys[~seen.contains(keys)]
-        seen.add(keys)
+    for i, role, keys in _key_blocks(sources, config.roles):
+        per_source[i]["queries" if role == "query" else "passages"] += len(keys)
+        summary.texts_read += len(keys)
+        keys = keys[seen.add_new(keys)]  # first occurrences of keys not seen before: O(block), whatever was seen
         summary.unique_texts += len(keys)
         stored = store.contains(keys)
         summary.already_stored += int(stored.sum())

@@ -21,7 +21,7 @@ from storage.errors import DdxError
 from storage.fs import default_cache_dir
 from storage.spec import POOLING_MODES, TeacherSpec
 
-__all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "load_teacher", "weights_identity"]
+__all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "expected_spec", "load_teacher", "weights_identity"]
 
 GTE_QWEN2_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
 
@@ -155,14 +155,18 @@ def default_device() -> str:
     return "cpu"
 
 
+def _device_and_dtype(cfg: TeacherConfig) -> tuple[str, str]:
+    device = cfg.device or default_device()
+    return device, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def load_teacher(config: TeacherConfig) -> TeacherEncoder:
     """Load the teacher named by ``config`` and return an encoder that knows its exact spec."""
     import torch
     from sentence_transformers import SentenceTransformer
 
     cfg = config.resolved()
-    device = cfg.device or default_device()
-    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = _device_and_dtype(cfg)
     folder, weights_id = weights_identity(cfg.model, cfg.revision)
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
     try:
@@ -180,6 +184,117 @@ def load_teacher(config: TeacherConfig) -> TeacherEncoder:
         )
     _apply_overrides(model, cfg)
     return TeacherEncoder(model, _spec_of(model, cfg, weights_id, dtype), device)
+
+
+def expected_spec(config: TeacherConfig) -> dict[str, Any]:
+    """The TeacherSpec fields ``load_teacher(config)`` will report, read from the config and the model's files.
+
+    No weights are loaded (the weights id hashes the files, cached by size and mtime), so a store of another
+    teacher spec is refused in seconds instead of after minutes of loading a 7B teacher. A field the files do
+    not settle (a module type ddx does not model, a tokenizer whose padding side is a class default) is left
+    out: the check on the loaded model still covers it.
+
+    Example:
+        >>> expected_spec(TeacherConfig(model="models/tiny", normalize=False))  # doctest: +SKIP
+        {'model': 'models/tiny', 'weights_id': 'files:…', 'dtype': 'float32', 'normalize': False, 'dim': 32, …}
+    """
+    cfg = config.resolved()
+    folder, weights_id = weights_identity(cfg.model, cfg.revision)
+    spec: dict[str, Any] = {"model": cfg.model, "weights_id": weights_id, "dtype": _device_and_dtype(cfg)[1]}
+    spec.update(_prompts_from_files(Path(folder), cfg))
+    overrides = {"normalize": cfg.normalize, "max_seq_length": cfg.max_seq_length, "padding_side": cfg.padding_side}
+    modules = _read_any_json(Path(folder) / "modules.json")
+    if isinstance(modules, list):  # without modules.json, sentence-transformers builds its own: leave it to the load
+        spec.update(_modules_spec(Path(folder), modules, cfg))
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    return spec
+
+
+def _read_any_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prompts_from_files(folder: Path, cfg: TeacherConfig) -> dict[str, str]:
+    """Query and passage prompts: the user's, else those the model saved ("" for none, as sentence-transformers)."""
+    path = folder / "config_sentence_transformers.json"
+    saved = _read_any_json(path) if path.exists() else {}
+    prompts = (saved.get("prompts") or {}) if isinstance(saved, dict) else None  # None: unreadable, leave it
+    out: dict[str, str] = {}
+    if cfg.query_prompt is not None:
+        out["query_prompt"] = cfg.query_prompt
+    elif isinstance(prompts, dict):
+        out["query_prompt"] = prompts.get("query") or ""
+    if cfg.passage_prompt is not None:
+        out["passage_prompt"] = cfg.passage_prompt
+    elif isinstance(prompts, dict):
+        out["passage_prompt"] = prompts.get("passage", prompts.get("document")) or ""
+    return out
+
+
+def _modules_spec(folder: Path, modules: list[Any], cfg: TeacherConfig) -> dict[str, Any]:
+    """Pooling, normalize, dim, max length and padding side from modules.json and each module's config."""
+    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], folder / str(m.get("path", ""))) for m in modules]
+    out: dict[str, Any] = {"normalize": any(kind == "Normalize" for kind, _ in kinds)}
+    dim: int | None = None
+    for kind, path in kinds:
+        if kind == "Pooling":  # an overridden pooling keeps the output width (see _apply_overrides)
+            modes, width = _pooling_config(path)
+            if cfg.pooling or (len(modes) == 1 and modes[0] in POOLING_MODES):
+                out["pooling"] = cfg.pooling or modes[0]
+            dim = width * len(modes) if modes and width else None
+        elif kind == "Dense":
+            dense = _read_any_json(path / "config.json")
+            dim = dense.get("out_features") if isinstance(dense, dict) else None
+        elif kind not in ("Transformer", "Normalize"):
+            dim = None  # a module ddx does not model may change the output: leave dim to the load
+            break
+    if dim is not None:
+        out["dim"] = int(dim)
+    transformer = next((path for kind, path in kinds if kind == "Transformer"), None)
+    if transformer is not None:
+        out.update(_tokenizer_spec(transformer))
+    return out
+
+
+def _pooling_config(path: Path) -> tuple[list[str], int | None]:
+    """(pooling modes, token embedding width) of a Pooling module, in either of its config formats."""
+    conf = _read_any_json(path / "config.json")
+    if not isinstance(conf, dict):
+        return [], None
+    width = conf.get("embedding_dimension", conf.get("word_embedding_dimension"))
+    mode = conf.get("pooling_mode")
+    if mode is None:  # the format before sentence-transformers 6: one flag per mode, "mean" when none is set
+        flags = {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}
+        flags |= {"mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "weightedmean_tokens": "weightedmean"}
+        flags |= {"lasttoken": "lasttoken"}
+        mode = [m for key, m in flags.items() if conf.get(f"pooling_mode_{key}")] or ["mean"]
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    return modes, width if isinstance(width, int) else None
+
+
+def _tokenizer_spec(module: Path) -> dict[str, Any]:
+    """max_seq_length and padding side as sentence-transformers >= 6 sets them when it loads the Transformer."""
+    st_conf = _read_any_json(module / "sentence_bert_config.json")
+    st_conf = st_conf if isinstance(st_conf, dict) else {}
+    if any(k in st_conf for k in ("processor_kwargs", "tokenizer_args", "config_kwargs", "tokenizer_name_or_path")):
+        return {}  # tokenizer settings come from elsewhere: leave them to the load
+    tok = _read_any_json(module / "tokenizer_config.json")
+    tok = tok if isinstance(tok, dict) else {}
+    out: dict[str, Any] = {}
+    if tok.get("padding_side") in ("left", "right"):
+        out["padding_side"] = tok["padding_side"]
+    if isinstance(st_conf.get("max_seq_length"), int):
+        out["max_seq_length"] = st_conf["max_seq_length"]
+        return out
+    model_conf = _read_any_json(module / "config.json")
+    positions = model_conf.get("max_position_embeddings") if isinstance(model_conf, dict) else None
+    limit = tok.get("model_max_length")
+    if isinstance(limit, int) and isinstance(positions, int) and positions != -1:
+        out["max_seq_length"] = min(limit, positions)  # the tokenizer's limit, capped at the model's positions
+    return out
 
 
 def _apply_overrides(model: Any, cfg: TeacherConfig) -> None:

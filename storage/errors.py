@@ -45,7 +45,15 @@ class FormatVersionError(DdxError):
 
 
 class IntegrityError(DdxError):
-    """Stored bytes do not match their checksums or counts."""
+    """Stored bytes do not match their checksums or counts.
+
+    ``damage`` (a :class:`storage.metadata.Damage`, when the raiser knows it) names the file and what is
+    wrong, so ``verify`` can report it without parsing the message.
+    """
+
+    def __init__(self, message: str, damage: object | None = None) -> None:
+        super().__init__(message)
+        self.damage = damage
 
 
 class BadSourceError(DdxError):

@@ -15,7 +15,7 @@ import errno
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -104,10 +104,11 @@ class Location:
 
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries directly below ``parts``; [] when it does not exist."""
-        path = self.join(*parts)
-        if not self.fs.exists(path):
+        try:
+            listing = self.fs.ls(self.join(*parts), detail=False)
+        except FileNotFoundError:  # absent, or removed by another process while we looked
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing)
 
     def read_bytes(self, *parts: str) -> bytes:
         return bytes(self.fs.cat_file(self.join(*parts)))
@@ -133,17 +134,56 @@ class Location:
         self.fs.makedirs(self.join(*parts), exist_ok=True)
 
     def remove(self, *parts: str) -> None:
-        """Remove a file or a whole directory tree (no error if absent)."""
+        """Remove a file or a whole directory tree; no error if absent or if another process removes it too.
+
+        A local directory is first renamed to a hidden sibling (``.<name>.<random>.removing``), so others
+        see it whole or not at all, never half deleted; the hidden copy is then deleted, skipping entries
+        that vanish meanwhile. A crash mid-way leaves only the hidden copy (``ddx cache gc`` sweeps it).
+        """
         path = self.join(*parts)
-        if self.fs.exists(path):
+        if self.is_local:
+            _remove_local(Path(path))
+            return
+        try:
             self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            if self.fs.exists(path):  # another process removed part of the tree meanwhile: remove the rest
+                self.fs.rm(path, recursive=True)
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Create a file holding ``data`` only if nothing is there yet; False when it already exists.
+
+        Locally ``O_CREAT | O_EXCL``; on fsspec filesystems ``open(mode="xb")``, a conditional PUT where
+        the backend implements it (s3fs, gcsfs, the memory filesystem). A backend without exclusive
+        create falls back to check-then-write, which two processes can both pass.
+        """
+        path = self.join(*parts)
+        if self.is_local:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError):
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+        return True
 
     def size(self, *parts: str) -> int:
         """Total bytes of a file or of every file below a directory."""
         path = self.join(*parts)
-        if not self.fs.exists(path):
+        try:
+            return int(self.fs.du(path, total=True)) if self.fs.isdir(path) else int(self.fs.size(path))
+        except FileNotFoundError:  # absent, or removed by another process while we counted
             return 0
-        return int(self.fs.du(path, total=True)) if self.fs.isdir(path) else int(self.fs.size(path))
 
     def zarr_store(self):  # -> zarr.abc.store.Store
         """A zarr v3 store over the root (LocalStore for paths, FsspecStore for URLs)."""
@@ -155,6 +195,33 @@ class Location:
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
+
+
+def _remove_local(path: Path) -> None:
+    """Remove a local file or tree; entries another process removes meanwhile are skipped, not errors."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    hidden = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.removing")
+    try:
+        os.rename(path, hidden)  # atomic: the name is gone at once, whatever the deletion below meets
+    except FileNotFoundError:
+        return
+    _remove_tree(hidden)
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _remove_tree(Path(entry.path))
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+    with suppress(FileNotFoundError):
+        os.rmdir(path)
 
 
 def _write_local_atomic(path: Path, data: bytes) -> None:

@@ -1,17 +1,16 @@
-"""Looking after a store: what is in it (info), is it intact (verify), and cleaning up (gc)."""
+"""Looking after a store: what is in it (info), is it intact (verify), and cleaning up (gc).
+
+``verify_store`` lives in :mod:`storage.verify` (it checks every file) and is re-exported here.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from storage.keys import ROLES
-from storage.segment import SEGMENTS, SegmentReader, read_index_bytes
+from storage.segment import SEGMENTS, claim_and_salvage, indexed_rows
 from storage.store import TeacherStore
+from storage.verify import VerifyReport, verify_store
 
 __all__ = ["VerifyReport", "gc_store", "store_info", "verify_store"]
 
@@ -51,80 +50,14 @@ def store_info(store: TeacherStore) -> dict[str, Any]:
     }
 
 
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify_store`: ``problems`` is empty when the store is intact."""
-
-    segments: int = 0
-    rows: int = 0
-    chunks: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "segments": self.segments,
-            "rows": self.rows,
-            "chunks": self.chunks,
-            "problems": self.problems,
-            "notes": self.notes,
-        }
-
-
-def verify_store(store: TeacherStore) -> VerifyReport:
-    """Check every committed segment: COMMIT, index checksum and rows, array shape, chunk checksums."""
-    report = VerifyReport()
-    for seg in store.segments:
-        report.segments += 1
-        report.rows += seg.rows
-        report.chunks += seg.n_chunks
-        report.problems.extend(f"segment {seg.seg_id}: {p}" for p in _verify_segment(store, seg))
-    for seg_id, state in store.uncommitted_segments():
-        what = (
-            "a writer is still running"
-            if state == "active"
-            else "left by a crashed run; the next precompute salvages it, 'ddx cache gc' removes it"
-        )
-        report.notes.append(f"segment {seg_id} is uncommitted ({what})")
-    if store.segments and not report.problems and store.index.duplicates:  # a damaged index may not load
-        report.notes.append(
-            f"{store.index.duplicates} rows repeat a key stored in an earlier segment (harmless: lookups use the first)"
-        )
-    return report
-
-
-def _verify_segment(store: TeacherStore, seg: SegmentReader) -> list[str]:
-    problems = []
-    try:
-        data = store.loc.read_bytes(SEGMENTS, seg.seg_id, "index.parquet")
-    except FileNotFoundError:
-        return ["index.parquet is missing"]
-    if hashlib.sha256(data).hexdigest() != seg.commit.get("index_sha256"):
-        problems.append("index.parquet does not match the checksum in COMMIT")
-    try:
-        cols = read_index_bytes(data)
-    except Exception as exc:  # any parse failure is damage to report
-        return [*problems, f"index.parquet is unreadable ({exc})"]
-    if len(cols.rows) != seg.rows or not np.array_equal(np.sort(cols.rows), np.arange(seg.rows)):
-        problems.append(f"index covers {len(cols.rows)} rows, not rows 0..{seg.rows - 1} exactly once")
-    if len(np.unique(cols.keys)) != len(cols.keys):
-        problems.append("index holds a key twice")
-    meta = json.loads(store.loc.read_bytes(SEGMENTS, seg.seg_id, "vectors", "zarr.json"))
-    if list(meta["shape"]) != [seg.rows, store.dim]:
-        problems.append(f"vector array shape {meta['shape']} != ({seg.rows}, {store.dim})")
-    if meta["data_type"] != store.dtype:
-        problems.append(f"vector dtype {meta['data_type']} != store dtype {store.dtype}")
-    problems.extend(p for c in range(seg.n_chunks) if (p := seg.verify_chunk(c)))
-    return problems
-
-
 def gc_store(store: TeacherStore, *, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Remove segments abandoned by crashed runs (never a committed or a running one).
+    """Clean up after crashed runs without ever deleting a row that could be kept.
+
+    An abandoned segment whose index describes rows is salvaged (committed, as the next precompute
+    would), one that provably holds nothing is removed, each under the segment's claim
+    (:func:`storage.segment.claim_and_salvage`); committed, running and damaged segments are left alone.
+    Leftovers of an interrupted removal (hidden ``*.removing`` copies, see :meth:`Location.remove`)
+    are deleted too.
 
     Returns what was (or, with ``dry_run``, would be) removed: segment id and bytes.
     """
@@ -132,7 +65,31 @@ def gc_store(store: TeacherStore, *, dry_run: bool = False) -> list[dict[str, An
     for seg_id, state in store.uncommitted_segments():
         if state != "abandoned":
             continue
-        removed.append({"id": seg_id, "bytes": store.loc.size(SEGMENTS, seg_id)})
+        size = store.loc.size(SEGMENTS, seg_id)
+        if dry_run:
+            if indexed_rows(store.loc, seg_id) == 0:
+                removed.append({"id": seg_id, "bytes": size})
+        elif claim_and_salvage(store.loc, seg_id).outcome == "removed":
+            removed.append({"id": seg_id, "bytes": size})
+    for parts in _interrupted_removals(store):
+        removed.append({"id": "/".join(parts[1:]), "bytes": store.loc.size(*parts)})
         if not dry_run:
-            store.loc.remove(SEGMENTS, seg_id)
+            store.loc.remove(*parts)
+    if not dry_run:
+        store.refresh()  # salvaged segments are committed now
     return removed
+
+
+def _interrupted_removals(store: TeacherStore) -> list[tuple[str, ...]]:
+    """Hidden copies a crash left mid-way through a removal: whole segments, or a committed segment's parts/."""
+    found: list[tuple[str, ...]] = []
+    for name in store.loc.listdir(SEGMENTS):
+        if _is_removing(name):
+            found.append((SEGMENTS, name))
+        elif not name.startswith(".") and store.loc.isdir(SEGMENTS, name):
+            found += [(SEGMENTS, name, n) for n in store.loc.listdir(SEGMENTS, name) if _is_removing(n)]
+    return found
+
+
+def _is_removing(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".removing")

@@ -2,23 +2,24 @@
 
 A reader memory-maps the chunk files of a local store (plain layout, see :mod:`storage.segment_format`)
 and reads through zarr otherwise. An uncommitted segment is *active* while its writer holds the lock
-(local) or beats its heartbeat (remote), else *abandoned*: :func:`salvage_segment` commits the rows
-its index parts cover. The writer lives in :mod:`storage.segment_writer`; its names are re-exported
-here, so ``storage.segment`` stays the one import path for segments.
+(local) or beats its heartbeat (remote), else *abandoned*: :func:`claim_and_salvage` commits the rows
+its index describes, under the segment's claim (:mod:`storage.claim`), so that of any number of
+processes recovering it exactly one acts. The writer lives in :mod:`storage.segment_writer`; its names
+are re-exported here, so ``storage.segment`` stays the one import path for segments.
 """
 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import json
-import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import google_crc32c
 import numpy as np
 
-from storage.errors import IntegrityError
+from storage.claim import claim_held, flock_held, segment_claim
 from storage.fs import Location
 from storage.segment_format import (
     SEGMENTS,
@@ -30,13 +31,17 @@ from storage.segment_format import (
     read_parts,
     write_commit,
 )
+from storage.segment_reader import SegmentReader
 from storage.segment_writer import SegmentWriter
 
 __all__ = [
     "SEGMENTS",
     "IndexColumns",
+    "SalvageResult",
     "SegmentReader",
     "SegmentWriter",
+    "claim_and_salvage",
+    "indexed_rows",
     "new_segment_id",
     "read_index_bytes",
     "salvage_segment",
@@ -47,28 +52,28 @@ STALE_HEARTBEAT_S = 15 * 60  # a remote writer silent this long is presumed dead
 
 
 def segment_state(loc: Location, seg_id: str) -> str:
-    """'committed', 'active' (a live writer holds it) or 'abandoned' (its writer died)."""
+    """'committed', 'active' (a live writer holds it), 'salvaging' (a process holds its claim),
+    'abandoned' (its writer died; free to claim) or 'gone' (no such segment, or removed meanwhile)."""
     if loc.exists(SEGMENTS, seg_id, "COMMIT"):
         return "committed"
+    if not loc.isdir(SEGMENTS, seg_id):
+        return "gone"
+    if _writer_alive(loc, seg_id):
+        return "active"
+    return "salvaging" if claim_held(loc, seg_id) else "abandoned"
+
+
+def _writer_alive(loc: Location, seg_id: str) -> bool:
+    """The writer's flock is held (local), or its heartbeat is fresh (remote)."""
     lock = loc.local_path(SEGMENTS, seg_id, ".lock")
     if lock is not None:
-        if not lock.exists():
-            return "active" if _just_created(seg_id) else "abandoned"
-        import fcntl
-
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "active"
-        finally:
-            os.close(fd)
-        return "abandoned"
+        held = flock_held(lock)
+        return _just_created(seg_id) if held is None else held
     try:
         beat = json.loads(loc.read_bytes(SEGMENTS, seg_id, "HEARTBEAT"))["time"]
     except (FileNotFoundError, KeyError, ValueError):
-        return "active" if _just_created(seg_id) else "abandoned"
-    return "active" if time.time() - beat < STALE_HEARTBEAT_S else "abandoned"
+        return _just_created(seg_id)
+    return bool(time.time() - beat < STALE_HEARTBEAT_S)
 
 
 def _just_created(seg_id: str) -> bool:
@@ -84,32 +89,124 @@ def _just_created(seg_id: str) -> bool:
     return time.time() - started < STALE_HEARTBEAT_S
 
 
-def salvage_segment(loc: Location, seg_id: str) -> int:
-    """Commit the rows an abandoned segment's index parts cover; returns how many (0: removed).
+@dataclasses.dataclass(frozen=True)
+class SalvageResult:
+    """What :func:`claim_and_salvage` did to one segment.
 
-    Rows past the last part (written but never indexed) are dropped: that is the at-most-one-flush
-    loss a crash costs. A segment with nothing to keep is deleted.
+    ``outcome``: 'salvaged' (this call committed ``rows`` rows), 'removed' (it held nothing; this call
+    deleted it), 'busy' (another process holds its claim: wait, then ask again), 'done' (another process
+    committed or removed it first), 'active' (its writer is alive) or 'damaged' (its index describes
+    rows that cannot be read back; left in place, ``detail`` says why).
     """
+
+    segment: str
+    outcome: Literal["salvaged", "removed", "busy", "done", "active", "damaged"]
+    rows: int = 0
+    detail: str = ""
+
+
+def claim_and_salvage(loc: Location, seg_id: str) -> SalvageResult:
+    """Salvage an abandoned segment under its claim: exactly one of any number of racing processes acts.
+
+    The rows its index describes (``index.parquet`` when the segment lost only its COMMIT, else its
+    index parts) are committed once every chunk holding them passes its checksum. Rows past the last
+    part (written but never indexed) are dropped: the at-most-one-flush loss a crash costs. Only a
+    segment that provably holds nothing (no index rows) is removed; one whose rows cannot all be
+    verified is left untouched ('damaged') for a person to look at, and precompute encodes its texts
+    again. Every step is safe to repeat, so when a salvager dies mid-way the next one finishes.
+
+    Example:
+        >>> claim_and_salvage(store.loc, seg_id)  # doctest: +SKIP
+        SalvageResult(segment='2024...', outcome='salvaged', rows=120, detail='')
+    """
+    with segment_claim(loc, seg_id) as mine:
+        state = segment_state(loc, seg_id)  # re-checked under the claim: another process may have finished
+        if state in ("committed", "gone"):
+            return SalvageResult(seg_id, "done")
+        if state == "active":
+            return SalvageResult(seg_id, "active")
+        if not mine:
+            return SalvageResult(seg_id, "busy")
+        return _salvage_claimed(loc, seg_id)
+
+
+def salvage_segment(loc: Location, seg_id: str) -> int:
+    """Rows this call committed of an abandoned segment (0: it held nothing, or another process acted).
+
+    The older interface of :func:`claim_and_salvage`, which says what happened.
+    """
+    return claim_and_salvage(loc, seg_id).rows
+
+
+def _salvage_claimed(loc: Location, seg_id: str) -> SalvageResult:
+    """Commit exactly the rows the segment's index describes once each is verified, or touch nothing."""
+    try:
+        index = _recorded_index(loc, seg_id)
+    except Exception as exc:  # pyarrow raises several types for damaged parquet: all mean "unreadable"
+        return _damaged(seg_id, f"its index cannot be read ({type(exc).__name__}: {exc})")
+    n = len(index.rows)
+    if n == 0:
+        loc.remove(SEGMENTS, seg_id)  # provably holds nothing: no index rows anywhere
+        return SalvageResult(seg_id, "removed")
+    order = np.argsort(index.rows, kind="stable")
+    if _first_gap(index.rows[order]) != n:  # parts follow their chunk writes: a crash never leaves a gap
+        return _damaged(seg_id, f"its index does not describe rows 0..{n - 1} exactly once")
     try:
         array = _zarr_array(loc, seg_id)
-    except Exception:  # no readable array: nothing to keep
-        loc.remove(SEGMENTS, seg_id)
-        return 0
-    parts = read_parts(loc, seg_id)
-    index = IndexColumns.concat(parts)
-    if len(index.keys) == 0:
-        loc.remove(SEGMENTS, seg_id)
-        return 0
-    order = np.argsort(index.rows, kind="stable")
-    index = IndexColumns(index.keys[order], index.rows[order], index.roles[order], index.n_tokens[order])
-    gaps = np.flatnonzero(index.rows != np.arange(len(index.rows)))
-    keep = int(gaps[0]) if len(gaps) else len(index.rows)  # rows 0..keep-1 are all covered
-    index = IndexColumns(index.keys[:keep], index.rows[:keep], index.roles[:keep], index.n_tokens[:keep])
+    except Exception as exc:  # zarr raises several types for a missing or damaged array
+        return _damaged(seg_id, f"its index describes {n} rows but vectors/ cannot be read ({exc})")
+    if array.shape[0] < n:
+        return _damaged(seg_id, f"its index describes {n} rows but vectors/ holds {array.shape[0]}")
     chunk_rows = int(array.chunks[0])
-    array.resize((keep, array.shape[1]))
-    crcs = [_read_chunk_trailer(loc, seg_id, i) for i in range(n_chunks(keep, chunk_rows))]
-    write_commit(loc, seg_id, index, crcs, chunk_rows, array, salvaged=True)
-    return keep
+    crcs = _checked_chunk_crcs(loc, seg_id, n, chunk_rows)
+    if len(crcs) < n_chunks(n, chunk_rows):
+        return _damaged(seg_id, f"chunk {len(crcs)} of vectors/ is missing or fails its checksum")
+    write_commit(loc, seg_id, index.take(order), crcs, chunk_rows, array, salvaged=True)
+    return SalvageResult(seg_id, "salvaged", rows=n)
+
+
+def indexed_rows(loc: Location, seg_id: str) -> int | None:
+    """Rows an uncommitted segment's index describes (0: it provably holds nothing); None when unreadable."""
+    try:
+        return len(_recorded_index(loc, seg_id).rows)
+    except Exception:  # pyarrow raises several types for damaged parquet: all mean "unreadable"
+        return None
+
+
+def _recorded_index(loc: Location, seg_id: str) -> IndexColumns:
+    """index.parquet when present (a commit got that far), else the concatenated index parts."""
+    try:
+        return read_index_bytes(loc.read_bytes(SEGMENTS, seg_id, "index.parquet"))
+    except FileNotFoundError:
+        return IndexColumns.concat(read_parts(loc, seg_id))
+
+
+def _first_gap(sorted_rows: np.ndarray) -> int:
+    gaps = np.flatnonzero(sorted_rows != np.arange(len(sorted_rows)))
+    return int(gaps[0]) if len(gaps) else len(sorted_rows)
+
+
+def _checked_chunk_crcs(loc: Location, seg_id: str, rows: int, chunk_rows: int) -> list[int]:
+    """CRC32C of each chunk holding rows 0..rows-1 (data checked against its trailer), up to the first bad one."""
+    crcs = []
+    for i in range(n_chunks(rows, chunk_rows)):
+        try:
+            data = loc.read_bytes(*chunk_file(seg_id, i))
+        except FileNotFoundError:
+            break
+        crc = int(google_crc32c.value(data[:-4]))
+        if len(data) <= 4 or crc != int.from_bytes(data[-4:], "little"):
+            break
+        crcs.append(crc)
+    return crcs
+
+
+def _damaged(seg_id: str, why: str) -> SalvageResult:
+    return SalvageResult(
+        seg_id,
+        "damaged",
+        detail=f"Uncommitted segment {seg_id!r} was left in place: {why}. Run 'ddx cache verify' on the store.",
+    )
 
 
 def _zarr_array(loc: Location, seg_id: str) -> Any:
@@ -117,101 +214,3 @@ def _zarr_array(loc: Location, seg_id: str) -> Any:
     import zarr
 
     return zarr.open_array(store=loc.zarr_store(), path=f"{SEGMENTS}/{seg_id}/vectors", mode="r+")
-
-
-def _read_chunk_trailer(loc: Location, seg_id: str, chunk: int) -> int:
-    data = loc.read_bytes(*chunk_file(seg_id, chunk))
-    return int.from_bytes(data[-4:], "little")
-
-
-class SegmentReader:
-    """Read access to one committed segment: its index and its chunk memory maps."""
-
-    def __init__(self, loc: Location, seg_id: str) -> None:
-        self.loc, self.seg_id = loc, seg_id
-        self.commit: dict[str, Any] = json.loads(loc.read_bytes(SEGMENTS, seg_id, "COMMIT"))
-        self.rows: int = int(self.commit["rows"])
-        self.chunk_rows: int = int(self.commit["chunk_rows"])
-        meta = json.loads(loc.read_bytes(SEGMENTS, seg_id, "vectors", "zarr.json"))
-        self.dim = int(meta["shape"][1])
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self._plain = _is_plain_layout(meta, self.chunk_rows)
-        self._maps: dict[int, np.ndarray] = {}
-        self._array: Any = None
-
-    @property
-    def n_chunks(self) -> int:
-        return n_chunks(self.rows, self.chunk_rows)
-
-    def index(self) -> IndexColumns:
-        return read_index_bytes(self.loc.read_bytes(SEGMENTS, self.seg_id, "index.parquet"))
-
-    def chunk(self, i: int) -> np.ndarray:
-        """Rows of chunk ``i`` (a read-only memory map for local stores; padded rows included)."""
-        cached = self._maps.get(i)
-        if cached is not None:
-            return cached
-        path = self.loc.local_path(*chunk_file(self.seg_id, i))
-        if path is not None and self._plain:
-            expected = self.chunk_rows * self.dim * self.dtype.itemsize + 4
-            size = path.stat().st_size if path.exists() else -1
-            if size != expected:
-                raise IntegrityError(
-                    f"Chunk file {path} has {size} bytes, expected {expected}. Run 'ddx cache verify {self.loc.url}'."
-                )
-            arr: np.ndarray = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.dim))
-        else:
-            arr = self._zarr_chunk(i)
-        self._maps[i] = arr
-        return arr
-
-    def _zarr_chunk(self, i: int) -> np.ndarray:
-        if self._array is None:
-            import zarr
-
-            path = f"{SEGMENTS}/{self.seg_id}/vectors"
-            self._array = zarr.open_array(store=self.loc.zarr_store(), path=path, mode="r")
-        stop = min((i + 1) * self.chunk_rows, self.rows)
-        out = np.zeros((self.chunk_rows, self.dim), dtype=self.dtype)
-        out[: stop - i * self.chunk_rows] = self._array[i * self.chunk_rows : stop]
-        return out
-
-    def verify_chunk(self, i: int) -> str | None:
-        """None when chunk ``i`` matches its trailer and COMMIT's checksum, else what is wrong."""
-        try:
-            data = self.loc.read_bytes(*chunk_file(self.seg_id, i))
-        except FileNotFoundError:
-            return f"chunk {i} is missing"
-        expected_len = self.chunk_rows * self.dim * self.dtype.itemsize + 4
-        if len(data) != expected_len:
-            return f"chunk {i} has {len(data)} bytes, expected {expected_len}"
-        computed = int(google_crc32c.value(data[:-4]))
-        trailer = int.from_bytes(data[-4:], "little")
-        recorded = self.commit["chunk_crc32c"][i] if i < len(self.commit["chunk_crc32c"]) else None
-        if computed != trailer or computed != recorded:
-            return f"chunk {i} checksum mismatch (computed {computed:08x}, file {trailer:08x}, COMMIT {recorded})"
-        return None
-
-    def close(self) -> None:
-        """Drop this reader's maps; each unmaps once no array still views it.
-
-        Closing the mmap here would leave views handed out earlier (``iter_batches`` yields views)
-        pointing at unmapped memory: reading them crashes the process.
-        """
-        self._maps.clear()
-
-
-def _is_plain_layout(meta: dict[str, Any], chunk_rows: int) -> bool:
-    """True when chunk files are raw little-endian rows + crc32c at the default keys (memory-mappable)."""
-    codecs = [c.get("name") for c in meta.get("codecs", [])]
-    endian = (meta.get("codecs") or [{}])[0].get("configuration", {}).get("endian", "little")
-    enc = meta.get("chunk_key_encoding", {})
-    sep = enc.get("configuration", {}).get("separator", "/")
-    chunk_shape = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", [None])
-    return (
-        codecs == ["bytes", "crc32c"]
-        and endian == "little"
-        and enc.get("name") == "default"
-        and sep == "/"
-        and chunk_shape[0] == chunk_rows
-    )

@@ -5,8 +5,14 @@ A segment is one writer's immutable slice of a store. Layout of ``segments/<id>/
     zarr.json          group; attributes name the writer
     vectors/           Zarr v3 array (rows, dim), chunks of ``chunk_rows`` rows, codecs bytes + crc32c
     parts/part-N.parquet  key index of the rows flushed so far (while the segment is open)
-    index.parquet      key, row, role, n_tokens of every row (written at commit)
-    COMMIT             JSON, written last and atomically: rows, chunk checksums, index sha256
+    index.parquet      key, row, role, n_tokens, crc32c of every row (written at commit)
+    COMMIT             JSON, written last and atomically: rows, chunk checksums, index sha256, sealed
+
+Row checksums (format 2): ``crc32c`` is CRC32C(key ‖ the row's stored bytes), recorded when the row
+is appended. Readers check it on every row they gather, so a changed byte in a chunk, or an index
+line that points a key at another row, is an ``IntegrityError`` instead of a wrong vector. Binding
+the key matters: a checksum of the row alone would still match when two index lines trade keys.
+Format-1 segments have no ``crc32c`` column; their readers check whole chunks instead.
 
 With codecs ``bytes`` + ``crc32c`` and no compression, a chunk file is the raw little-endian rows
 followed by a 4-byte CRC32C, so readers memory-map it directly (see DESIGN: zarr's own decode path
@@ -33,24 +39,31 @@ import pyarrow.parquet as pq
 from storage.errors import IntegrityError
 from storage.fs import Location
 from storage.keys import KEY_BYTES, KEY_DTYPE
+from storage.metadata import FORMAT_VERSION, Damage, sealed
 
 __all__ = [
     "INDEX_SCHEMA",
     "SEGMENTS",
     "IndexColumns",
+    "check_rows",
     "chunk_crc",
     "chunk_file",
+    "key_seeds",
     "n_chunks",
     "new_segment_id",
     "read_index_bytes",
     "read_parts",
+    "row_crcs",
     "write_commit",
 ]
 
 SEGMENTS = "segments"
-INDEX_SCHEMA = pa.schema(
+INDEX_SCHEMA_V1 = pa.schema(
     [("key", pa.binary(KEY_BYTES)), ("row", pa.int64()), ("role", pa.uint8()), ("n_tokens", pa.int32())]
 )
+INDEX_SCHEMA = INDEX_SCHEMA_V1.append(pa.field("crc32c", pa.uint32()))
+_FIELDS = ("keys", "rows", "roles", "n_tokens", "crcs")  # IndexColumns, in INDEX_SCHEMA's order
+_CONTENT_CRC = b"ddx_content_crc32c"  # parquet metadata: CRC32C of the columns' bytes (parts are not in COMMIT)
 
 
 def new_segment_id(rank: int = 0, world_size: int = 1) -> str:
@@ -62,12 +75,13 @@ def new_segment_id(rank: int = 0, world_size: int = 1) -> str:
 
 @dataclass(frozen=True)
 class IndexColumns:
-    """A segment's key index as numpy arrays."""
+    """A segment's key index as numpy arrays, one entry per row (``crcs`` is None in format-1 segments)."""
 
     keys: np.ndarray  # S16
     rows: np.ndarray  # int64
     roles: np.ndarray  # uint8
     n_tokens: np.ndarray  # int32
+    crcs: np.ndarray | None  # uint32: CRC32C(key ‖ row bytes)
 
     @classmethod
     def from_table(cls, table: pa.Table) -> IndexColumns:
@@ -75,35 +89,94 @@ class IndexColumns:
         key_bytes = keys.buffers()[1]
         offset = keys.offset * KEY_BYTES
         raw = np.frombuffer(key_bytes, dtype=np.uint8)[offset : offset + len(keys) * KEY_BYTES]
-        return cls(
+        crcs = table.column("crc32c").to_numpy().astype(np.uint32) if "crc32c" in table.column_names else None
+        cols = cls(
             keys=raw.view(KEY_DTYPE).copy(),
             rows=table.column("row").to_numpy().astype(np.int64),
             roles=table.column("role").to_numpy().astype(np.uint8),
             n_tokens=table.column("n_tokens").to_numpy().astype(np.int32),
+            crcs=crcs,
         )
+        recorded = (table.schema.metadata or {}).get(_CONTENT_CRC)
+        if recorded is not None and int(recorded) != cols.content_crc():
+            computed = cols.content_crc()
+            raise IntegrityError(f"content does not match its checksum ({computed:08x} != {int(recorded):08x})")
+        return cols
+
+    def content_crc(self) -> int:
+        """CRC32C over every column's bytes, in field order (written into the parquet metadata)."""
+        crc = 0
+        for name in _FIELDS:
+            col = getattr(self, name)
+            if col is not None:
+                crc = google_crc32c.extend(crc, np.ascontiguousarray(col).tobytes())
+        return int(crc)
 
     def to_parquet_bytes(self) -> bytes:
         keys = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(KEY_BYTES), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())]
         )
-        table = pa.table([keys, self.rows, self.roles, self.n_tokens], schema=INDEX_SCHEMA)
+        columns = [keys, self.rows, self.roles, self.n_tokens]
+        schema = INDEX_SCHEMA_V1 if self.crcs is None else INDEX_SCHEMA
+        if self.crcs is not None:
+            columns.append(self.crcs)
+        schema = schema.with_metadata({_CONTENT_CRC: str(self.content_crc()).encode()})
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(pa.table(columns, schema=schema), buf, compression="zstd")
         return buf.getvalue()
+
+    def take(self, sel: np.ndarray | slice) -> IndexColumns:
+        """The entries at ``sel`` (indices, mask or slice), every column kept."""
+        crcs = None if self.crcs is None else self.crcs[sel]
+        return IndexColumns(self.keys[sel], self.rows[sel], self.roles[sel], self.n_tokens[sel], crcs)
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
     @staticmethod
     def concat(parts: list[IndexColumns]) -> IndexColumns:
+        """One index from parts of one segment (all of one format)."""
         if not parts:
-            return IndexColumns(
-                np.empty(0, KEY_DTYPE), np.empty(0, np.int64), np.empty(0, np.uint8), np.empty(0, np.int32)
-            )
-        return IndexColumns(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("keys", "rows", "roles", "n_tokens"))
-        )
+            empty = [np.empty(0, t) for t in (KEY_DTYPE, np.int64, np.uint8, np.int32, np.uint32)]
+            return IndexColumns(*empty)
+        if len({p.crcs is None for p in parts}) > 1:
+            raise IntegrityError("index parts mix formats (some have row checksums, some do not)")
+        crcs = None if parts[0].crcs is None else np.concatenate([p.crcs for p in parts if p.crcs is not None])
+        keys, rows, roles, n_tokens = (np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS[:4])
+        return IndexColumns(keys, rows, roles, n_tokens, crcs)
 
 
 def read_index_bytes(data: bytes) -> IndexColumns:
-    return IndexColumns.from_table(pq.read_table(pa.BufferReader(data)))
+    """Parse an index file or part.
+
+    Raises:
+        IntegrityError: it is not readable Parquet, lacks a column, or its content checksum fails.
+    """
+    try:
+        return IndexColumns.from_table(pq.read_table(pa.BufferReader(data)))
+    except IntegrityError:
+        raise
+    except (pa.ArrowException, KeyError, ValueError, OSError) as exc:
+        raise IntegrityError(f"not a readable index ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from exc
+
+
+def key_seeds(keys: np.ndarray) -> np.ndarray:
+    """CRC32C of each key: the state a row checksum starts from (see :func:`row_crcs`)."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, KEY_BYTES)
+    return np.fromiter(map(google_crc32c.value, raw), dtype=np.uint32, count=len(raw))
+
+
+def row_crcs(seeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """CRC32C(key ‖ row bytes) of each row of ``rows`` (C-contiguous, storage dtype), given its key's seed.
+
+    One C call a row (~0.45 µs for a 7 KiB row); CRC32C has no multi-buffer form to vectorise further.
+    """
+    return np.fromiter(map(google_crc32c.extend, seeds.tolist(), rows), dtype=np.uint32, count=len(rows))
+
+
+def check_rows(seeds: np.ndarray, expected: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of ``rows`` whose checksum differs from ``expected`` (empty when all match)."""
+    return np.flatnonzero(row_crcs(seeds, rows) != expected)
 
 
 def chunk_crc(block: np.ndarray) -> int:
@@ -122,15 +195,29 @@ def chunk_file(seg_id: str, chunk: int) -> tuple[str, ...]:
 
 
 def read_parts(loc: Location, seg_id: str) -> list[IndexColumns]:
-    """The index parts an open segment has flushed so far, in order."""
+    """The index parts an open segment has flushed so far, in order.
+
+    Raises:
+        IntegrityError: a part is damaged (the message names it).
+    """
     names = [n for n in loc.listdir(SEGMENTS, seg_id, "parts") if n.endswith(".parquet")]
-    return [read_index_bytes(loc.read_bytes(SEGMENTS, seg_id, "parts", n)) for n in sorted(names)]
+    parts = []
+    for name in sorted(names):
+        try:
+            parts.append(read_index_bytes(loc.read_bytes(SEGMENTS, seg_id, "parts", name)))
+        except IntegrityError as exc:
+            raise Damage(f"{SEGMENTS}/{seg_id}/parts/{name}", str(exc)).error(loc.url) from exc
+    return parts
 
 
 def write_commit(
     loc: Location, seg_id: str, index: IndexColumns, crcs: list[int], chunk_rows: int, array: Any, *, salvaged: bool
 ) -> None:
-    """Write index.parquet, then COMMIT (the commit marker, last), then drop the parts and the heartbeat."""
+    """Write index.parquet, then COMMIT (the commit marker, last), then drop the parts and the heartbeat.
+
+    An index with row checksums commits as format 2 (COMMIT sealed, vectors/zarr.json's sha256 in it);
+    one without (parts an older ddx wrote, salvaged now) commits as format 1, as that ddx would have.
+    """
     rows = len(index.keys)
     if rows != (int(index.rows.max()) + 1 if rows else 0) or len(np.unique(index.rows)) != rows:
         raise IntegrityError(f"Segment {seg_id!r}: index rows are not 0..{rows - 1} exactly once.")
@@ -138,7 +225,7 @@ def write_commit(
         array.resize((rows, array.shape[1]))
     index_bytes = index.to_parquet_bytes()
     loc.write_atomic(index_bytes, SEGMENTS, seg_id, "index.parquet")
-    commit = {
+    commit: dict[str, Any] = {
         "format_version": 1,
         "rows": rows,
         "chunk_rows": chunk_rows,
@@ -149,6 +236,15 @@ def write_commit(
         "pid": os.getpid(),
         "salvaged": salvaged,
     }
+    if index.crcs is not None:
+        meta = loc.read_bytes(SEGMENTS, seg_id, "vectors", "zarr.json")
+        commit.update(
+            format_version=FORMAT_VERSION,
+            dim=int(array.shape[1]),
+            dtype=str(np.dtype(array.dtype)),
+            vectors_meta_sha256=hashlib.sha256(meta).hexdigest(),
+        )
+        commit = sealed(commit)
     loc.write_atomic(json.dumps(commit, indent=1).encode(), SEGMENTS, seg_id, "COMMIT")
     loc.remove(SEGMENTS, seg_id, "parts")
     loc.remove(SEGMENTS, seg_id, "HEARTBEAT")

@@ -8,6 +8,7 @@ what the parts cover. The on-disk layout is described in :mod:`storage.segment_f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -23,9 +24,11 @@ from storage.segment_format import (
     SEGMENTS,
     IndexColumns,
     chunk_crc,
+    key_seeds,
     n_chunks,
     new_segment_id,
     read_parts,
+    row_crcs,
     write_commit,
 )
 
@@ -73,40 +76,27 @@ class SegmentWriter:
         flush_seconds: float = 60.0,
         seg_id: str | None = None,
     ) -> SegmentWriter:
-        """Create the segment's group and empty vector array, and take its writer lock."""
-        import zarr
-        from zarr.codecs import BytesCodec, Crc32cCodec
+        """Create the segment's group and empty vector array, and take its writer lock.
 
+        Raises:
+            DiskFullError: no space for the segment's metadata (what was created of it is removed again).
+        """
         seg_id = seg_id or new_segment_id(rank, world_size)
-        writer: dict[str, str | int | float] = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "rank": rank,
-            "world_size": world_size,
-            "started": time.time(),
-        }
-        group = zarr.open_group(
-            store=loc.zarr_store(),
-            path=f"{SEGMENTS}/{seg_id}",
-            mode="w-",
-            attributes={"ddx_segment": {"writer": writer, "chunk_rows": chunk_rows}},
-        )
-        array = group.create_array(
-            "vectors",
-            shape=(0, dim),
-            chunks=(chunk_rows, dim),
-            dtype=dtype,
-            fill_value=0,
-            serializer=BytesCodec(endian="little"),
-            compressors=[Crc32cCodec()],
-            filters=None,
-            # zarr skips chunks that equal the fill value; readers memory-map every chunk file, so write them all
-            config={"write_empty_chunks": True},
-        )
-        self = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds)
-        self._take_lock()
-        self._heartbeat()
-        return self
+        writer = None
+        try:
+            array = _create_array(loc, seg_id, dim=dim, dtype=dtype, chunk_rows=chunk_rows, rank=rank, world=world_size)
+            writer = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds)
+            writer._take_lock()
+            writer._heartbeat()
+        except OSError as exc:
+            if writer is not None:
+                writer._release()
+            error = _disk_error(exc, loc, seg_id, 0)
+            if isinstance(error, DiskFullError):
+                with contextlib.suppress(OSError):  # else an empty abandoned segment, which gc removes
+                    loc.remove(SEGMENTS, seg_id)  # nothing of this run is in it yet
+            raise error from exc
+        return writer
 
     def append(self, keys: np.ndarray, vectors: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray) -> None:
         """Buffer rows; full chunks (and the partial one, every ``flush_seconds``) reach disk."""
@@ -118,14 +108,17 @@ class SegmentWriter:
         while start < len(keys):
             take = min(self.chunk_rows - self._buf_n, len(keys) - start)
             sl = slice(start, start + take)
-            self._buf_vectors[self._buf_n : self._buf_n + take] = vectors[sl]
+            stored = self._buf_vectors[self._buf_n : self._buf_n + take]
+            stored[...] = vectors[sl]
             rows = self._chunk_start + self._buf_n + np.arange(take, dtype=np.int64)
+            key_arr = np.asarray(keys[sl], KEY_DTYPE)
             self._buf_index.append(
                 IndexColumns(
-                    np.asarray(keys[sl], KEY_DTYPE),
+                    key_arr,
                     rows,
                     np.asarray(roles[sl], np.uint8),
                     np.asarray(n_tokens[sl], np.int32),
+                    row_crcs(key_seeds(key_arr), stored),  # of the bytes as stored, after the cast
                 )
             )
             self._buf_n += take
@@ -162,8 +155,7 @@ class SegmentWriter:
             self._array[self._chunk_start : end] = block
             self._crcs[chunk] = chunk_crc(self._padded_buffer())
             part = IndexColumns.concat(self._buf_index)
-            new = part.rows >= self.rows_flushed
-            sub = IndexColumns(part.keys[new], part.rows[new], part.roles[new], part.n_tokens[new])
+            sub = part.take(part.rows >= self.rows_flushed)
             part_name = f"part-{self._parts:06d}.parquet"
             self.loc.write_atomic(sub.to_parquet_bytes(), SEGMENTS, self.seg_id, "parts", part_name)
         except OSError as exc:
@@ -229,6 +221,39 @@ class SegmentWriter:
             self.loc.write_atomic(payload, SEGMENTS, self.seg_id, "HEARTBEAT")
         except OSError as exc:
             raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
+
+
+def _create_array(loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_rows: int, rank: int, world: int) -> Any:
+    """The segment's group (attributes name the writer) and its empty (0, dim) vector array."""
+    import zarr
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    writer: dict[str, str | int | float] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "rank": rank,
+        "world_size": world,
+        "started": time.time(),
+    }
+    group = zarr.open_group(
+        store=loc.zarr_store(),
+        path=f"{SEGMENTS}/{seg_id}",
+        mode="w-",
+        attributes={"ddx_segment": {"writer": writer, "chunk_rows": chunk_rows}},
+    )
+    array = group.create_array(
+        "vectors",
+        shape=(0, dim),
+        chunks=(chunk_rows, dim),
+        dtype=dtype,
+        fill_value=0,
+        serializer=BytesCodec(endian="little"),
+        compressors=[Crc32cCodec()],
+        filters=None,
+        # zarr skips chunks that equal the fill value; readers memory-map every chunk file, so write them all
+        config={"write_empty_chunks": True},
+    )
+    return array
 
 
 def _disk_error(exc: OSError, loc: Location, seg_id: str, rows: int) -> Exception:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from storage.errors import DdxError, DimensionMismatchError, FingerprintMismatchError
 
-__all__ = ["POOLING_MODES", "TeacherSpec"]
+__all__ = ["POOLING_MODES", "TeacherSpec", "spec_problems"]
 
 POOLING_MODES = ("mean", "cls", "lasttoken", "max", "weightedmean", "mean_sqrt_len_tokens")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,11 +69,17 @@ class TeacherSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TeacherSpec:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer format wrote them)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            DdxError: unknown keys (a newer format wrote them), missing keys, or values of the wrong type.
+        """
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"TeacherSpec has no field(s) {unknown}; this store may come from a newer ddx.")
+            raise DdxError(f"TeacherSpec has no field(s) {unknown}; this store may come from a newer ddx.")
+        problems = spec_problems(data)
+        if problems:
+            raise DdxError(f"TeacherSpec: {'; '.join(problems)}.")
         return cls(**data)
 
     @property
@@ -108,3 +114,29 @@ class TeacherSpec:
             f"Store {where!r} was made by another teacher spec ({lines}). "
             f"Use the store's settings (see 'ddx cache info {where}') or another --store."
         )
+
+
+def spec_problems(data: dict[str, Any]) -> list[str]:
+    """What keeps ``data`` from being a valid :class:`TeacherSpec` dict ([] when nothing does).
+
+    A store's root metadata is checked with this: in a store of a known format, an unknown or
+    misspelt field is damage, not a newer ddx.
+    """
+    declared = {f.name: f for f in fields(TeacherSpec)}
+    out = [f"unknown field {k!r}" for k in sorted(set(data) - set(declared))]
+    kinds = {"str": str, "bool": bool, "int": int}
+    for name, f in declared.items():
+        if name not in data:
+            if f.default is MISSING:
+                out.append(f"field {name!r} is missing")
+            continue
+        kind = kinds[str(f.type)]
+        value = data[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            out.append(f"{name} is {value!r}, expected {kind.__name__}")
+    if not out:
+        try:
+            TeacherSpec(**data)
+        except DdxError as exc:
+            out.append(str(exc).rstrip("."))
+    return out

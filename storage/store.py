@@ -3,7 +3,9 @@
 A store is a directory (or fsspec URL) holding a Zarr v3 group. The root ``zarr.json`` carries the
 format version, the TeacherSpec and its fingerprint; ``segments/`` holds one segment per writer
 (layout in ``segment_format.py``). Readers see committed segments only, so a crashed or running
-writer never shows half its rows.
+writer never shows half its rows, and check what they read: metadata when opening
+(:mod:`storage.metadata`), every gathered row against its CRC32C, every scanned chunk; damage is an
+``IntegrityError`` naming the file, never a wrong vector.
 
 Example:
     >>> store = TeacherStore.create("stores/demo", spec)            # doctest: +SKIP
@@ -16,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import uuid
@@ -27,21 +28,22 @@ from typing import Any
 import numpy as np
 
 from storage.errors import (
-    FormatVersionError,
+    DiskFullError,
+    IntegrityError,
     MissingVectorsError,
     StoreExistsError,
     StoreNotFoundError,
 )
 from storage.fs import Location
-from storage.index import KeyIndex, RowGather
+from storage.index import KeyIndex, RowChecks, RowGather
 from storage.keys import ROLES, as_key_array, key_hex
+from storage.metadata import FORMAT_VERSION, STORAGE_DTYPES, Damage, read_root_attrs, sealed
 from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, salvage_segment, segment_state
+from storage.segment_format import IndexColumns, check_rows, chunk_file, key_seeds, row_crcs
 from storage.spec import TeacherSpec
 
 __all__ = ["FORMAT_VERSION", "TeacherStore", "default_chunk_rows"]
 
-FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "float32")
 CHUNK_TARGET_BYTES = 32 << 20
 
 
@@ -67,6 +69,7 @@ class TeacherStore:
         self._rows = 0
         self._index: KeyIndex | None = None
         self._gather: RowGather | None = None
+        self._chunk_refs: tuple[np.ndarray, list[tuple[SegmentReader, int]]] | None = None
         self.refresh()
 
     # -- opening -------------------------------------------------------------------------------
@@ -88,20 +91,28 @@ class TeacherStore:
             raise StoreNotFoundError(f"{loc.url!r} is a file, not a store directory. Choose another --store path.")
         if loc.exists() and loc.listdir():
             raise StoreExistsError(f"{loc.url!r} already exists and is not empty; open it, or pick a new --store path.")
-        attrs: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "teacher_spec": spec.to_dict(),
-            "fingerprint": spec.fingerprint,
-            "dim": spec.dim,
-            "storage_dtype": dtype,
-        }
-        if loc.is_local:
-            _create_local(Path(loc.root), attrs)
-        else:
-            try:
-                zarr.open_group(store=loc.zarr_store(), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
-            except zarr.errors.ContainsGroupError as exc:
-                raise StoreExistsError(f"{loc.url!r} was created by another process just now; open it.") from exc
+        attrs: dict[str, Any] = sealed(
+            {
+                "format_version": FORMAT_VERSION,
+                "teacher_spec": spec.to_dict(),
+                "fingerprint": spec.fingerprint,
+                "dim": spec.dim,
+                "storage_dtype": dtype,
+            }
+        )
+        try:
+            if loc.is_local:
+                _create_local(Path(loc.root), attrs)
+            else:
+                try:
+                    zarr.open_group(store=loc.zarr_store(), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+                except zarr.errors.ContainsGroupError as exc:
+                    raise StoreExistsError(f"{loc.url!r} was created by another process just now; open it.") from exc
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            message = f"Disk full while creating store {loc.url!r}: nothing was written. Free space and rerun."
+            raise DiskFullError(message) from exc
         return cls(loc, attrs)
 
     @classmethod
@@ -111,10 +122,12 @@ class TeacherStore:
         Raises:
             StoreNotFoundError: no store at ``url`` (or it is a file).
             FormatVersionError: written by a newer ddx.
+            IntegrityError: the root zarr.json, or a committed segment's COMMIT or vectors/zarr.json, is
+                damaged (the message names the file and the repair).
             FingerprintMismatchError, DimensionMismatchError: ``spec`` differs from the store's.
         """
         loc = Location(url)
-        attrs = _read_attrs(loc)
+        attrs = read_root_attrs(loc)
         store = cls(loc, attrs)
         if spec is not None:
             store.spec.check_matches(spec, loc.url)
@@ -147,19 +160,24 @@ class TeacherStore:
         for seg in self._segments:
             seg.close()
         ids = [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
-        self._segments = [SegmentReader(self.loc, s) for s in ids]
+        self._segments = [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in ids]
         self._rows = sum(s.rows for s in self._segments)  # get_rows checks bounds against it every batch
         self._index = None
         self._gather = None
+        self._chunk_refs = None
 
     @property
     def segments(self) -> list[SegmentReader]:
         return list(self._segments)
 
     def uncommitted_segments(self) -> list[tuple[str, str]]:
-        """(segment id, 'active' | 'abandoned') for every segment without COMMIT."""
-        ids = [s for s in self.loc.listdir(SEGMENTS) if not s.startswith(".") and self.loc.isdir(SEGMENTS, s)]
-        return [(s, segment_state(self.loc, s)) for s in ids if not self.loc.exists(SEGMENTS, s, "COMMIT")]
+        """(segment id, 'active' | 'salvaging' | 'abandoned') for every segment without COMMIT.
+
+        Hidden names (a removal in progress) are skipped, and so is a segment that another process
+        commits or removes while this looks.
+        """
+        states = [(s, segment_state(self.loc, s)) for s in self.loc.listdir(SEGMENTS) if not s.startswith(".")]
+        return [(s, state) for s, state in states if state not in ("committed", "gone")]
 
     @property
     def index(self) -> KeyIndex:
@@ -222,8 +240,12 @@ class TeacherStore:
     def get_rows(self, gids: np.ndarray, *, dtype: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Vectors at global rows ``gids`` (from :meth:`locate`): the training fast path.
 
+        Every row is checked against the CRC32C(key ‖ row) recorded when it was written (format-1
+        segments: each chunk once, against COMMIT), so damage never comes back as a wrong vector.
+
         Raises:
             MissingVectorsError: a row id is -1 (a key :meth:`locate` did not find) or past the last row.
+            IntegrityError: a row, its chunk or its segment's index is damaged (names segment, chunk, row).
         """
         gids, rows = np.asarray(gids), self._rows
         if len(gids) and (gids.min() < 0 or gids.max() >= rows):
@@ -238,40 +260,80 @@ class TeacherStore:
 
     def _row_gather(self) -> RowGather:
         if self._gather is None:
-            starts, loaders, offset = [], [], 0
+            starts, refs = self._chunks()
+            self._gather = RowGather(
+                starts, lambda i: _load_checked(*refs[i]), self.dim, np.dtype(self.dtype), self._row_checks(refs)
+            )
+        return self._gather
+
+    def _chunks(self) -> tuple[np.ndarray, list[tuple[SegmentReader, int]]]:
+        """Global start row of every chunk, and its (segment, chunk number)."""
+        if self._chunk_refs is None:
+            starts, refs, offset = [], [], 0
             for seg in self._segments:
                 for c in range(seg.n_chunks):
                     starts.append(offset + c * seg.chunk_rows)
-                    loaders.append((seg, c))
+                    refs.append((seg, c))
                 offset += seg.rows
-            self._gather = RowGather(
-                np.array(starts, dtype=np.int64),
-                lambda i: loaders[i][0].chunk(loaders[i][1]),
-                self.dim,
-                np.dtype(self.dtype),
-            )
-        return self._gather
+            self._chunk_refs = (np.array(starts, dtype=np.int64), refs)
+        return self._chunk_refs
+
+    def _row_checks(self, refs: list[tuple[SegmentReader, int]]) -> RowChecks | None:
+        """Expected CRC32C of every global row (8 bytes a row); None when no segment records any."""
+        if not any(seg.has_row_checksums for seg in self._segments):
+            return None
+        seeds, tags, offset = np.zeros(self._rows, np.uint32), np.zeros(self._rows, np.uint32), 0
+        for seg in self._segments:
+            checks = seg.row_checks()
+            if checks is not None:
+                seeds[offset : offset + seg.rows], tags[offset : offset + seg.rows] = checks
+            offset += seg.rows
+        checked = np.array([seg.has_row_checksums for seg, _ in refs], dtype=bool)
+        return RowChecks(seeds, tags, checked, self._row_damage)
+
+    def _row_damage(self, gid: int, got: int, want: int) -> IntegrityError:
+        starts, refs = self._chunks()
+        i = int(np.searchsorted(starts, gid, side="right")) - 1
+        seg, c = refs[i]
+        return _row_error(self.url, seg, c * seg.chunk_rows + gid - int(starts[i]), got, want, gid)
 
     def iter_batches(
         self, batch_size: int = 65536, *, role: str | None = None, verify: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Sequential scan: (keys, vectors) batches over every committed row, chunk checksums verified."""
+        """Sequential scan: (keys, vectors) batches over every committed row, each chunk checked first.
+
+        Format-2 chunks are checked row by row (CRC32C(key ‖ row): the data and the key it is paired
+        with), format-1 chunks against their CRC32C in COMMIT; ``verify=False`` skips both.
+
+        Raises:
+            IntegrityError: a chunk or its segment's index is damaged.
+        """
         code = ROLES.index(role) if role is not None else None
         for seg in self._segments:
             cols = seg.index()
-            order = np.argsort(cols.rows)
-            keys, roles = cols.keys[order], cols.roles[order]
+            by_row = np.empty(len(cols.rows), dtype=np.int64)
+            by_row[cols.rows] = np.arange(len(cols.rows))  # rows are 0..n-1 once each (index() checked)
+            cols = cols.take(by_row)
             for c in range(seg.n_chunks):
-                if verify and (problem := seg.verify_chunk(c)):
-                    from storage.errors import IntegrityError
-
-                    raise IntegrityError(f"Segment {seg.seg_id!r} of {self.url!r}: {problem}. Run 'ddx cache verify'.")
                 lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
                 vecs = np.asarray(seg.chunk(c)[: hi - lo])
-                sel = slice(None) if code is None else roles[lo:hi] == code
-                chunk_keys, vecs = keys[lo:hi][sel], vecs[sel]  # select once, not once per batch
+                if verify:
+                    self._check_scanned(seg, c, cols.take(slice(lo, hi)), vecs)
+                sel = slice(None) if code is None else cols.roles[lo:hi] == code
+                chunk_keys, vecs = cols.keys[lo:hi][sel], vecs[sel]  # select once, not once per batch
                 for s in range(0, len(vecs), batch_size):
                     yield chunk_keys[s : s + batch_size], vecs[s : s + batch_size]
+
+    def _check_scanned(self, seg: SegmentReader, c: int, cols: IndexColumns, vecs: np.ndarray) -> None:
+        if cols.crcs is None:
+            seg.check_chunk(c)
+            return
+        seeds = key_seeds(cols.keys)
+        bad = check_rows(seeds, cols.crcs, vecs)
+        if len(bad):
+            i = int(bad[0])
+            got = int(row_crcs(seeds[i : i + 1], vecs[i : i + 1])[0])
+            raise _row_error(self.url, seg, int(cols.rows[i]), got, int(cols.crcs[i]), None)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -312,7 +374,11 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.creating"
-    zarr.open_group(store=LocalStore(str(tmp)), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+    try:
+        zarr.open_group(store=LocalStore(str(tmp)), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk (or an interrupt) leaves no half-made store
+        raise
     try:
         os.rename(tmp, target)
     except OSError as exc:
@@ -324,24 +390,19 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
         raise
 
 
-def _read_attrs(loc: Location) -> dict[str, Any]:
-    if loc.isfile():
-        raise StoreNotFoundError(f"{loc.url!r} is a file, not a teacher store directory. Pass the store's folder.")
-    if not loc.exists("zarr.json"):
-        raise StoreNotFoundError(
-            f"No teacher store at {loc.url!r} (zarr.json missing). "
-            f"Run 'ddx precompute-teacher --store {loc.url} ...' first."
-        )
-    try:
-        attrs = json.loads(loc.read_bytes("zarr.json"))["attributes"]["ddx"]
-    except (KeyError, ValueError) as exc:
-        raise StoreNotFoundError(
-            f"{loc.url!r} is a Zarr group but not a ddx teacher store (no 'ddx' attributes)."
-        ) from exc
-    version = attrs.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FormatVersionError(
-            f"Store {loc.url!r} has format version {version}; this ddx reads versions up to {FORMAT_VERSION}. "
-            "Upgrade ddx (pip install -U ddx) to read it."
-        )
-    return attrs
+def _load_checked(seg: SegmentReader, c: int) -> np.ndarray:
+    """Chunk ``c`` for gathers; a format-1 chunk (no row checksums) is checked whole, once, on load."""
+    arr = seg.chunk(c)
+    if not seg.has_row_checksums:
+        seg.check_chunk(c)
+    return arr
+
+
+def _row_error(url: str, seg: SegmentReader, row: int, got: int, want: int, gid: int | None) -> IntegrityError:
+    c = row // seg.chunk_rows
+    where = f"row {row} (chunk {c}{'' if gid is None else f', global row {gid}'})"
+    what = (
+        f"{where} does not match its CRC32C: read {got:08x}, written {want:08x} "
+        "(the chunk's bytes or the row's index.parquet line changed)"
+    )
+    return Damage(seg.file(*chunk_file(seg.seg_id, c)[2:]), what).error(url)

@@ -1,38 +1,40 @@
-"""Once-per-id streaming: remember which ids a source has yielded, in ~24 bytes an id.
+"""Once-per-id streaming: remember which ids a source has yielded, with numpy in a hash table.
 
 A source must yield each id once, and the same id with two different texts is bad input that the
 error message locates at both places. Remembering that for MS MARCO's 8.8 M passages in a Python
-dict of ``id -> (text, origin)`` costs over 1 GB; the ledger keeps three int64 per id instead
-(hash of role and id, hash of the text, packed origin), in sorted numpy arrays fed by a small dict
-of recent ids (8.8 M ids: ~210 MB, plus at most 2^16 recent entries).
+dict of ``id -> (text, origin)`` costs over 1 GB; the ledger keeps, per id, a 128-bit key (Python's
+64-bit hash of (role, id), and a second half mixed from it) and two int64 (a hash of the text, the
+packed origin) in a :class:`storage.keys.KeyTable`: 33 B a slot, 44–66 B an id (8.8 M ids: ~0.5 GB),
+looked up and filled a block at a time by vectorised probing, so admitting N records is O(N) (the
+sorted arrays this replaced took an ``np.insert`` of every id per flush).
 
-Hashes are Python's 64-bit string hashes (stable within a process, which is all a ledger lives):
-two distinct ids collide with probability ~n²/2^65, about 2e-6 for all of MS MARCO.
+Hashes are Python's string hashes (stable within a process, which is all a ledger lives): two distinct
+ids collide with probability ~n²/2^65, about 2e-6 for all of MS MARCO (reported as a duplicate id
+naming both lines).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 import numpy as np
 
-from .base import Source, TextRecord
+from storage.keys import KeyTable
+
+from .base import LineOrigins, Origins, Source, TextBlock, TextRecord
 
 __all__ = ["IdLedger", "unique_records"]
 
 _ORIGIN = re.compile(r"^(.*?)(\d+)(\D*)$", re.DOTALL)  # "file:LINE", "name[split]:ROW", "file[row ROW]"
 _NUMBER_BITS = 40
 CHUNK = 4096  # records looked up per vectorised search
+DUPLICATE_FIX = "Ids must name one text within a source; fix the ids or drop one of the rows."
 
 
 class IdLedger:
-    """Ids seen so far, each with its text hash and first origin.
-
-    Records are admitted in chunks: one vectorised search of the chunk against the sorted arrays,
-    then a Python pass in order (new ids land in a dict, merged into the arrays between chunks).
-    About 3–4 µs a record on one core: ~30 s for MS MARCO's collection, next to hours of encoding.
+    """Ids seen so far (per role), each with its text hash and first origin.
 
     Example:
         >>> ledger = IdLedger()
@@ -41,18 +43,14 @@ class IdLedger:
         ['1']
     """
 
-    def __init__(self, flush_at: int = 1 << 16) -> None:
-        self._flush_at = flush_at
-        self._recent: dict[int, tuple[int, int]] = {}  # id hash -> (text hash, origin code)
-        self._ids = np.empty(0, np.int64)  # sorted
-        self._texts = np.empty(0, np.int64)
-        self._origins = np.empty(0, np.int64)
+    def __init__(self) -> None:
+        self._table = KeyTable(width=2)  # values: text hash, origin code
         self._places: list[tuple[str, str]] = []
         self._place_index: dict[tuple[str, str], int] = {}
         self._last: tuple[str, int] = ("", -1)  # (head, place index) of the last "head:NUMBER" origin
 
     def __len__(self) -> int:
-        return len(self._ids) + len(self._recent)
+        return len(self._table)
 
     def admit(self, records: list[TextRecord], source: Source) -> Iterator[TextRecord]:
         """The records of ``records`` whose id is new for their role, in order.
@@ -62,46 +60,65 @@ class IdLedger:
         Raises:
             BadSourceError: an id seen before with a different text (unless skip_bad).
         """
-        keys = [hash((r.role, r.id)) for r in records]
-        stored = self._search(keys)
-        recent = self._recent
-        for record, key, old in zip(records, keys, stored, strict=True):
-            text = hash(record.text)
-            seen = recent.get(key, old)
-            if seen is None:
-                recent[key] = (text, self._encode(record.origin))
+        origins = [r.origin for r in records]
+        new, first = self._check([r.role for r in records], [r.id for r in records], [r.text for r in records], origins)
+        for i, record in enumerate(records):
+            if new[i]:
                 yield record
-            elif seen[0] != text:
-                first = self._decode(seen[1])
-                source.reject(
-                    record.origin,
-                    f"duplicate id {record.id!r} with different texts at {first} and {record.origin}",
-                    "Ids must name one text within a source; fix the ids or drop one of the rows.",
-                )
-        if len(recent) >= self._flush_at:
-            self._flush()
+            elif first[i] >= 0:
+                self._reject(source, record.id, int(first[i]), record.origin)
 
-    def _search(self, keys: list[int]) -> list[tuple[int, int] | None]:
-        """(text hash, origin code) of each key already in the sorted arrays, else None."""
-        if len(self._ids) == 0:
-            return [None] * len(keys)
-        wanted = np.array(keys, np.int64)
-        at = np.minimum(np.searchsorted(self._ids, wanted), len(self._ids) - 1)
-        hit = self._ids[at] == wanted
-        out: list[tuple[int, int] | None] = [None] * len(keys)
-        for i in np.flatnonzero(hit).tolist():
-            out[i] = (int(self._texts[at[i]]), int(self._origins[at[i]]))
-        return out
+    def admit_block(
+        self, block: TextBlock, source: Source, bad: Sequence[tuple[int, str, str, str]] = ()
+    ) -> Iterator[TextBlock]:
+        """The rows of ``block`` whose id is new, as blocks; repeats with another text go to ``source.reject``.
 
-    def _flush(self) -> None:
-        keys = np.fromiter(self._recent.keys(), np.int64, len(self._recent))
-        vals = np.array(list(self._recent.values()), np.int64).reshape(-1, 2)
-        order = np.argsort(keys, kind="stable")
-        at = np.searchsorted(self._ids, keys[order])
-        self._ids = np.insert(self._ids, at, keys[order])
-        self._texts = np.insert(self._texts, at, vals[order, 0])
-        self._origins = np.insert(self._origins, at, vals[order, 1])
-        self._recent.clear()
+        Args:
+            block: rows of one role, in file order.
+            source: receives the rejects.
+            bad: ``(row, origin, reason, fix)`` of lines the reader rejected, ``row`` being the number of
+                block rows before the line (:class:`.tab_lines.LineRejects`); rejected here, in file
+                order with the ledger's own.
+
+        Raises:
+            BadSourceError: the first reject, once the rows before it are yielded (unless skip_bad).
+        """
+        new, first = self._check([block.role] * len(block), block.ids, block.texts, block.origins)
+        events = sorted(
+            [(row, 0, origin, reason, fix) for row, origin, reason, fix in bad]
+            + [(int(row), 1, "", "", "") for row in np.flatnonzero(first >= 0)]
+        )
+        start = 0
+        for row, kind, origin, reason, fix in events:
+            if not source.options.skip_bad and row > start:
+                yield from _nonempty(block.take(start + np.flatnonzero(new[start:row])))
+                start = row
+            if kind == 0:
+                source.reject(origin, reason, fix)
+            else:
+                self._reject(source, block.ids[row], int(first[row]), block.origins[row])
+        yield from _nonempty(block.take(start + np.flatnonzero(new[start:])))
+
+    def _check(
+        self, roles: Sequence[str], ids: Sequence[str], texts: Sequence[str], origins: Origins
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(new, first)``: which rows hold a new id, and for a repeat with another text the first origin code
+        (-1 elsewhere)."""
+        lo = np.array([hash((r, i)) for r, i in zip(roles, ids, strict=True)], np.int64).view(np.uint64)
+        hi = _mix(lo)
+        text_hash = np.array([hash(t) for t in texts], np.int64)
+        new, stored = self._table.insert(lo, hi, np.stack([text_hash, self._codes(origins)], axis=1))
+        first = np.where(~new & (stored[:, 0] != text_hash), stored[:, 1], -1)
+        return new, first
+
+    def _reject(self, source: Source, rid: str, first: int, origin: str) -> None:
+        where = self._decode(first)
+        source.reject(origin, f"duplicate id {rid!r} with different texts at {where} and {origin}", DUPLICATE_FIX)
+
+    def _codes(self, origins: Origins) -> np.ndarray:
+        if isinstance(origins, LineOrigins):
+            return (self._place((origins.path + ":", "")) << _NUMBER_BITS) | (origins.lines.astype(np.int64) + 1)
+        return np.array([self._encode(o) for o in origins], np.int64)
 
     def _encode(self, origin: str) -> int:
         head, sep, tail = origin.rpartition(":")
@@ -125,6 +142,20 @@ class IdLedger:
         prefix, suffix = self._places[code >> _NUMBER_BITS]
         number = code & ((1 << _NUMBER_BITS) - 1)
         return f"{prefix}{number - 1}{suffix}" if number else prefix
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a second, well-spread 64-bit half derived from the first."""
+    with np.errstate(over="ignore"):
+        z = h + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _nonempty(block: TextBlock) -> Iterator[TextBlock]:
+    if len(block):
+        yield block
 
 
 def unique_records(records: Iterable[TextRecord], source: Source, role: str | None = None) -> Iterator[TextRecord]:

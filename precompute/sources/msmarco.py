@@ -14,9 +14,13 @@ file                                        lines                       gives
 Every name may end in ``.gz``. Split names keep their dots (``qrels.dev.small.tsv`` is split
 "dev.small", not "dev": the two differ, 6,980 vs 55,578 queries).
 
-**No CSV parsing.** Passages hold raw ``"`` characters that quote-aware readers (pandas, the csv
-module) silently merge across lines or drop. Each line is split on its first tab(s) and the text
-kept exactly, minus the line ending; no row is ever dropped without a reject.
+**No CSV quoting.** Passages hold raw ``"`` characters that quote-aware readers (pandas, the csv
+module, pyarrow) silently merge across lines or drop. Each line is split on its first tab(s) and the
+text kept exactly, minus the line ending; no row is ever dropped without a reject. Texts are read as
+columns, a chunk of lines at a time: polars splits plain chunks (``quote_char=None``: quotes, inner
+``\r`` and ``\x85`` stay text), and a chunk with anything unusual (a blank field, a missing or extra
+tab, bad UTF-8) is read line by line by the reference reader, which rejects exactly the bad lines
+(:mod:`.tab_lines`). ``iter_texts`` is the same blocks as records.
 
 Text triples have no ids: queries and passages get ``text_id(role, text)``. Training examples
 stream: consecutive lines with the same (query, positive) merge their negatives, so a file grouped
@@ -32,13 +36,19 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from storage.errors import BadSourceError
+import numpy as np
 
-from .base import Qrels, Source, SourceOptions, TextRecord, TrainExample, text_id
-from .ledger import unique_records
+from storage.errors import BadSourceError
+from storage.keys import content_keys
+
+from .base import LineOrigins, Qrels, Source, SourceOptions, TextBlock, TextRecord, TrainExample, text_id
+from .ledger import IdLedger
 from .reading import (
+    Rejects,
     check_role,
     chosen_splits,
+    chunk_lines,
+    iter_chunks,
     iter_json_lines,
     iter_lines,
     merge_qrels,
@@ -46,6 +56,7 @@ from .reading import (
     read_qrels,
     require_path,
 )
+from .tab_lines import WHITESPACE, LineRejects, tab_fields
 
 __all__ = ["MsMarcoFile", "MsMarcoSource", "classify_msmarco"]
 
@@ -124,46 +135,110 @@ class MsMarcoSource(Source):
         return [f for f in self.files if f.role in roles and (split is None or f.split == split)]
 
     def iter_texts(self, role: str | None = None) -> Iterator[TextRecord]:
-        """Collection passages, queries, then the texts of text triples, streamed line by line."""
+        """Collection passages, queries, then the texts of text triples, streamed a block at a time."""
         check_role(role)
-        return unique_records(self._records(role), self, role)
+        return chain.from_iterable(block.records() for block in self._blocks(role))
 
-    def _records(self, role: str | None) -> Iterator[TextRecord]:
+    def iter_text_blocks(self, role: str | None = None) -> Iterator[TextBlock]:
+        """The texts of :meth:`iter_texts` as columns (a triples chunk gives its queries, then its passages)."""
+        check_role(role)
+        return self._blocks(role)
+
+    def _blocks(self, role: str | None) -> Iterator[TextBlock]:
+        ledger = IdLedger()
+        for block, bad in self._read_blocks(role):
+            yield from ledger.admit_block(block, self, bad)
+
+    def _read_blocks(self, role: str | None) -> Iterator[tuple[TextBlock, list[tuple[int, str, str, str]]]]:
+        """Blocks straight from the files, each with the rejects of its lines (ids not yet deduplicated)."""
         if role in (None, "passage"):
             for f in self._of("collection"):
-                yield from self._id_texts(f.path, "passage")
+                yield from self._id_text_blocks(f.path, "passage")
         if role in (None, "query"):
             for f in self._of("queries"):
-                yield from self._id_texts(f.path, "query")
+                yield from self._id_text_blocks(f.path, "query")
         for f in self._of("triples"):
-            for origin, query, pos, neg in self._triples(f.path):
-                if role in (None, "query"):
-                    yield TextRecord(text_id("query", query), query, "query", origin)
-                if role in (None, "passage"):
-                    yield TextRecord(text_id("passage", pos), pos, "passage", origin)
-                    yield TextRecord(text_id("passage", neg), neg, "passage", origin)
+            yield from self._triple_blocks(f.path, role)
 
-    def _id_texts(self, path: Path, role: str) -> Iterator[TextRecord]:
-        for origin, line in iter_lines(path, self):
+    def _id_text_blocks(self, path: Path, role: str) -> Iterator[tuple[TextBlock, list[tuple[int, str, str, str]]]]:
+        for first, chunk in iter_chunks(path):
+            columns = tab_fields(chunk, 2)
+            if columns is None:
+                yield self._id_text_lines(chunk, first, path, role)
+                continue
+            ids, texts = columns[0].str.strip_chars(WHITESPACE).to_list(), columns[1].to_list()
+            yield TextBlock(role, ids, texts, LineOrigins(str(path), np.arange(first, first + len(ids)))), []
+
+    def _id_text_lines(
+        self, chunk: bytes, first: int, path: Path, role: str
+    ) -> tuple[TextBlock, list[tuple[int, str, str, str]]]:
+        """The reference reading of an ``id<TAB>text`` chunk, line by line (any chunk that is not plain)."""
+        log, ids, texts, lines = LineRejects(), [], [], []
+        for n, line in chunk_lines(chunk, first, path, log):
             rid, tab, text = line.partition("\t")
             if not tab:
-                self.reject(origin, f"expected 'id<TAB>text', found no tab in {line[:60]!r}")
+                log.reject(f"{path}:{n}", f"expected 'id<TAB>text', found no tab in {line[:60]!r}")
             elif not rid.strip():
-                self.reject(origin, "empty id")
+                log.reject(f"{path}:{n}", "empty id")
             elif not text.strip():
-                self.reject(origin, f"empty text for id {rid!r}")
+                log.reject(f"{path}:{n}", f"empty text for id {rid!r}")
             else:
-                yield TextRecord(rid.strip(), text, role, origin)
+                ids.append(rid.strip())
+                texts.append(text)
+                lines.append(n)
+                log.rows += 1
+        return TextBlock(role, ids, texts, LineOrigins(str(path), np.array(lines, np.int64))), log.items
 
-    def _triples(self, path: Path) -> Iterator[tuple[str, str, str, str]]:
-        for origin, line in iter_lines(path, self):
+    def _triple_blocks(
+        self, path: Path, role: str | None
+    ) -> Iterator[tuple[TextBlock, list[tuple[int, str, str, str]]]]:
+        """Per chunk, a block of its queries and one of its passages (positive, negative, line by line).
+
+        The chunk's rejects go with its first block: rows of a passage block count two a line.
+        """
+        for first, chunk in iter_chunks(path):
+            columns = tab_fields(chunk, 3)
+            if columns is not None:
+                queries, pos, neg = (c.to_list() for c in columns)
+                lines, bad = np.arange(first, first + len(queries)), []
+            else:
+                log = LineRejects()
+                rows = [(n, q, p, x) for n, q, p, x in self._triple_lines(chunk, first, path, log)]
+                lines = np.array([r[0] for r in rows], np.int64)
+                queries, pos, neg, bad = [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], log.items
+            if role in (None, "query"):
+                yield _content_id_block("query", queries, LineOrigins(str(path), lines)), bad
+                bad = []
+            if role in (None, "passage"):
+                passages = [t for pair in zip(pos, neg, strict=True) for t in pair]
+                bad = [(2 * row, origin, reason, fix) for row, origin, reason, fix in bad]
+                yield _content_id_block("passage", passages, LineOrigins(str(path), np.repeat(lines, 2))), bad
+
+    def _triple_ids(self, path: Path) -> Iterator[tuple[str, str, str]]:
+        """``(text_id(query), text_id(positive), text_id(negative))`` of each line, keys hashed a chunk at a time."""
+        for first, chunk in iter_chunks(path):
+            columns = tab_fields(chunk, 3)
+            if columns is None:  # line by line, rejects in stream order
+                for _, q, p, x in self._triple_lines(chunk, first, path, self):
+                    yield text_id("query", q), text_id("passage", p), text_id("passage", x)
+                continue
+            queries, pos, neg = (c.to_list() for c in columns)
+            yield from zip(_hex_ids("query", queries), _hex_ids("passage", pos), _hex_ids("passage", neg), strict=True)
+
+    def _triple_lines(self, chunk: bytes, first: int, path: Path, log: Rejects) -> Iterator[tuple[int, str, str, str]]:
+        """The reference reading of a ``query<TAB>positive<TAB>negative`` chunk: ``(line, query, positive,
+        negative)``, bad lines sent to ``log`` (with a :class:`LineRejects`, bump its rows per line yielded)."""
+        for n, line in chunk_lines(chunk, first, path, log):
             parts = line.split("\t", 2)
             if len(parts) != 3:
-                self.reject(origin, f"expected 3 tab-separated fields (query, positive, negative), got {len(parts)}")
+                reason = f"expected 3 tab-separated fields (query, positive, negative), got {len(parts)}"
+                log.reject(f"{path}:{n}", reason)
             elif not all(p.strip() for p in parts):
-                self.reject(origin, "empty query, positive or negative")
+                log.reject(f"{path}:{n}", "empty query, positive or negative")
             else:
-                yield origin, parts[0], parts[1], parts[2]
+                if isinstance(log, LineRejects):
+                    log.rows += 1
+                yield n, parts[0], parts[1], parts[2]
 
     def splits(self) -> list[str]:
         """Splits with qrels or training files, sorted (training files are "train")."""
@@ -196,11 +271,7 @@ class MsMarcoSource(Source):
             if f.role == "hard_negatives":
                 yield from self._hard_negatives(f.path)
             elif f.role == "triples":
-                ids = (
-                    (text_id("query", q), text_id("passage", p), text_id("passage", n))
-                    for _, q, p, n in self._triples(f.path)
-                )
-                yield from group_triples(ids)
+                yield from group_triples(self._triple_ids(f.path))
             else:
                 yield from group_triples(self._id_triples(f.path))
 
@@ -243,3 +314,19 @@ def group_triples(triples: Iterable[tuple[str, str, str]]) -> Iterator[TrainExam
             negatives[neg] = None
     if current is not None:
         yield TrainExample(current[0], (current[1],), tuple(negatives))
+
+
+def _content_id_block(role: str, texts: list[str], origins: LineOrigins) -> TextBlock:
+    """Texts without ids (text triples): each id is its content key in hex (``text_id``), keys kept."""
+    keys = content_keys(role, texts)
+    return TextBlock(role, _hex(keys), texts, origins, keys)
+
+
+def _hex_ids(role: str, texts: list[str]) -> list[str]:
+    """``[text_id(role, t) for t in texts]``, hashed in one call."""
+    return _hex(content_keys(role, texts))
+
+
+def _hex(keys: np.ndarray) -> list[str]:
+    hexed = keys.tobytes().hex()
+    return [hexed[i : i + 32] for i in range(0, len(hexed), 32)]

@@ -1,10 +1,11 @@
 """File reading shared by the sources: path checks, exact line streaming, JSON lines, qrels, splits.
 
-Lines are read as bytes and split on ``\\n`` only, then decoded one by one. That keeps a stray
-``\\r`` or ``\\x85`` inside an MS MARCO passage from splitting its line (Python's text mode treats
-both as line ends), lets CRLF files (BEIR qrels) lose exactly their ``\\r\\n``, and turns one
-undecodable line into one rejected record instead of a dead stream. ``.gz`` files are read
-through gzip transparently.
+Files are read in chunks of whole lines (:func:`iter_chunks`, ~8 MiB), split on ``\\n`` only, and
+decoded a chunk at a time. That keeps a stray ``\\r`` or ``\\x85`` inside an MS MARCO passage from
+splitting its line (Python's text mode treats both as line ends), lets CRLF files (BEIR qrels) lose
+exactly their ``\\r\\n``, and turns one undecodable line into one rejected record instead of a dead
+stream (a chunk that does not decode is decoded line by line). ``.gz`` files are read through gzip
+transparently. Column readers (:mod:`.tab_lines`) take the same chunks to polars.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
+
+import numpy as np
 
 from storage.errors import BadSourceError
 
@@ -23,7 +26,9 @@ from .base import Qrels, Source, TrainExample
 __all__ = [
     "check_role",
     "chosen_splits",
+    "chunk_lines",
     "files_by_split",
+    "iter_chunks",
     "iter_json_lines",
     "iter_lines",
     "iter_objects",
@@ -41,8 +46,16 @@ __all__ = [
 ]
 
 ROLE_NAMES = ("query", "passage")
+CHUNK_BYTES = 8 << 20  # bytes read at a time (whole lines): ~23 k MS MARCO passages
+BOM = b"\xef\xbb\xbf"
 SPLIT_WORDS = ("train", "dev", "validation", "val", "test", "eval")
 RECORD_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")  # question files (HotpotQA, NQ)
+
+
+class Rejects(Protocol):
+    """Where a reader sends a bad record: a :class:`.base.Source`, or a log that hands it on later."""
+
+    def reject(self, origin: str, reason: str, fix: str = "") -> None: ...
 
 
 def check_role(role: str | None) -> None:
@@ -88,6 +101,68 @@ def open_bytes(path: Path) -> IO[bytes]:
         raise BadSourceError(f"Cannot open '{path}': {e.strerror or e}.") from e
 
 
+def iter_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """Stream ``(first line number, chunk)`` of a file: whole lines, about ``size`` bytes each.
+
+    Every chunk but the last ends in ``\\n``; line numbers are 1-based. A UTF-8 byte-order mark at the
+    start of the file is dropped.
+
+    Raises:
+        BadSourceError: the file cannot be opened or read (gzip damage).
+    """
+    with open_bytes(path) as f:
+        try:
+            line, rest = 1, f.read(len(BOM))
+            rest = b"" if rest == BOM else rest
+            while buf := f.read(size):
+                cut = buf.rfind(b"\n") + 1
+                if not cut:  # a line longer than a chunk: read on
+                    rest += buf
+                    continue
+                chunk, rest = rest + buf[:cut], buf[cut:]
+                yield line, chunk
+                line += int(np.count_nonzero(np.frombuffer(chunk, np.uint8) == 10))  # 2x bytes.count
+            if rest:
+                yield line, rest
+        except (OSError, EOFError) as e:
+            raise BadSourceError(f"Cannot read '{path}': {e}. The file may be truncated or not gzip.") from e
+
+
+def chunk_lines(chunk: bytes, first: int, path: Path, source: Rejects) -> Iterator[tuple[int, str]]:
+    """Stream ``(line number, line)`` of the non-blank lines of a chunk: line ending stripped, text exact.
+
+    A line that is not UTF-8 goes to ``source.reject``. This is the reference reading of a line: the
+    column readers give the same fields or fall back to it.
+    """
+    try:
+        lines = chunk.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        yield from _decode_each(chunk, first, path, source)
+        return
+    if chunk.endswith(b"\n"):
+        lines.pop()
+    for n, line in enumerate(lines, first):
+        line = line[:-1] if line.endswith("\r") else line
+        if line.strip():
+            yield n, line
+
+
+def _decode_each(chunk: bytes, first: int, path: Path, source: Rejects) -> Iterator[tuple[int, str]]:
+    lines = chunk.split(b"\n")
+    if chunk.endswith(b"\n"):
+        lines.pop()
+    for n, raw in enumerate(lines, first):
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            reason = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            source.reject(f"{path}:{n}", reason, "Re-encode the file as UTF-8.")
+            continue
+        if line.strip():
+            yield n, line
+
+
 def iter_lines(path: Path, source: Source) -> Iterator[tuple[str, str]]:
     """Stream ``(origin, line)`` of a text file: 1-based ``path:line``, line ending stripped, text exact.
 
@@ -97,25 +172,9 @@ def iter_lines(path: Path, source: Source) -> Iterator[tuple[str, str]]:
     Raises:
         BadSourceError: the file cannot be opened or read (gzip damage), or a line is not UTF-8.
     """
-    with open_bytes(path) as f:
-        try:
-            for n, raw in enumerate(f, 1):
-                origin = f"{path}:{n}"
-                raw = raw[:-1] if raw.endswith(b"\n") else raw
-                raw = raw[:-1] if raw.endswith(b"\r") else raw
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    source.reject(
-                        origin, f"not valid UTF-8 ({e.reason} at byte {e.start})", "Re-encode the file as UTF-8."
-                    )
-                    continue
-                if n == 1 and line.startswith("\ufeff"):
-                    line = line[1:]
-                if line.strip():
-                    yield origin, line
-        except (OSError, EOFError) as e:
-            raise BadSourceError(f"Cannot read '{path}': {e}. The file may be truncated or not gzip.") from e
+    for first, chunk in iter_chunks(path):
+        for n, line in chunk_lines(chunk, first, path, source):
+            yield f"{path}:{n}", line
 
 
 def iter_json_lines(path: Path, source: Source) -> Iterator[tuple[str, dict[str, Any]]]:

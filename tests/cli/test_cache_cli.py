@@ -64,7 +64,7 @@ def test_ls_and_info_json(store: Path, bert: TeacherEncoder) -> None:
 
     info = json.loads(cache("info", str(store), "--json").stdout)
     assert info["fingerprint"] == bert.spec.fingerprint and info["teacher_spec"] == bert.spec.to_dict()
-    assert (info["dim"], info["storage_dtype"], info["format_version"]) == (32, "float16", 1)
+    assert (info["dim"], info["storage_dtype"], info["format_version"]) == (32, "float16", 2)
     assert info["keys"] == n_pass + n_query
 
 
@@ -90,14 +90,14 @@ def test_verify_ok_then_a_flipped_byte(store: Path) -> None:
 
     bad = cache("verify", str(store))
     assert bad.exit_code == 1
-    assert f"DAMAGED: segment {seg.seg_id}: chunk 1 checksum mismatch" in bad.stderr
+    assert f"DAMAGED: segments/{seg.seg_id}/vectors/c/1/0: chunk 1 checksum mismatch" in bad.stderr
     assert bad.stdout.startswith("1 problem(s): 2 segments")
     report = json.loads(cache("verify", str(store), "--json").stdout)
     assert report["ok"] is False and len(report["problems"]) == 1
     assert seg.seg_id in report["problems"][0] and "chunk 1" in report["problems"][0]
 
 
-def test_gc_removes_an_abandoned_segment_only(store: Path) -> None:
+def test_gc_keeps_flushed_rows_and_removes_only_empty_segments(store: Path) -> None:
     s = TeacherStore.open(store)
     keys = content_keys("passage", ["left behind one", "left behind two"])
     writer = s.writer(chunk_rows=8)
@@ -106,18 +106,21 @@ def test_gc_removes_an_abandoned_segment_only(store: Path) -> None:
     running = cache("gc", str(store), "--json")
     assert json.loads(running.stdout)["removed"] == []  # a live writer holds its segment: never removed
     writer.abort()  # what a crash leaves: flushed rows, no COMMIT, lock released
+    empty = s.writer(chunk_rows=8, flush_seconds=3600)
+    empty.append(keys[:1], np.ones((1, 32), np.float32), np.zeros(1, np.uint8), np.full(1, 3, np.int32))
+    empty.abort()  # nothing flushed, nothing indexed: provably empty
 
     listed = cache("ls", str(store))
     assert f"{writer.seg_id}" in listed.stdout and "(uncommitted: abandoned)" in listed.stdout
     dry = cache("gc", str(store), "--dry-run")
-    assert dry.exit_code == 0 and f"would remove {writer.seg_id}" in dry.stdout
-    assert (store / "segments" / writer.seg_id).is_dir()
+    assert dry.exit_code == 0 and f"would remove {empty.seg_id}" in dry.stdout and writer.seg_id not in dry.stdout
+    assert (store / "segments" / empty.seg_id).is_dir()
     done = cache("gc", str(store), "--json")
     removed = json.loads(done.stdout)["removed"]
-    assert [r["id"] for r in removed] == [writer.seg_id] and removed[0]["bytes"] > 0
-    assert not (store / "segments" / writer.seg_id).exists()
+    assert [r["id"] for r in removed] == [empty.seg_id] and removed[0]["bytes"] > 0
+    assert not (store / "segments" / empty.seg_id).exists()
     after = TeacherStore.open(store)
-    assert len(after.segments) == 2 and not after.contains(keys).any()
+    assert len(after.segments) == 3 and after.contains(keys).all()  # gc salvaged the flushed rows, never deletes them
     assert cache("verify", str(store)).exit_code == 0
 
 

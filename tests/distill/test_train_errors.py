@@ -8,7 +8,9 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +254,56 @@ def test_allow_missing_drops_and_reports(config, corpus: Corpus, tmp_path: Path)
 def test_store_missing(config, tmp_path: Path) -> None:
     with pytest.raises(DdxError, match=r"No teacher store at"):
         train(config(store=str(tmp_path / "nowhere")))
+
+
+# -- data errors come before the student's weights load (seconds, not the minutes a large student takes) -----------
+
+
+class StudentLoaded(AssertionError):
+    """Raised by :func:`student_loads` when anything loads a sentence-transformer."""
+
+
+@pytest.fixture
+def student_loads() -> Iterator[list[str]]:
+    """Every SentenceTransformer load (the student's weights) is recorded and refused; yields the record."""
+    from sentence_transformers import SentenceTransformer
+
+    loads: list[str] = []
+
+    def refuse(self: Any, model_name_or_path: Any = None, *args: Any, **kwargs: Any) -> None:
+        loads.append(str(model_name_or_path))
+        raise StudentLoaded(f"a model loaded before the data was checked: {model_name_or_path}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SentenceTransformer, "__init__", refuse)
+        yield loads
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_missing_vectors_stop_the_run_before_the_student_loads(
+    config, corpus: Corpus, phase1_run, tmp_path: Path, student_loads: list[str], phase: int
+) -> None:
+    spec = _missing_spec(corpus, tmp_path)
+    start = {"student": None, "init": phase1_run.out} if phase == 2 else {}
+    with pytest.raises(MissingVectorsError, match=r"texts this run needs have no teacher vector"):
+        train(config(phase=phase, data=(spec,), **start))
+    assert student_loads == []
+
+
+def test_bad_examples_stop_the_run_before_the_student_loads(
+    config, corpus: Corpus, phase1_run, tmp_path: Path, student_loads: list[str]
+) -> None:
+    spec = _variant(corpus, tmp_path / "ghosts", negatives={"q0": ["ghost1"]})
+    with pytest.raises(BadSourceError, match=r"training examples reference 1 ids that no --data source defines"):
+        train(config(phase=2, data=(spec,), init=phase1_run.out, student=None))
+    with pytest.raises(DdxError, match=r"No phase-2 examples left"):
+        train(config(phase=2, split="dev", init=phase1_run.out, student=None))
+    assert student_loads == []
+
+
+def test_unreadable_data_stops_the_run_before_the_student_loads(
+    config, tmp_path: Path, student_loads: list[str]
+) -> None:
+    with pytest.raises(BadSourceError):
+        train(config(data=(f"beir:{tmp_path / 'no-such-folder'}",)))
+    assert student_loads == []

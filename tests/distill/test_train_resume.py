@@ -12,6 +12,7 @@ notices, so the equality is evidence, not an accident of a test that cannot fail
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import pytest
 import torch
 
+from distill.checkpoints import MANIFEST, ManifestCallback
 from distill.model import StudentModelWithProjection
 from distill.sampling import DistillBatchSampler
 from distill.train import train
 from distill.trainer import DistillTrainer
+from storage.errors import DdxError
 
 MAX_STEPS = 10
 
@@ -146,3 +149,115 @@ def test_control_dropout_rng_not_restored_is_detected(make, reference, tmp_path:
 
     _interrupted_then_resumed(make, tmp_path / "no-rng", 6, during_resume=skip_rng)
     assert _max_diff(ref_weights, _weights(tmp_path / "no-rng")) > 1e-5
+
+
+# -- damaged checkpoints: --resume falls back to the newest complete one ---------------------------------------------
+
+
+def _interrupted(make: Callable[..., Any], out: Path, stop_at: int = 8) -> Path:
+    """A phase-2 run stopped once ``checkpoint-<stop_at>`` and its manifest are saved (``checkpoint-<stop_at - 2>``
+    is kept too)."""
+    original = ManifestCallback.on_save
+
+    def save_then_crash(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        original(self, args, state, control, **kwargs)
+        if state.global_step == stop_at:
+            raise Interrupted
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ManifestCallback, "on_save", save_then_crash)
+        with pytest.raises(Interrupted):
+            train(make(out=str(out)))
+    return out / "checkpoints"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _as_older_ddx(checkpoints: Path) -> None:
+    """Checkpoints as an older ddx left them: no manifest (the load checks decide alone)."""
+    for manifest in checkpoints.glob(f"checkpoint-*/{MANIFEST}"):
+        manifest.unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "manifest"),
+    [
+        pytest.param(lambda c: _truncate(c / "model.safetensors"), True, id="weights-truncated"),
+        pytest.param(lambda c: _truncate(c / "optimizer.pt"), True, id="optimizer-truncated"),
+        pytest.param(lambda c: _truncate(c / "model.safetensors"), False, id="weights-truncated-no-manifest"),
+        pytest.param(lambda c: _truncate(c / "optimizer.pt"), False, id="optimizer-truncated-no-manifest"),
+        pytest.param(lambda c: (c / "trainer_state.json").unlink(), False, id="killed-before-trainer-state"),
+        pytest.param(lambda c: _flip_last_byte(c / "model.safetensors"), True, id="weights-byte-flipped"),
+    ],
+)
+def test_damaged_last_checkpoint_falls_back_to_the_previous(
+    make, reference, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None], manifest: bool
+) -> None:
+    """The last checkpoint is damaged: resume from the one before, say so in one line, and still end exactly."""
+    ref_weights, _ = reference(2)
+    out = tmp_path / "damaged"
+    checkpoints = _interrupted(make, out)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert all((checkpoints / c / MANIFEST).is_file() for c in ("checkpoint-6", "checkpoint-8"))
+    if not manifest:
+        _as_older_ddx(checkpoints)
+    damage(checkpoints / "checkpoint-8")
+    capsys.readouterr()
+
+    resumed = train(make(out=str(out), resume=True))
+
+    assert resumed.steps == MAX_STEPS and Path(resumed.report["resumed_from"]).name == "checkpoint-6"
+    assert list(resumed.report["skipped_checkpoints"]) == ["checkpoint-8"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "checkpoint" in line]
+    assert len(lines) == 1, lines
+    assert re.search(
+        r"resuming from checkpoint-6, the newest complete checkpoint; skipped incomplete checkpoint-8: "
+        r"\S+ (is truncated|has \S+ bytes|differs|is missing|.*missing)",
+        lines[0],
+    ), lines[0]
+    assert (out / "checkpoints-incomplete" / "checkpoint-8").is_dir(), "the damaged checkpoint is set aside, not lost"
+    weights = _weights(out)
+    assert all(torch.equal(ref_weights[k], weights[k]) for k in ref_weights), (
+        f"weights differ from the uninterrupted run's by up to {_max_diff(ref_weights, weights):.3g}"
+    )
+
+
+def test_checkpoints_of_an_older_ddx_still_resume_exactly(make, reference, tmp_path: Path) -> None:
+    """No manifest anywhere (an older ddx wrote them): whole, loadable checkpoints are used as before."""
+    ref_weights, _ = reference(2)
+    out = tmp_path / "older"
+    _as_older_ddx(_interrupted(make, out))
+    resumed = train(make(out=str(out), resume=True))
+    assert Path(resumed.report["resumed_from"]).name == "checkpoint-8" and "skipped_checkpoints" not in resumed.report
+    weights = _weights(out)
+    assert all(torch.equal(ref_weights[k], weights[k]) for k in ref_weights)
+
+
+def test_no_complete_checkpoint_is_one_line_before_the_student_loads(make, tmp_path: Path) -> None:
+    out = tmp_path / "all-damaged"
+    checkpoints = _interrupted(make, out)
+    _truncate(checkpoints / "checkpoint-8" / "optimizer.pt")
+    _truncate(checkpoints / "checkpoint-6" / "model.safetensors")
+    loads: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StudentModelWithProjection, "load", lambda *a, **k: loads.append("load"))
+        mp.setattr(StudentModelWithProjection, "from_pretrained", lambda *a, **k: loads.append("from_pretrained"))
+        with pytest.raises(DdxError) as caught:
+            train(make(out=str(out), resume=True))
+    message = str(caught.value)
+    assert "\n" not in message and not loads
+    assert re.fullmatch(
+        rf"No complete checkpoint to resume from in '{re.escape(str(checkpoints))}' \(checkpoint-8: optimizer\.pt "
+        r"has \S+ bytes, \S+ when saved; checkpoint-6: model\.safetensors has .*\)\. "
+        rf"Delete '{re.escape(str(checkpoints))}' and rerun without --resume to start over\.",
+        message,
+    ), message

@@ -5,15 +5,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr.storage._local as zarr_local
 
-from precompute.pipeline import precompute
+from precompute.pipeline import PrecomputeConfig, precompute
 from precompute.sources import Source, SourceOptions, TextRecord
 from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
 from storage.errors import (
@@ -27,6 +30,7 @@ from storage.errors import (
 )
 from storage.keys import content_keys
 from storage.maintenance import verify_store
+from storage.metadata import sealed
 from storage.store import TeacherStore
 from tests.precompute.test_pipeline import (
     direct,
@@ -206,9 +210,9 @@ def test_store_from_a_newer_format(bert: TeacherEncoder, seeded: Path, tmp_path:
     meta = seeded / "zarr.json"
     original = meta.read_text()
     doc = json.loads(original)
-    doc["attributes"]["ddx"]["format_version"] = 99
+    doc["attributes"]["ddx"] = sealed({**doc["attributes"]["ddx"], "format_version": 99})  # as a newer ddx writes it
     meta.write_text(json.dumps(doc))
-    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 1\. Upgrade"):
+    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 2\. Upgrade"):
         run(seeded, write_beir(tmp_path / "beir", ["new text"]), bert)
     assert json.loads(meta.read_text())["attributes"]["ddx"]["format_version"] == 99  # left as it was
     meta.write_text(original)
@@ -234,6 +238,80 @@ def test_store_path_that_is_another_folder(bert: TeacherEncoder, tmp_path: Path)
         run(folder, write_beir(tmp_path / "beir", ["new text"]), bert)
     assert time.monotonic() - started < 5
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+# -- spec mismatches found before the teacher's weights load --------------------------------------------------------
+
+
+class TeacherLoaded(AssertionError):
+    """Raised when a test's precompute gets as far as loading the teacher's weights."""
+
+
+@pytest.fixture
+def teacher_loads() -> Iterator[list[str]]:
+    """Every SentenceTransformer load is recorded and stopped with :class:`TeacherLoaded`; yields the record."""
+    from sentence_transformers import SentenceTransformer
+
+    loads: list[str] = []
+
+    def refuse(self: Any, model_name_or_path: Any = None, *args: Any, **kwargs: Any) -> None:
+        loads.append(str(model_name_or_path))
+        raise TeacherLoaded(f"the teacher's weights loaded: {model_name_or_path}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SentenceTransformer, "__init__", refuse)
+        yield loads
+
+
+def _precompute_with(store: Path, folder: Path, model: Path, **teacher: Any) -> None:
+    """A precompute as ``ddx precompute-teacher`` runs it: the teacher is loaded from the config."""
+    config = TeacherConfig(model=str(model), device="cpu", **teacher)
+    precompute(PrecomputeConfig(store=str(store), data=(f"beir:{folder}",), teacher=config, progress=False))
+
+
+@pytest.mark.parametrize(
+    ("teacher", "named"),
+    [
+        ({"pooling": "cls"}, "pooling: store has 'mean', requested 'cls'"),
+        ({"normalize": False}, "normalize: store has True, requested False"),
+        ({"max_seq_length": 64}, "max_seq_length: store has 128, requested 64"),
+        ({"query_prompt": "query: "}, "query_prompt: store has '', requested 'query: '"),
+        ({"padding_side": "left"}, "padding_side: store has 'right', requested 'left'"),
+        ({"dtype": "bfloat16"}, "dtype: store has 'float32', requested 'bfloat16'"),
+    ],
+)
+def test_spec_mismatch_is_found_before_the_teacher_loads(
+    tiny_bert: Path, seeded: Path, tmp_path: Path, teacher_loads: list[str], teacher: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(FingerprintMismatchError, match=rf"was made by another teacher spec \({re.escape(named)}\)"):
+        _precompute_with(seeded, write_beir(tmp_path / "beir", ["new text"]), tiny_bert, **teacher)
+    assert teacher_loads == []
+    assert_intact(seeded)
+
+
+def test_other_weights_and_dimension_are_found_before_the_teacher_loads(
+    tiny_bert: Path, tiny_qwen2: Path, seeded: Path, tmp_path: Path, teacher_loads: list[str]
+) -> None:
+    folder = write_beir(tmp_path / "beir", ["new text"])
+    with pytest.raises(
+        DimensionMismatchError, match=r"holds 32-d vectors of .*tiny-bert.*, but the teacher .*gives 48-d"
+    ):
+        _precompute_with(seeded, folder, tiny_qwen2)
+    changed = Path(shutil.copytree(tiny_bert, tmp_path / "retrained"))
+    weights = changed / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(FingerprintMismatchError, match=r"\(weights_id: store has 'files:\w+', requested 'files:\w+'\)"):
+        _precompute_with(seeded, folder, changed)
+    assert teacher_loads == []
+
+
+def test_matching_spec_goes_on_to_load_the_teacher(
+    tiny_bert: Path, seeded: Path, tmp_path: Path, teacher_loads: list[str]
+) -> None:
+    """The control: the same teacher passes the early check (and would then load)."""
+    with pytest.raises(TeacherLoaded):
+        _precompute_with(seeded, write_beir(tmp_path / "beir", ["new text"]), tiny_bert)
+    assert teacher_loads == [str(tiny_bert)]
 
 
 # -- disk full -----------------------------------------------------------------------------------------------------

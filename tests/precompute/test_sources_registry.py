@@ -8,7 +8,6 @@ import pytest
 
 import precompute.sources as sources
 from precompute.sources import SOURCE_KINDS, BeirSource, SourceOptions, TextRecord, parse_source
-from precompute.sources import ledger as ledger_module
 from precompute.sources.hf import parse_hf_location
 from precompute.sources.ledger import IdLedger, unique_records
 from precompute.sources.registry import split_spec
@@ -98,11 +97,12 @@ class FakeSource(BeirSource):
 
 
 class TestLedger:
-    def test_conflict_found_after_a_flush_names_both_origins(self) -> None:
-        ledger = IdLedger(flush_at=2)
+    def test_conflict_found_after_the_table_grew_names_both_origins(self) -> None:
+        ledger = IdLedger()
         first = [TextRecord(str(i), f"t{i}", "passage", f"data/part-0001.jsonl:{i + 1}") for i in range(5)]
         assert len(list(ledger.admit(first, FakeSource()))) == 5
-        ledger._flush()
+        grow = [TextRecord(f"g{i}", "g", "passage", f"g.tsv:{i + 1}") for i in range(5000)]
+        assert len(list(ledger.admit(grow, FakeSource()))) == 5000  # the table grows: entries move
         again = [TextRecord("3", "t3", "passage", "b.tsv:1"), TextRecord("3", "other", "passage", "b.tsv:2")]
         with pytest.raises(
             BadSourceError, match=r"duplicate id '3' with different texts at data/part-0001\.jsonl:4 and b\.tsv:2"
@@ -118,8 +118,7 @@ class TestLedger:
         ledger = IdLedger()
         assert ledger._decode(ledger._encode(origin)) == origin
 
-    def test_many_ids_across_flushes(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(ledger_module, "IdLedger", lambda: IdLedger(flush_at=1000))
+    def test_many_ids_across_chunks(self) -> None:
         records = (TextRecord(str(i % 30_000), f"t{i % 30_000}", "passage", f"f:{i}") for i in range(60_000))
         source = FakeSource()
         assert sum(1 for _ in unique_records(records, source)) == 30_000 and source.bad == []

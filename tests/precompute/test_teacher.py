@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from precompute.teacher import GTE_QWEN2_QUERY_PROMPT, TeacherConfig, load_teacher, weights_identity
+from precompute.teacher import GTE_QWEN2_QUERY_PROMPT, TeacherConfig, expected_spec, load_teacher, weights_identity
 from storage.errors import DdxError
+from storage.spec import TeacherSpec
 from tests.precompute.test_pipeline import one_torch_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import QWEN_QUERY_PROMPT
 
@@ -133,3 +137,96 @@ def test_weights_identity_errors(tiny_bert: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DdxError, match=r"holds no model files"):
         weights_identity(str(tmp_path / "empty"))
+
+
+# -- the spec from files alone (checked against a store before the weights load) -------------------------------------
+
+
+def _edit_json(path: Path, **changes: Any) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _variant(source: Path, target: Path, edit: str) -> Path:
+    """A copy of a tiny model whose config files take another of the forms real models have."""
+    folder = Path(shutil.copytree(source, target))
+    if edit == "tokenizer-longer-than-positions":  # capped at config.json's max_position_embeddings (128)
+        _edit_json(folder / "tokenizer_config.json", model_max_length=512)
+    elif edit == "max-seq-length-in-st-config":  # sentence_bert_config.json wins, uncapped
+        _edit_json(folder / "sentence_bert_config.json", max_seq_length=64)
+    elif edit == "legacy-pooling-config":  # the format of models saved before sentence-transformers 6
+        (folder / "1_Pooling" / "config.json").write_text(
+            json.dumps(
+                {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+            )
+        )
+    elif edit == "no-saved-prompts":
+        (folder / "config_sentence_transformers.json").unlink()
+    elif edit == "dense-head":
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.base.modules import Dense
+
+        model = SentenceTransformer(str(source), device="cpu")
+        model.insert(2, Dense(32, 16))  # before Normalize: the output is 16-d
+        shutil.rmtree(folder)
+        model.save(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("model", "edit", "overrides"),
+    [
+        ("bert", None, {}),
+        ("qwen", None, {}),
+        ("bert", None, dict(pooling="cls", normalize=False, padding_side="left", max_seq_length=16)),
+        ("bert", None, dict(query_prompt="query: ", passage_prompt="passage: ", dtype="float32")),
+        ("qwen", None, dict(normalize=False, passage_prompt="doc: ", pooling="mean")),
+        ("bert", "tokenizer-longer-than-positions", {}),
+        ("bert", "max-seq-length-in-st-config", {}),
+        ("bert", "legacy-pooling-config", {}),
+        ("qwen", "no-saved-prompts", {}),
+        ("bert", "dense-head", {}),
+    ],
+)
+def test_expected_spec_from_files_is_the_loaded_spec(
+    tiny_bert: Path, tiny_qwen2: Path, tmp_path: Path, model: str, edit: str | None, overrides: dict[str, Any]
+) -> None:
+    """Every field read from the files (no weights) equals what the loaded teacher reports: a prediction that
+    differed would refuse a store the teacher actually matches. Only tiny BERT's padding side is left to the load
+    (its tokenizer_config.json does not save one: the tokenizer class's default applies)."""
+    path = {"bert": tiny_bert, "qwen": tiny_qwen2}[model]
+    if edit:
+        path = _variant(path, tmp_path / "variant", edit)
+    config = TeacherConfig(model=str(path), device="cpu", **overrides)
+    expected = expected_spec(config)
+    loaded = load_teacher(config).spec.to_dict()
+    assert expected == {k: loaded[k] for k in expected}
+    unsettled = {f.name for f in fields(TeacherSpec)} - set(expected)
+    assert unsettled == (set() if model == "qwen" or "padding_side" in overrides else {"padding_side"})
+
+
+def test_expected_spec_leaves_out_what_the_files_do_not_settle(tiny_bert: Path, tmp_path: Path) -> None:
+    """An unknown module type, or a tokenizer without a saved padding side: those fields are left to the load."""
+    folder = Path(shutil.copytree(tiny_bert, tmp_path / "odd"))
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "x", "path": "", "type": "my_package.modules.Whitening"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    _edit_json(folder / "tokenizer_config.json", padding_side=None)
+    expected = expected_spec(TeacherConfig(model=str(folder), device="cpu"))
+    assert "dim" not in expected and "padding_side" not in expected
+    assert (expected["pooling"], expected["normalize"], expected["max_seq_length"]) == ("mean", True, 128)
+
+
+def test_expected_spec_loads_no_weights(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("expected_spec loaded the model")
+
+    monkeypatch.setattr(SentenceTransformer, "__init__", refuse)
+    assert expected_spec(TeacherConfig(model=str(tiny_bert), device="cpu"))["dim"] == 32

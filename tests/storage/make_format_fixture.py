@@ -1,16 +1,15 @@
-"""Regenerate ``format_v1_store/``: a tiny committed store of format version 1 (STYLE.md rule 10).
+"""Write ``format_v<N>_store/``: a tiny committed store of the current format version N (STYLE.md rule 10).
 
 Run once per released format, from the repository root, and commit the folder it writes:
 
     python tests/storage/make_format_fixture.py
 
-Never regenerate an existing version's store after a code change: it stands for stores users already
-have, and ``test_format_v1.py`` checks that today's code still opens it and returns these vectors.
+It refuses to overwrite a version's store: each stands for stores users already have, and
+``test_format_v<N>.py`` checks that today's code still opens it and returns these vectors.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from storage import FORMAT_VERSION, TeacherSpec, TeacherStore, content_keys, role_code
 
 HERE = Path(__file__).resolve().parent
-TARGET = HERE / "format_v1_store"
+TARGET = HERE / f"format_v{FORMAT_VERSION}_store"
 
 SPEC = TeacherSpec(
     model="fixture/tiny-teacher",
@@ -56,11 +55,9 @@ def write_segment(store: TeacherStore, rows: list[tuple[str, str, list[float]]])
 
 
 def main() -> int:
-    if FORMAT_VERSION != 1:
-        print(f"This script writes format 1, but the code writes format {FORMAT_VERSION}: add a new script.")
-        return 1
     if TARGET.exists():
-        shutil.rmtree(TARGET)
+        print(f"{TARGET} exists: a released format's store is never regenerated.")
+        return 1
     store = TeacherStore.create(TARGET, SPEC, dtype="float16")
     write_segment(store, SEGMENT_A)
     write_segment(store, SEGMENT_B)

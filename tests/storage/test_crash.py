@@ -84,23 +84,30 @@ def test_crashed_writer_is_reported_salvaged_exactly(crashed_writer) -> None:
     np.testing.assert_array_equal(reopened.get(rows.keys[:9]), rows.vectors[:9])
 
 
-def test_gc_removes_only_abandoned_segments(crashed_writer, new_store: Callable[..., TeacherStore]) -> None:
+def test_gc_salvages_rows_removes_only_empty_segments(crashed_writer, new_store: Callable[..., TeacherStore]) -> None:
+    """gc never deletes a row it could keep: the crashed segment's flushed rows are committed, not removed."""
     store, proc, _, crashed_id = crashed_writer
     committed_id = store.segments[0].seg_id
     live = store.writer(chunk_rows=4)
     live.append(*make_rows(5, DIM, prefix="live").args())
     live.flush()
+    empty = store.writer(chunk_rows=4, flush_seconds=3600)
+    empty.append(*make_rows(2, DIM, prefix="never flushed").args())
+    empty.abort()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     states = dict(store.uncommitted_segments())
-    assert states == {crashed_id: "abandoned", live.seg_id: "active"}
+    assert states == {crashed_id: "abandoned", live.seg_id: "active", empty.seg_id: "abandoned"}
 
     dry = gc_store(store, dry_run=True)
-    assert [d["id"] for d in dry] == [crashed_id] and dry[0]["bytes"] > 0
-    assert store.loc.exists("segments", crashed_id)
-    assert [d["id"] for d in gc_store(store)] == [crashed_id]
-    assert not store.loc.exists("segments", crashed_id)
+    assert [d["id"] for d in dry] == [empty.seg_id] and dry[0]["bytes"] > 0
+    assert store.loc.exists("segments", empty.seg_id)
+    assert [d["id"] for d in gc_store(store)] == [empty.seg_id]
+    assert not store.loc.exists("segments", empty.seg_id)
     assert store.loc.exists("segments", committed_id, "COMMIT")
+    assert store.loc.exists("segments", crashed_id, "COMMIT")  # salvaged: its 9 flushed rows are kept
+    crashed = make_rows(9, DIM, prefix="crash")
+    np.testing.assert_array_equal(store.get(crashed.keys), crashed.vectors)
     assert dict(store.uncommitted_segments()) == {live.seg_id: "active"}
 
     live.append(*make_rows(5, DIM, prefix="live", start=5).args())
@@ -108,7 +115,7 @@ def test_gc_removes_only_abandoned_segments(crashed_writer, new_store: Callable[
     store.refresh()
     live_rows = make_rows(10, DIM, prefix="live")
     np.testing.assert_array_equal(store.get(live_rows.keys), live_rows.vectors)
-    assert len(store) == 17 and verify_store(store).ok
+    assert len(store) == 7 + 9 + 10 and verify_store(store).ok
 
 
 def test_salvage_removes_a_segment_with_nothing_flushed(new_store: Callable[..., TeacherStore]) -> None:

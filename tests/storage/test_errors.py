@@ -20,6 +20,7 @@ from storage import (
     StoreNotFoundError,
     TeacherStore,
 )
+from storage.metadata import sealed
 from tests.storage.rows import make_rows, make_spec, write_rows
 
 
@@ -57,14 +58,15 @@ def test_create_over_non_empty_dir(tmp_path: Path) -> None:
 
 
 def test_newer_format_version(new_store: Callable[..., TeacherStore]) -> None:
+    """A newer ddx seals its attributes as this one does: a sealed unknown version is newer, not damage."""
     store = new_store()
     meta_path = Path(store.url) / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["ddx"]["format_version"] = 99
+    meta["attributes"]["ddx"] = sealed({**meta["attributes"]["ddx"], "format_version": 99})
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 1\. Upgrade"):
+    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 2\. Upgrade"):
         TeacherStore.open(store.url)
-    meta["attributes"]["ddx"]["format_version"] = "1"  # not an int
+    meta["attributes"]["ddx"] = sealed({**meta["attributes"]["ddx"], "format_version": "1"})  # not an int
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(FormatVersionError, match="format version 1;"):
         TeacherStore.open(store.url)

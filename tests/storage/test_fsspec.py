@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import storage.segment as segment
+import storage.segment_reader as segment_reader
 from storage import TeacherStore, gc_store, verify_store
 from storage.segment import SegmentReader
 from tests.storage.rows import make_rows, make_spec, write_rows
@@ -105,7 +106,7 @@ def test_file_url_reads_the_same_through_zarr(
     write_rows(store, rows, batches=(5,))
     mapped = TeacherStore.open(url).get(rows.keys)
     assert zarr_reads == []  # a local store memory-maps its chunks
-    monkeypatch.setattr(segment, "_is_plain_layout", lambda meta, chunk_rows: False)
+    monkeypatch.setattr(segment_reader, "_is_plain_layout", lambda meta, chunk_rows: False)
     via_zarr = TeacherStore.open(url).get(rows.keys)
     assert sorted(zarr_reads) == [0, 1, 2]
     np.testing.assert_array_equal(mapped, rows.vectors)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from storage import KeySet, content_key, content_keys, key_hex
-from storage.keys import KEY_DTYPE, as_key_array, key_from_hex, key_slice, role_code
+from storage.keys import KEY_DTYPE, as_key_array, first_occurrence, key_from_hex, key_slice, role_code
 
 
 def test_content_key_is_deterministic_and_16_bytes() -> None:
@@ -54,26 +54,74 @@ def test_keys_ending_in_nul_bytes_survive_s16() -> None:
         key_from_hex("abcd")
 
 
-def test_keyset_add_contains_merge() -> None:
+def test_keyset_add_contains_array() -> None:
     keys = content_keys("passage", [f"p{i}" for i in range(300)])
     nul_key = b"\x07" * 8 + b"\x00" * 8
     ks = KeySet(keys[:100])
     assert len(ks) == 100
     ks.add(keys[50:200])  # overlapping add
     ks.add(as_key_array([nul_key]))
-    assert not ks._pending or len(ks._pending) == 2  # buffered until needed
     assert len(ks) == 201
     mask = ks.contains(np.concatenate([keys, as_key_array([nul_key, b"\x07" * 8 + b"\x00" * 7 + b"\x01"])]))
     assert mask[:200].all() and not mask[200:300].any()
     assert mask[300] and not mask[301]
     arr = ks.array()
-    assert (arr[:-1] < arr[1:]).all()  # sorted and unique
+    assert arr.dtype == KEY_DTYPE and (arr[:-1] < arr[1:]).all()  # sorted and unique
+    assert arr.tobytes() == b"".join(sorted({bytes(k).ljust(16, b"\x00") for k in [*keys[:200], nul_key]}))
     assert not KeySet().contains(keys).any()
-    # big adds merge eagerly, and the result is the same as one bulk build
-    many = content_keys("query", [f"q{i}" for i in range(70_000)])
+    many = content_keys("query", [f"q{i}" for i in range(70_000)])  # grows the table several times
     ks.add(many)
-    assert not ks._pending
     assert np.array_equal(ks.array(), KeySet(np.concatenate([keys[:200], as_key_array([nul_key]), many])).array())
+    assert ks.contains(many).all() and len(ks) == 70_201
+
+
+def test_keyset_add_new_marks_first_occurrences_of_new_keys() -> None:
+    keys = content_keys("passage", ["a", "b", "a", "c", "b"])
+    ks = KeySet(keys[3:4])  # "c" is already in
+    assert ks.add_new(keys).tolist() == [True, True, False, False, False]
+    assert ks.add_new(keys).tolist() == [False] * 5
+    assert first_occurrence(keys).tolist() == [True, True, False, True, False]
+    assert len(KeySet().add_new(np.empty(0, KEY_DTYPE))) == 0
+
+
+def test_keyset_agrees_with_a_python_set_under_collisions() -> None:
+    """Random batches over a small universe (repeats within and across batches), plus keys sharing a home slot."""
+    rng = np.random.default_rng(0)
+    universe = np.concatenate(
+        [
+            rng.integers(0, 256, (3000, 16), dtype=np.uint8).view(KEY_DTYPE).ravel(),
+            as_key_array([b"\x00" * 16, b"\x00" * 15 + b"\x01"]),
+            # equal second halves: one home slot in every table size, long probe runs that wrap the table's end
+            np.stack([np.arange(2000, dtype=np.uint64), np.full(2000, 2**64 - 1, np.uint64)], 1).view(KEY_DTYPE).ravel(),
+        ]
+    )
+    ks, ref = KeySet(), set()
+    for _ in range(40):
+        batch = universe[rng.integers(0, len(universe), rng.integers(0, 2000))]
+        raw = [bytes(k).ljust(16, b"\x00") for k in batch]
+        assert ks.contains(batch).tolist() == [k in ref for k in raw]
+        expected = []
+        for k in raw:
+            expected.append(k not in ref)
+            ref.add(k)
+        assert ks.add_new(batch).tolist() == expected
+        assert len(ks) == len(ref)
+    assert ks.array().tobytes() == b"".join(sorted(ref))
+
+
+def test_keyset_work_is_linear_in_the_keys() -> None:
+    """Slots probed (growth included) for 2N keys added block by block stay ~2× those for N: no re-sorting."""
+
+    def probed(n: int) -> int:
+        keys = content_keys("passage", [f"t{i}" for i in range(n)])
+        ks = KeySet()
+        for s in range(0, n, 8192):
+            block = keys[s : s + 8192]
+            ks.add(block[~ks.contains(block)])
+        return ks.slots_probed
+
+    small, large = probed(50_000), probed(100_000)
+    assert 1.5 < large / small < 3.0  # growth steps fall differently at each size; quadratic work would be ~4
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -1,0 +1,380 @@
+"""The router: a small MLP that scores how much a query would gain from the teacher, and its saved form.
+
+Two kinds, trained on the same targets (:mod:`distill.routing_targets`) and compared on the same curve:
+
+* ``encoder``   — input: the student's query embedding. Decides before any search, so it can live inside an
+  encoder (:mod:`distill.routed_model`): the reference system's router.
+* ``retrieval`` — input: the student's query embedding and five numbers from the hybrid search's own top 10
+  scores (top-1, top-1 − top-2, top-1 − top-10, their mean, the entropy of their softmax at τ = 0.05). Decides
+  after the first search whether to re-query with the teacher.
+
+**Training.** Mean squared error on the target (standardised), AdamW, mini-batches. Regression on the gain, not
+classification of "teacher helps": the expected gain given the query is exactly what a budget should be spent
+on, and regression estimates it. A held-out 10 % picks the epoch: the one whose ranking recovers most of the
+oracle's lift over random routing, averaged over the curve's budgets (``lift``), which is the quantity the
+routing curve reports.
+
+**Saved form.** ``router.pt`` (weights, input standardisation, the fit queries' scores for calibrating a
+teacher-usage threshold) and ``router.json`` (what it was fitted with: store fingerprint, teacher spec, student
+identity, target, report), written into a temporary folder that is renamed into place (``router.json`` last inside
+it). A router is used only with the store and the student it was fitted with (:meth:`Router.check`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from storage.errors import DdxError, FingerprintMismatchError, FormatVersionError
+
+__all__ = [
+    "KINDS",
+    "ROUTER_FILE",
+    "Router",
+    "RouterMLP",
+    "RouterNotFoundError",
+    "lift_over_random",
+    "score_features",
+    "student_identity",
+    "threshold_for_usage",
+    "train_router_model",
+]
+
+KINDS = ("encoder", "retrieval")
+ROUTER_FILE = "router.json"
+WEIGHTS_FILE = "router.pt"
+FORMAT_VERSION = 1
+LIFT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+N_SCORE_FEATURES = 5
+
+
+class RouterNotFoundError(DdxError, FileNotFoundError):
+    """No fitted router where one was expected."""
+
+
+class RouterMLP(nn.Module):
+    """``(x − mean) / std → Linear → GELU → Dropout → Linear → score``: higher means send to the teacher.
+
+    Example:
+        >>> mlp = RouterMLP(in_dim=4)
+        >>> mlp(torch.zeros(3, 4)).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, *, in_dim: int, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        if in_dim < 1 or hidden < 1:
+            raise DdxError(f"RouterMLP needs positive in_dim and hidden, got {in_dim}, {hidden}.")
+        self.in_dim, self.hidden = in_dim, hidden
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.float() - self.mean) / self.std).squeeze(-1)
+
+    def standardize_on(self, x: torch.Tensor) -> None:
+        """Set the input standardisation from training features (constant features keep std 1)."""
+        self.mean.copy_(x.mean(dim=0))
+        std = x.std(dim=0) if len(x) > 1 else torch.ones(x.shape[1])
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    @torch.no_grad()
+    def score(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Scores of ``x`` ``[n, in_dim]`` in eval mode, as float64 numpy."""
+        if x.shape[1] != self.in_dim:
+            raise DdxError(f"Router expects {self.in_dim} input features, got {x.shape[1]}.")
+        was = self.training
+        self.eval()
+        try:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
+            return self(t.to(self.mean.device)).double().cpu().numpy()
+        finally:
+            self.train(was)
+
+
+def score_features(top_scores: np.ndarray, temperature: float = 0.05) -> np.ndarray:
+    """The retrieval router's five numbers from a search's best-first top scores ``[n, ≥ 10]``.
+
+    Returns:
+        ``[n, 5]``: top-1, top-1 − top-2, top-1 − top-10, mean of the top 10, entropy of softmax(top 10 / τ).
+        Missing places (a corpus smaller than 10) repeat the last real score.
+    """
+    top = np.asarray(top_scores, dtype=np.float64)[:, :10]
+    if top.shape[1] == 0:
+        raise DdxError("score_features needs at least one score per query.")
+    top = np.where(np.isfinite(top), top, np.nan)
+    top = _fill_forward(top)
+    logits = top / temperature
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1)
+    second = top[:, 1] if top.shape[1] > 1 else top[:, 0]
+    return np.stack([top[:, 0], top[:, 0] - second, top[:, 0] - top[:, -1], top.mean(axis=1), entropy], axis=1)
+
+
+def _fill_forward(top: np.ndarray) -> np.ndarray:
+    out = top.copy()
+    first = np.where(np.isnan(out[:, 0]), 0.0, out[:, 0])
+    out[:, 0] = first
+    for j in range(1, out.shape[1]):
+        out[:, j] = np.where(np.isnan(out[:, j]), out[:, j - 1], out[:, j])
+    return out
+
+
+def lift_over_random(scores: np.ndarray, gains: np.ndarray, budgets: tuple[float, ...] = LIFT_BUDGETS) -> float:
+    """How much of the oracle's lift over random routing a ranking recovers, averaged over ``budgets``.
+
+    At budget b the ranking sends its top ``round(b·n)`` queries to the teacher and collects their gains; random
+    routing collects ``round(b·n) × mean gain``; the oracle the ``round(b·n)`` largest gains. Budgets where the
+    oracle does no better than random are left out; NaN when every budget is.
+
+    Example:
+        >>> lift_over_random(np.array([3.0, 2.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0, 0.0]), (0.25,))
+        1.0
+    """
+    n = len(gains)
+    order = np.argsort(-scores, kind="stable")
+    best = np.sort(gains)[::-1]
+    values = []
+    for b in budgets:
+        m = int(np.floor(b * n + 0.5))
+        rand = m * float(gains.mean()) if n else 0.0
+        oracle = float(best[:m].sum())
+        if oracle - rand > 1e-12:
+            values.append((float(gains[order[:m]].sum()) - rand) / (oracle - rand))
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPSettings:
+    """How a router MLP is trained (``RouterConfig`` carries the same fields)."""
+
+    hidden: int = 256
+    epochs: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    patience: int = 30
+    seed: int = 42
+
+
+def train_router_model(features: np.ndarray, targets: np.ndarray, settings: MLPSettings) -> tuple[RouterMLP, dict]:
+    """Fit a :class:`RouterMLP` to predict ``targets`` (per-query gains) from ``features``.
+
+    Args:
+        features: ``[n, d]`` router inputs.
+        targets: ``[n]`` gains (teacher − hybrid).
+        settings: architecture and optimisation.
+
+    Returns:
+        The model at its best validation epoch, and a report (epochs run, best epoch, validation lift).
+
+    Raises:
+        DdxError: fewer than 2 queries, or features and targets disagree in length.
+    """
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+    if len(x) != len(y) or len(x) < 2:
+        raise DdxError(f"A router needs at least 2 queries with targets, got {len(x)} features and {len(y)} targets.")
+    g = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    perm = torch.randperm(len(x), generator=g)
+    n_val = int(len(x) * settings.val_fraction) if len(x) >= 20 else 0
+    val, tr = perm[:n_val], perm[n_val:]
+    y_std = (y[tr] - y[tr].mean()) / (y[tr].std() if len(tr) > 1 and y[tr].std() > 1e-8 else 1.0)
+    model = RouterMLP(in_dim=x.shape[1], hidden=settings.hidden)
+    model.standardize_on(x[tr])
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-np.inf, 0, _state(model))
+    epoch, x_tr = 0, x[tr]
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        for idx in torch.randperm(len(tr), generator=g).split(settings.batch_size):
+            loss = nn.functional.mse_loss(model(x_tr[idx]), y_std[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if n_val:
+            lift = lift_over_random(model.score(x[val]), y[val].double().numpy())
+            value = lift if np.isfinite(lift) else -float(loss)
+            if value > best[0]:
+                best = (value, epoch, _state(model))
+            elif epoch - best[1] >= settings.patience:
+                break
+    if n_val:
+        model.load_state_dict(best[2])
+    report = {"epochs_run": epoch, "best_epoch": best[1] if n_val else epoch, "train_queries": len(tr)}
+    report |= {"val_queries": n_val, "val_lift": round(best[0], 4) if n_val and np.isfinite(best[0]) else None}
+    return model.eval(), report
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def threshold_for_usage(calibration: np.ndarray, usage: float) -> float:
+    """The score threshold that sends a ``usage`` fraction of the calibration queries to the teacher.
+
+    A query goes to the teacher when its score is **above** the threshold: usage 0 gives +inf, usage 1 gives -inf.
+
+    Raises:
+        DdxError: usage outside [0, 1].
+
+    Example:
+        >>> threshold_for_usage(np.array([0.1, 0.2, 0.3, 0.4]), 0.5)
+        0.2
+    """
+    check_usage(usage)
+    s = np.sort(np.asarray(calibration, dtype=np.float64))
+    m = int(np.floor(usage * len(s) + 0.5))
+    if m <= 0 or len(s) == 0:
+        return float("inf")
+    if m >= len(s):
+        return float("-inf")
+    return float(s[len(s) - m - 1])
+
+
+def check_usage(usage: float) -> None:
+    """Raise unless ``usage`` (a teacher-usage budget) is a number in [0, 1]."""
+    if isinstance(usage, bool) or not isinstance(usage, int | float) or not 0.0 <= float(usage) <= 1.0:
+        raise DdxError(f"Teacher usage must be a fraction in [0, 1] (0.2 = 20 % of queries), got {usage!r}.")
+
+
+def student_identity(run: str | os.PathLike[str]) -> str:
+    """Identity of a run's student + projection: hash of ``student_base/``'s files and ``projection_layer.pt``.
+
+    Content, not path: a router fitted on a run is refused by the same folder retrained in place, and accepted by
+    a copy of the run moved elsewhere.
+    """
+    from distill.model import STUDENT_DIR
+    from distill.projection import PROJECTION_FILE
+    from precompute.teacher import weights_identity
+
+    folder = Path(run)
+    _, student = weights_identity(str(folder / STUDENT_DIR))
+    h = hashlib.blake2b(student.encode() + b"\x00", digest_size=16)
+    try:
+        h.update((folder / PROJECTION_FILE).read_bytes())
+    except OSError as exc:
+        raise DdxError(
+            f"{str(run)!r} has no {PROJECTION_FILE}: pass the folder of a finished 'ddx train' run."
+        ) from exc
+    return h.hexdigest()
+
+
+@dataclass
+class Router:
+    """A fitted router folder: one MLP per kind, what it was fitted with, and calibration scores.
+
+    Attributes:
+        models: kind → MLP (``encoder`` and/or ``retrieval``).
+        meta: ``router.json``: store fingerprint, teacher spec, student identity, run, target, report.
+        calibration: kind → the fit queries' scores (sets a threshold from a teacher-usage fraction).
+    """
+
+    models: dict[str, RouterMLP]
+    meta: dict[str, Any]
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def score(self, kind: str, student: np.ndarray, top_scores: np.ndarray | None = None) -> np.ndarray:
+        """Router scores of queries from their student embeddings (and, for ``retrieval``, the hybrid's top scores)."""
+        return self.model(kind).score(self.features(kind, student, top_scores))
+
+    def features(self, kind: str, student: np.ndarray, top_scores: np.ndarray | None = None) -> np.ndarray:
+        if kind == "encoder":
+            return np.asarray(student, dtype=np.float32)
+        if top_scores is None:
+            raise DdxError("The retrieval router needs the hybrid search's top scores.")
+        return np.concatenate([student, score_features(top_scores)], axis=1).astype(np.float32)
+
+    def model(self, kind: str) -> RouterMLP:
+        if kind not in self.models:
+            raise DdxError(f"This router has no {kind!r} model (it has {sorted(self.models)}). Refit with that kind.")
+        return self.models[kind]
+
+    def check(self, *, store_fingerprint: str, student_id: str, where: str) -> None:
+        """Refuse use with another store or another student than the fit's.
+
+        Raises:
+            FingerprintMismatchError: naming which of the two differs and what to do.
+        """
+        if self.meta.get("store_fingerprint") != store_fingerprint:
+            raise FingerprintMismatchError(
+                f"Router {where!r} was fitted on a store of teacher fingerprint {self.meta.get('store_fingerprint')}, "
+                f"but this store holds {store_fingerprint}. Refit it: ddx router fit --store STORE --model RUN ..."
+            )
+        if self.meta.get("student_id") != student_id:
+            raise FingerprintMismatchError(
+                f"Router {where!r} was fitted with another student (identity {self.meta.get('student_id')}, "
+                f"run {self.meta.get('run')!r}) than this model ({student_id}). Refit it on this run: "
+                "ddx router fit --model RUN ..."
+            )
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``router.pt`` then ``router.json`` into a temporary folder and rename it over ``folder``."""
+        target = Path(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.mkdir()
+            payload = {
+                "format": FORMAT_VERSION,
+                "models": {
+                    k: {"state_dict": _state(m), "in_dim": m.in_dim, "hidden": m.hidden} for k, m in self.models.items()
+                },
+                "calibration": {k: torch.as_tensor(v) for k, v in self.calibration.items()},
+            }
+            torch.save(payload, tmp / WEIGHTS_FILE)
+            (tmp / ROUTER_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **self.meta}, indent=2))
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], *, device: str | None = None) -> Router:
+        """Read a folder :meth:`save` wrote.
+
+        Raises:
+            RouterNotFoundError: no ``router.json``/``router.pt`` there.
+            FormatVersionError: written by a newer ddx.
+            DdxError: unreadable files.
+        """
+        path = Path(folder)
+        if not (path / ROUTER_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise RouterNotFoundError(
+                f"No fitted router at {str(path)!r} ({ROUTER_FILE} or {WEIGHTS_FILE} missing). "
+                "Fit one first: ddx router fit --store STORE --model RUN --data SOURCE --out RUN/router"
+            )
+        try:
+            meta = json.loads((path / ROUTER_FILE).read_text())
+            payload = torch.load(path / WEIGHTS_FILE, map_location=device or "cpu", weights_only=True)
+        except Exception as exc:  # json, pickle, zip and runtime errors of damaged files
+            raise DdxError(f"Router {str(path)!r} is unreadable ({type(exc).__name__}: {exc}). Refit it.") from exc
+        if meta.get("format") != FORMAT_VERSION or payload.get("format") != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"Router {str(path)!r} has format {meta.get('format')!r}; this ddx reads {FORMAT_VERSION}. Upgrade ddx."
+            )
+        models = {}
+        for kind, m in payload["models"].items():
+            mlp = RouterMLP(in_dim=m["in_dim"], hidden=m["hidden"])
+            mlp.load_state_dict(m["state_dict"])
+            models[kind] = mlp.to(device or "cpu").eval()
+        calibration = {k: v.double().cpu().numpy() for k, v in payload.get("calibration", {}).items()}
+        return cls(models, {k: v for k, v in meta.items() if k != "format"}, calibration)
