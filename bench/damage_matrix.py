@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed: run from a checkout
 
-from tests.storage.damage import markdown, matrix  # noqa: E402
+from tests.storage.damage import markdown, matrix
 
 
 def main(argv: list[str] | None = None) -> int:

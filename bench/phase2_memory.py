@@ -9,7 +9,9 @@ batch at the worst case for memory: ``--batch`` queries of ``--query-len`` token
 * ``cached``: the cached step, ``--mini-batch-size`` sequences per forward (distill/cached_loss.py);
 * ``plain-gc`` / ``cached-gc``: the same with ``--gradient-checkpointing``.
 
-Each variant runs in a fresh subprocess (``--steps`` steps, the first untimed); its peak RSS is the child's own
+Each variant runs in a fresh subprocess (``--steps`` steps, the first untimed; ``--rounds`` runs the variants in turn
+that many times, so that load from other processes hits them alike, and reports the median and the minimum step
+time: on a shared machine the minimum is the least disturbed); its peak RSS is the child's own
 ``ru_maxrss``, and the parent samples the child's RSS meanwhile and stops it past ``--rss-limit-gb`` (default: 85 %
 of the memory available at start), so a plain step too big for the machine is reported, not an OOM-killed neighbour.
 At the default size the plain step needs ~22 GB (measured per sequence at smaller sizes, see ``--batch``): run it
@@ -54,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--query-len", type=int, default=32, help="tokens per query")
     p.add_argument("--mini-batch-size", type=int, default=8, help="sequences per forward of the cached variants")
     p.add_argument("--variants", default="cached,plain", help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=3, help="steps per variant (the first is not timed)")
+    p.add_argument("--steps", type=int, default=3, help="steps per variant per round (the first is not timed)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds: every variant once per round, in turn")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--rss-limit-gb", type=float, default=None, help="stop a variant past this RSS (default: 85%% free)")
     p.add_argument("--teacher-dim", type=int, default=768, help="projection output (mpnet's 768 by default)")
@@ -131,8 +134,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "variant": args.child,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
         "rss_before_steps_gb": rss_before / GB,
-        "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
-        "step_times_s": [round(t, 3) for t in times],
+        "step_times_s": [round(t, 3) for t in (times[1:] or times)],  # the first step allocates: untimed
         "losses": [round(x, 5) for x in losses],
         "threads": torch.get_num_threads(),
     }
@@ -170,6 +172,25 @@ def measure(variant: str, argv: list[str], limit_gb: float) -> dict[str, Any]:
     result = json.loads(stdout.strip().splitlines()[-1])
     result["sampled_peak_gb"] = sampled / GB
     return result
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds: the highest peak, every timed step pooled (median, and minimum: the least disturbed)."""
+    failed = [r for r in runs if "peak_rss_gb" not in r]
+    if failed:
+        return failed[0]
+    times = [t for r in runs for t in r["step_times_s"]]
+    return {
+        "variant": runs[0]["variant"],
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+        "sampled_peak_gb": max(r["sampled_peak_gb"] for r in runs),
+        "rss_before_steps_gb": max(r["rss_before_steps_gb"] for r in runs),
+        "step_s": statistics.median(times),
+        "step_min_s": min(times),
+        "step_times_s": times,
+        "losses": runs[0]["losses"],
+        "threads": runs[0]["threads"],
+    }
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
@@ -249,22 +270,22 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace) -> No
         f"{args.batch * (1 + args.negatives)} passages × {args.max_len} tokens = {seqs} sequences; "
         f"cached mini-batch {args.mini_batch_size}"
     )
-    print(f"{'variant':<10} {'peak RSS':>9} {'before steps':>13} {'step time':>10}  note")
+    print(f"{'variant':<10} {'peak RSS':>9} {'before steps':>13} {'median step':>12} {'min step':>9}  note")
     for r in results:
         if "peak_rss_gb" in r:
             print(
-                f"{r['variant']:<10} {r['peak_rss_gb']:>7.2f} GB {r['rss_before_steps_gb']:>10.2f} GB "
-                f"{r['step_s']:>8.2f} s  steps {r['step_times_s']}"
+                f"{r['variant']:<10} {r['peak_rss_gb']:>6.2f} GB {r['rss_before_steps_gb']:>10.2f} GB "
+                f"{r['step_s']:>10.2f} s {r['step_min_s']:>7.2f} s  steps {r['step_times_s']}"
             )
         else:
-            print(f"{r['variant']:<10} {'-':>9} {'-':>13} {'-':>10}  {r.get('stopped') or r.get('failed')}")
+            print(f"{r['variant']:<10} {'-':>9} {'-':>13} {'-':>12} {'-':>9}  {r.get('stopped') or r.get('failed')}")
     done = {r["variant"]: r for r in results if "peak_rss_gb" in r}
     for base, other in (("plain", "cached"), ("plain-gc", "cached-gc"), ("plain", "plain-gc"), ("plain", "cached-gc")):
         if base in done and other in done:
             a, b = done[base], done[other]
             print(
-                f"{other} / {base}: peak RSS {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}×, "
-                f"step time {b['step_s'] / a['step_s']:.2f}×"
+                f"{other} / {base}: peak RSS {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}×, step time "
+                f"{b['step_s'] / a['step_s']:.2f}× (median), {b['step_min_s'] / a['step_min_s']:.2f}× (min)"
             )
 
 
@@ -276,7 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     import psutil
 
     limit = args.rss_limit_gb or 0.85 * psutil.virtual_memory().available / GB
-    results = [measure(v, _child_argv(args), limit) for v in args.variants]
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    for _ in range(args.rounds):  # in turn, so that load from other processes hits every variant alike
+        for variant in args.variants:
+            runs[variant].append(measure(variant, _child_argv(args), limit))
+    results = [combine(variant_runs) for variant_runs in runs.values()]
     numbers = arithmetic(args.mini_batch_size)
     if args.json:
         print(json.dumps({"args": {**vars(args), "rss_limit_gb": limit}, "results": results, "mpnet_512": numbers}))

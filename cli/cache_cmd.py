@@ -136,11 +136,11 @@ def verify(store: str, as_json: bool) -> None:
 
 @cache.command("gc")
 @STORE
-@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be salvaged or removed.")
 @AS_JSON
 @library_errors
 def gc(store: str, dry_run: bool, as_json: bool) -> None:
-    """Remove uncommitted leftovers of crashed runs (running writers and committed data are kept).
+    """Salvage crashed runs' rows, remove their empty leftovers (running writers and committed data are kept).
 
     \b
     Example:
@@ -148,11 +148,21 @@ def gc(store: str, dry_run: bool, as_json: bool) -> None:
     """
     from storage.maintenance import gc_store
 
-    removed = gc_store(_open(store), dry_run=dry_run)
+    done = gc_store(_open(store), dry_run=dry_run)
+    removed = [d for d in done if d["action"] == "removed"]
+    salvaged = [d for d in done if d["action"] == "salvaged"]
+    damaged = [d for d in done if d["action"] == "damaged"]
     if as_json:
-        echo_json({"dry_run": dry_run, "removed": removed})
+        echo_json({"dry_run": dry_run, "removed": removed, "salvaged": salvaged, "damaged": damaged})
         return
-    verb = "would remove" if dry_run else "removed"
-    for r in removed:
-        click.echo(f"{verb} {r['id']} ({_size(r['bytes'])})")
-    click.echo(f"{verb} {len(removed)} abandoned segment(s)")
+    rm, sv = ("would remove", "would salvage") if dry_run else ("removed", "salvaged")
+    for d in removed:
+        click.echo(f"{rm} {d['id']} ({_size(d['bytes'])})")
+    for d in salvaged:
+        click.echo(f"{sv} {d['id']}: {d['rows']:,} rows kept")
+    for d in damaged:
+        click.echo(f"DAMAGED {d['id']}: {d.get('detail') or 'its index is unreadable'} (left in place)", err=True)
+    tail = f", {len(damaged)} damaged left in place" if damaged else ""
+    click.echo(
+        f"{rm} {len(removed)} empty segment(s), {sv} {len(salvaged)} ({sum(d['rows'] for d in salvaged):,} rows){tail}"
+    )

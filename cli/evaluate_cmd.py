@@ -36,6 +36,11 @@ COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 @click.option("--out", help="Folder for results JSON/CSV (default: MODEL/eval for runs).")
 @click.option("--title-join", default="{title} {text}", show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Encode progress bars on stderr.")
+@click.option(
+    "--routed",
+    help="Router folder of 'ddx router fit': adds the routing curve (teacher usage 0-100 %, oracle, random) "
+    "and writes routing-curve-SPLIT.json/.png next to the results.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @library_errors
 def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **options: Any) -> None:
@@ -48,6 +53,7 @@ def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **
     Example:
         ddx evaluate --store stores/gte7b --model runs/p2 --data beir:data/scifact --split test
         ddx evaluate --store stores/gte7b --model runs/p2 --data msmarco:data/dl19 --json > results.json
+        ddx evaluate --store stores/gte7b --model runs/p2 --data beir:data/scifact --routed runs/p2/router
     """
     from distill.evaluate import EvalConfig, evaluate_retrieval
 
@@ -60,7 +66,9 @@ def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **
     if as_json:
         echo_json(result.to_dict())
         return
-    print_table(result.rows)
+    print_table([r for r in result.rows if "router" not in r])
+    if result.curves:
+        print_routing(result.rows, result.curves)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     for path in result.files:
@@ -81,3 +89,30 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{name:<28} {row['mode']:<{width}}{cells}{(f'{kept:.1f}' if kept is not None else '-'):>11}"
             f"{(f'{cos:.3f}' if cos is not None else '-'):>8}"
         )
+
+
+def print_routing(rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> None:
+    """The routing curve per data set: every metric at each teacher usage, routers next to oracle and random."""
+    routed = [r for r in rows if "router" in r]
+    width = max(len(r["mode"]) for r in routed) + 1
+    click.echo(
+        f"\nrouting (queries above the router's threshold use their stored teacher vectors)\n"
+        f"{'data':<28} {'router@usage':<{width}}"
+        + "".join(f"{c:>12}" for c in COLUMNS)
+        + f"{'% teacher':>11}{'lift':>8}"
+    )
+    for row in routed:
+        name = row["data"].split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1][:28]
+        cells = "".join(f"{row.get(c, float('nan')):>12.4f}" for c in COLUMNS)
+        kept, lift = row.get("retained_nDCG@10"), row.get("lift_over_random")
+        click.echo(
+            f"{name:<28} {row['mode']:<{width}}{cells}{(f'{kept:.1f}' if kept is not None else '-'):>11}"
+            f"{(f'{lift:.2f}' if lift is not None else '-'):>8}"
+        )
+    for curve in curves:
+        name = curve["data"].split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1]
+        crossings = ", ".join(
+            f"{k} {100 * c['crosses_teacher_at']:.1f} %" if c["crosses_teacher_at"] is not None else f"{k} never"
+            for k, c in curve["curves"].items()
+        )
+        click.echo(f"{name}: reaches the teacher's nDCG@10 at teacher usage: {crossings}")

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("cli.cache_cmd:cache", "Inspect, verify and clean a teacher store."),
     "train": ("cli.train_cmd:train", "Train the student (phase 1 or 2) from stored teacher vectors."),
     "evaluate": ("cli.evaluate_cmd:evaluate", "Compare teacher, student and hybrid retrieval."),
+    "router": ("cli.router_cmd:router", "Fit and export the router that sends hard queries to the teacher."),
     "demo": ("cli.demo_cmd:demo", "Run precompute → phase 1 → phase 2 → evaluate offline on a built-in corpus."),
 }
 

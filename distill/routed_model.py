@@ -14,6 +14,7 @@ query into the teacher's space (L2-normalised when the teacher's vectors are); q
 threshold are re-encoded by the teacher, with the teacher's own query prompt from the store's TeacherSpec, and
 replace their projected vectors. Output: teacher-space vectors, searchable against the teacher's index.
 Passages (``encode_document``) are not routed: the index is the teacher's, so they always go to the teacher.
+``encode`` without a task encodes its texts as queries.
 
 The teacher loads on first use (a batch with a routed query, or a passage), with the store's spec applied, and
 must reproduce the store's fingerprint; loading the folder checks the teacher's files against it already (no
@@ -88,7 +89,11 @@ class RoutedEncoder(InputModule):
     ) -> None:
         super().__init__()
         self.student, self.projection, self.router = student, projection, router.eval()
-        self.teacher, self.teacher_revision, self.teacher_trust_remote_code = teacher, teacher_revision, teacher_trust_remote_code
+        self.teacher, self.teacher_revision, self.teacher_trust_remote_code = (
+            teacher,
+            teacher_revision,
+            teacher_trust_remote_code,
+        )
         self.spec = TeacherSpec.from_dict(teacher_spec)
         self.store_fingerprint, self.student_id = store_fingerprint, student_id
         self.calibration = np.sort(np.asarray(calibration, dtype=np.float64))
@@ -175,9 +180,13 @@ class RoutedEncoder(InputModule):
         decisions = []
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
-                feats = self.student.preprocess(list(texts[s : s + batch_size]), prompt=_student_query_prompt(self.student))
-                feats = {k: v.to(self.router.mean.device) if hasattr(v, "to") else v for k, v in feats.items()}
-                decisions.append((self.router(self.student(feats)["sentence_embedding"]) > self._threshold).cpu().numpy())
+                feats = self.student.preprocess(
+                    list(texts[s : s + batch_size]), prompt=_student_query_prompt(self.student)
+                )
+                feats = {k: v.to(self.router.device) if hasattr(v, "to") else v for k, v in feats.items()}
+                decisions.append(
+                    (self.router(self.student(feats)["sentence_embedding"]) > self._threshold).cpu().numpy()
+                )
         return np.concatenate(decisions) if decisions else np.zeros(0, dtype=bool)
 
     # --- the teacher -------------------------------------------------------------------------------------------------
@@ -190,7 +199,7 @@ class RoutedEncoder(InputModule):
         if self._teacher_encoder is None:
             from precompute.teacher import load_teacher
 
-            encoder = load_teacher(_teacher_config(self, device=str(self.router.mean.device)))
+            encoder = load_teacher(_teacher_config(self, device=str(self.router.device)))
             if encoder.spec.fingerprint != self.store_fingerprint:
                 diffs = "; ".join(f"{n}: store {a!r}, loaded {b!r}" for n, a, b in self.spec.differences(encoder.spec))
                 raise FingerprintMismatchError(
@@ -203,7 +212,7 @@ class RoutedEncoder(InputModule):
 
     def _teacher_vectors(self, texts: list[str], role: str) -> torch.Tensor:
         vectors = self.load_teacher().encode(texts, role)
-        return torch.from_numpy(vectors).to(self.router.mean.device)
+        return torch.from_numpy(vectors).to(self.router.device)
 
     # --- saving and loading -------------------------------------------------------------------------------------------
     def get_config_dict(self) -> dict[str, Any]:
@@ -228,7 +237,9 @@ class RoutedEncoder(InputModule):
         (out / CONFIG_FILE).write_text(json.dumps(self.get_config_dict(), indent=2))
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs: Any) -> RoutedEncoder:
+    def load(  # type: ignore[override]
+        cls, model_name_or_path: str, subfolder: str = "", **kwargs: Any
+    ) -> RoutedEncoder:
         """Load a folder written by :func:`export_routed`; checks the teacher's files against the store's spec."""
         folder = Path(model_name_or_path) / subfolder
         config = json.loads((folder / CONFIG_FILE).read_text())
@@ -258,12 +269,10 @@ def _student_query_prompt(student: SentenceTransformer) -> str | None:
     """The prompt evaluation gives the student's queries (distill.eval_inputs.Encoders): the router was fit on it."""
     prompts = getattr(student, "prompts", {}) or {}
     name = "query" if prompts.get("query") else student.default_prompt_name
-    return prompts.get(name) or None if name else None
+    return (prompts.get(name) or None) if name else None
 
 
 def _teacher_config(module: RoutedEncoder, device: str | None = None) -> Any:
-    from precompute.teacher import TeacherConfig
-
     return _spec_config(module.teacher, module.spec, module.teacher_revision, module.teacher_trust_remote_code, device)
 
 
@@ -286,7 +295,9 @@ def _spec_config(teacher: str, spec: TeacherSpec, revision: str | None, trust: b
     )
 
 
-def check_teacher_files(teacher: str, spec: TeacherSpec, revision: str | None = None, trust: bool | None = None) -> None:
+def check_teacher_files(
+    teacher: str, spec: TeacherSpec, revision: str | None = None, trust: bool | None = None
+) -> None:
     """Refuse a teacher whose files (weights, dimension) do not give the store's spec; loads no weights.
 
     Raises:

@@ -71,6 +71,9 @@ class RouterMLP(nn.Module):
         torch.Size([3])
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, *, in_dim: int, hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         if in_dim < 1 or hidden < 1:
@@ -79,6 +82,10 @@ class RouterMLP(nn.Module):
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x.float() - self.mean) / self.std).squeeze(-1)
@@ -98,7 +105,7 @@ class RouterMLP(nn.Module):
         self.eval()
         try:
             t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
-            return self(t.to(self.mean.device)).double().cpu().numpy()
+            return self(t.to(self.device)).double().cpu().numpy()
         finally:
             self.train(was)
 
@@ -215,7 +222,7 @@ def train_router_model(features: np.ndarray, targets: np.ndarray, settings: MLPS
                 break
     if n_val:
         model.load_state_dict(best[2])
-    report = {"epochs_run": epoch, "best_epoch": best[1] if n_val else epoch, "train_queries": len(tr)}
+    report: dict[str, Any] = {"epochs_run": epoch, "best_epoch": best[1] if n_val else epoch, "train_queries": len(tr)}
     report |= {"val_queries": n_val, "val_lift": round(best[0], 4) if n_val and np.isfinite(best[0]) else None}
     return model.eval(), report
 
@@ -263,6 +270,8 @@ def student_identity(run: str | os.PathLike[str]) -> str:
     from precompute.teacher import weights_identity
 
     folder = Path(run)
+    if not (folder / STUDENT_DIR).is_dir():
+        raise DdxError(f"{str(run)!r} is not a finished ddx run (no {STUDENT_DIR}/). Pass a 'ddx train' --out folder.")
     _, student = weights_identity(str(folder / STUDENT_DIR))
     h = hashlib.blake2b(student.encode() + b"\x00", digest_size=16)
     try:

@@ -22,14 +22,14 @@ import numpy as np
 
 from distill.data import Phase2Examples, Ragged, TextIndex, resolve_data
 from distill.router import KINDS, MLPSettings, Router, student_identity, train_router_model
-from distill.routing_targets import TARGETS, difficulty_targets, rank_outcomes
+from distill.routing_targets import TARGETS, RankOutcomes, difficulty_targets, rank_outcomes
 from distill.train import check_run_store, read_run
 from precompute.sources import Source, SourceOptions, parse_source
 from storage.errors import DdxError
 from storage.keys import content_keys
 from storage.store import TeacherStore
 
-__all__ = ["RouterConfig", "RouterFitResult", "fit_router"]
+__all__ = ["FitTargets", "RouterConfig", "RouterFitResult", "fit_router", "fit_targets"]
 
 ROUTER_DIR = "router"
 
@@ -109,6 +109,57 @@ class RouterFitResult:
         return asdict(self)
 
 
+@dataclass
+class FitTargets:
+    """Everything the routers are fitted on: one row per fit query."""
+
+    query_keys: np.ndarray  # content keys of the fit queries
+    student: np.ndarray  # [n, student_dim] student query embeddings (the encoder router's input)
+    hybrid: RankOutcomes  # the projected student query's ranking of its candidates
+    teacher: RankOutcomes  # the stored teacher query vector's ranking
+    gains: np.ndarray  # teacher − hybrid on the target measure
+    pool: np.ndarray  # store rows of the shared candidate pool
+    positives: Ragged  # store rows per query
+    negatives: Ragged
+
+
+def fit_targets(config: RouterConfig, store: TeacherStore) -> FitTargets:
+    """Resolve the fit queries, encode them with the student, rank their candidates both ways, take the gains.
+
+    Raises: as :func:`fit_router`.
+    """
+    sources = _sources(config)
+    data = resolve_data(
+        sources,
+        store,
+        phase=2,
+        split=config.split,
+        allow_missing=config.allow_missing,
+        skip_bad=config.skip_bad,
+        mine_negatives=config.mine_negatives,
+        mine_margin=config.mine_margin,
+    )
+    assert data.phase2 is not None
+    examples, texts = _one_per_query(data.phase2), data.texts
+    from distill.eval_inputs import Encoders
+
+    enc = Encoders(config.model, config.device, config.batch_size, config.progress)
+    keys = texts.keys[examples.query]
+    q_s = enc.student_vectors(query_texts(sources, keys), "query")
+    pool = shared_pool(examples, texts, config.pool_size, config.seed)
+    positives, negatives = _rows(examples.positives, texts), _rows(examples.negatives, texts)
+    hybrid, teacher = rank_outcomes(
+        [enc.project(q_s), store.get_rows(texts.gids[examples.query], dtype="float32")],
+        pool,
+        positives,
+        negatives,
+        store,
+        temperature=config.temperature,
+    )
+    gains = difficulty_targets(hybrid, teacher, config.target)
+    return FitTargets(keys, q_s, hybrid, teacher, gains, pool, positives, negatives)
+
+
 def fit_router(config: RouterConfig) -> RouterFitResult:
     """Compute difficulty targets from the store and fit one router MLP per kind; write ``config.resolved_out``.
 
@@ -130,46 +181,18 @@ def fit_router(config: RouterConfig) -> RouterFitResult:
     start = time.perf_counter()
     store = TeacherStore.open(config.store)
     check_run_store(read_run(config.model), config.model, store)
-    sources = _sources(config)
-    data = resolve_data(
-        sources,
-        store,
-        phase=2,
-        split=config.split,
-        allow_missing=config.allow_missing,
-        skip_bad=config.skip_bad,
-        mine_negatives=config.mine_negatives,
-        mine_margin=config.mine_margin,
-    )
-    assert data.phase2 is not None
-    examples = _one_per_query(data.phase2)
-    texts = data.texts
-    from distill.eval_inputs import Encoders
-
-    enc = Encoders(config.model, config.device, config.batch_size, config.progress)
-    q_s = enc.student_vectors(query_texts(sources, texts.keys[examples.query]), "query")
-    pool = shared_pool(examples, texts, config.pool_size, config.seed)
-    hybrid, teacher = rank_outcomes(
-        [enc.project(q_s), store.get_rows(texts.gids[examples.query], dtype="float32")],
-        pool,
-        _rows(examples.positives, texts),
-        _rows(examples.negatives, texts),
-        store,
-        temperature=config.temperature,
-    )
-    gains = difficulty_targets(hybrid, teacher, config.target)
+    t = fit_targets(config, store)
     router = Router({}, {})
-    report: dict[str, Any] = {"hybrid_ndcg10": _mean(hybrid.ndcg10), "teacher_ndcg10": _mean(teacher.ndcg10)}
-    report |= {"gain_mean": _mean(gains), "gain_positive": _mean(gains > 0), "gain_negative": _mean(gains < 0)}
+    report: dict[str, Any] = {"hybrid_ndcg10": _mean(t.hybrid.ndcg10), "teacher_ndcg10": _mean(t.teacher.ndcg10)}
+    report |= {"gain_mean": _mean(t.gains), "gain_positive": _mean(t.gains > 0), "gain_negative": _mean(t.gains < 0)}
     for kind in config.kinds:
-        features = router.features(kind, q_s, hybrid.top_scores)
-        router.models[kind], report[kind] = train_router_model(features, gains, config.mlp_settings())
+        features = router.features(kind, t.student, t.hybrid.top_scores)
+        router.models[kind], report[kind] = train_router_model(features, t.gains, config.mlp_settings())
         router.calibration[kind] = np.sort(router.models[kind].score(features))
-    router.meta = _meta(config, store, len(examples), len(pool), q_s.shape[1], report)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    router.meta["report"] = report
+    router.meta = _meta(config, store, len(t.gains), len(t.pool), t.student.shape[1]) | {"report": report}
     out = str(router.save(config.resolved_out))
-    return RouterFitResult(out, len(examples), len(pool), config.target, report)
+    return RouterFitResult(out, len(t.gains), len(t.pool), config.target, report)
 
 
 def _sources(config: RouterConfig) -> list[Source]:
@@ -247,7 +270,7 @@ def _mean(x: np.ndarray) -> float:
     return round(float(np.mean(x)), 4) if len(x) else float("nan")
 
 
-def _meta(config: RouterConfig, store: TeacherStore, queries: int, pool: int, dim: int, report: dict) -> dict:
+def _meta(config: RouterConfig, store: TeacherStore, queries: int, pool: int, dim: int) -> dict[str, Any]:
     return {
         "store_fingerprint": store.fingerprint,
         "teacher_spec": store.spec.to_dict(),

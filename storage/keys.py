@@ -108,8 +108,8 @@ def key_slice(keys: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 class KeySet:
     """A growing set of 128-bit keys: an open-addressing hash table probed with numpy, one batch at a time.
 
-    Keys are blake2b digests, hence uniform: a key's home slot is its second half modulo the table
-    size, with no further hashing. Probing is linear and vectorised: each numpy step examines the home
+    A key's home slot is its second half, mixed (splitmix64, so any keys spread evenly), modulo the table
+    size. Probing is linear and vectorised: each numpy step examines the home
     slot, then windows of :data:`PROBE_WINDOW` slots, for every key of the batch still looking, so a
     batch costs a few numpy calls whatever the set's size, and adding or testing N keys costs O(N)
     overall. (The sorted array this replaced merged and re-sorted every key seen for each 8,192-text
@@ -124,6 +124,8 @@ class KeySet:
         >>> seen.contains(content_keys("passage", ["b", "c"]))
         array([ True, False])
     """
+
+    _halves = 2  # uint64 words a key (a KeyTable may key by one)
 
     def __init__(self, keys: np.ndarray | None = None, capacity: int = 0) -> None:
         self._n = 0
@@ -161,7 +163,7 @@ class KeySet:
 
     def _alloc(self, size: int) -> None:
         self._size = size
-        self._lo = np.zeros(size, np.uint64)
+        self._lo = np.zeros(size if self._halves == 2 else 0, np.uint64)
         self._hi = np.zeros(size, np.uint64)
         self._used = np.zeros(size, bool)
 
@@ -177,7 +179,8 @@ class KeySet:
         step = 1 << 20  # slice by slice: no copy of every key at once
         for s in range(0, len(old_used), step):
             at = s + np.flatnonzero(old_used[s : s + step])
-            self._moved(at, self._probe(old_lo[at], old_hi[at], insert=True, distinct=True)[1])
+            lo = old_lo[at] if self._halves == 2 else old_hi[at]
+            self._moved(at, self._probe(lo, old_hi[at], insert=True, distinct=True)[1])
 
     def _moved(self, old_slots: np.ndarray, new_slots: np.ndarray) -> None:
         """Growth hook: the keys at ``old_slots`` of the previous table now sit at ``new_slots``."""
@@ -194,14 +197,16 @@ class KeySet:
         out = np.zeros(len(lo), bool)
         where = np.full(len(lo), -1, np.int64)
         todo = np.arange(len(lo))
-        pos = (hi % np.uint64(self._size)).astype(np.int64)
+        pos = (_spread(hi) % np.uint64(self._size)).astype(np.int64)
         width = 1  # most keys stop at their home slot: look there alone first, then a window at a time
         while len(todo):
             slots = pos[:, None] + _WINDOW[:width]
             slots[slots >= self._size] -= self._size  # wrap around the table's end
             used = self._used[slots]
             self.slots_probed += slots.size
-            same = used & (self._lo[slots] == lo[todo, None]) & (self._hi[slots] == hi[todo, None])
+            same = used & (self._hi[slots] == hi[todo, None])
+            if self._halves == 2:
+                same &= self._lo[slots] == lo[todo, None]
             stop = same | ~used  # probing stops at the key or at the first empty slot
             row, col = np.arange(len(todo)), stop.argmax(axis=1)
             stopped, at = stop[row, col], slots[row, col]
@@ -239,13 +244,15 @@ class KeySet:
         if not len(cand):
             return empty
         if distinct:  # each candidate writes its number into its (empty) slot; one write per slot survives
-            self._lo[slot[cand]] = cand
-            win = cand[self._lo[slot[cand]] == cand]
+            self._hi[slot[cand]] = cand
+            win = cand[self._hi[slot[cand]] == cand]
         else:
             _, first = np.unique(slot[cand], return_index=True)
             win = cand[first]
         keys = todo[win]
-        self._lo[slot[win]], self._hi[slot[win]], self._used[slot[win]] = lo[keys], hi[keys], True
+        self._hi[slot[win]], self._used[slot[win]] = hi[keys], True
+        if self._halves == 2:
+            self._lo[slot[win]] = lo[keys]
         new[keys], where[keys] = True, slot[win]
         self._n += len(win)
         retry = empty.copy()
@@ -256,31 +263,33 @@ class KeySet:
 class KeyTable(KeySet):
     """A :class:`KeySet` whose keys each keep a row of ``width`` int64 values: those given when the key was new.
 
-    Keys come as two uint64 halves, so any 128-bit identity fits (precompute's id ledger keys ids by
-    two 64-bit hashes and keeps a text hash and an origin per id). 17 + 8 × ``width`` bytes a slot.
+    Keys are one or two uint64 words (``halves``), so any 64- or 128-bit identity fits (precompute's id
+    ledger keys ids by a 64-bit hash and keeps a text hash and an origin per id). A slot is
+    ``1 + 8 × (halves + width)`` bytes.
 
     Example:
-        >>> table = KeyTable(width=1)
-        >>> new, kept = table.insert(np.array([1, 2, 1], np.uint64), np.array([5, 6, 5], np.uint64),
-        ...                          np.array([[10], [20], [30]]))
+        >>> table = KeyTable(width=1, halves=1)
+        >>> new, kept = table.insert(np.array([5, 6, 5], np.uint64), np.array([[10], [20], [30]]))
         >>> new.tolist(), kept[:, 0].tolist()  # a repeat keeps the first value
         ([True, True, False], [10, 20, 10])
     """
 
-    def __init__(self, width: int, capacity: int = 0) -> None:
-        self.width = width
+    def __init__(self, width: int, halves: int = 2, capacity: int = 0) -> None:
+        if halves not in (1, 2):
+            raise ValueError(f"A key is 1 or 2 uint64 words, got halves={halves}.")
+        self.width, self._halves = width, halves
         super().__init__(capacity=capacity)
 
-    def insert(self, lo: np.ndarray, hi: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Add the keys ``(lo, hi)`` with their ``values`` (``[n, width]``) where new.
+    def insert(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add ``keys`` (uint64 ``[n]`` for one word, ``[n, 2]`` for two) with their ``values`` (``[n, width]``).
 
         Returns:
             ``(new, stored)``: which keys were new (first occurrence within the batch too), and the
             values each key holds now (a repeat gets its first occurrence's values).
         """
-        lo, hi = np.asarray(lo, np.uint64), np.asarray(hi, np.uint64)
-        self._reserve(len(lo))
-        new, where = self._probe(lo, hi, insert=True)
+        words = np.asarray(keys, np.uint64).reshape(len(keys), self._halves)
+        self._reserve(len(words))
+        new, where = self._probe(words[:, 0], words[:, -1], insert=True)
         self._values[where[new]] = values[new]
         return new, self._values[where]
 
@@ -305,6 +314,14 @@ PROBE_WINDOW = 8  # slots examined per numpy step: a key's probe sequence is ~3 
 _WINDOW = np.arange(PROBE_WINDOW)
 MAX_LOAD = 0.75  # grow beyond this: linear probing stays short below it
 GROWN_LOAD = 0.5  # load right after growing (1.5× the size)
+
+
+def _spread(words: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: home slots spread evenly even for keys that are not uniform (small ints)."""
+    with np.errstate(over="ignore"):
+        z = (words ^ (words >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def _table_size(n_keys: int) -> int:

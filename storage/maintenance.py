@@ -55,29 +55,33 @@ def gc_store(store: TeacherStore, *, dry_run: bool = False) -> list[dict[str, An
 
     An abandoned segment whose index describes rows is salvaged (committed, as the next precompute
     would), one that provably holds nothing is removed, each under the segment's claim
-    (:func:`storage.segment.claim_and_salvage`); committed, running and damaged segments are left alone.
-    Leftovers of an interrupted removal (hidden ``*.removing`` copies, see :meth:`Location.remove`)
-    are deleted too.
+    (:func:`storage.segment.claim_and_salvage`); committed and running segments are left alone, and so is
+    a damaged one (reported, for a person to look at). Leftovers of an interrupted removal (hidden
+    ``*.removing`` copies, see :meth:`Location.remove`) are deleted too.
 
-    Returns what was (or, with ``dry_run``, would be) removed: segment id and bytes.
+    Returns one entry per segment acted on (with ``dry_run``: that would be): ``id``, ``bytes`` and
+    ``action`` — 'removed'; 'salvaged' with the ``rows`` kept; or 'damaged' with ``detail`` (left in place).
     """
-    removed = []
+    done: list[dict[str, Any]] = []
     for seg_id, state in store.uncommitted_segments():
         if state != "abandoned":
             continue
-        size = store.loc.size(SEGMENTS, seg_id)
+        entry: dict[str, Any] = {"id": seg_id, "bytes": store.loc.size(SEGMENTS, seg_id)}
         if dry_run:
-            if indexed_rows(store.loc, seg_id) == 0:
-                removed.append({"id": seg_id, "bytes": size})
-        elif claim_and_salvage(store.loc, seg_id).outcome == "removed":
-            removed.append({"id": seg_id, "bytes": size})
+            rows = indexed_rows(store.loc, seg_id)
+            action = {None: "damaged", 0: "removed"}.get(rows, "salvaged")
+            done.append({**entry, "action": action, "rows": rows or 0})
+            continue
+        result = claim_and_salvage(store.loc, seg_id)
+        if result.outcome in ("removed", "salvaged", "damaged"):
+            done.append({**entry, "action": result.outcome, "rows": result.rows, "detail": result.detail})
     for parts in _interrupted_removals(store):
-        removed.append({"id": "/".join(parts[1:]), "bytes": store.loc.size(*parts)})
+        done.append({"id": "/".join(parts[1:]), "bytes": store.loc.size(*parts), "action": "removed"})
         if not dry_run:
             store.loc.remove(*parts)
     if not dry_run:
         store.refresh()  # salvaged segments are committed now
-    return removed
+    return done
 
 
 def _interrupted_removals(store: TeacherStore) -> list[tuple[str, ...]]:

@@ -9,7 +9,8 @@ naming the file and the repair, ``verify`` reports them all.
 Format 2 seals the root attributes and COMMIT with a ``checksum`` (sha256 of their canonical JSON,
 :func:`sealed`) and records the sha256 of ``vectors/zarr.json`` in COMMIT, so any changed byte that
 still parses is caught, not only the fields checked one by one. Format-1 files have no seals and are
-checked field by field.
+checked field by field. The seal is defined once for all formats: a sealed file of an unknown version
+was written by a newer ddx (``FormatVersionError``), an unsealed one was damaged (``IntegrityError``).
 """
 
 from __future__ import annotations
@@ -251,8 +252,9 @@ def read_root_attrs(loc: Location) -> dict[str, Any]:
             raise Damage("zarr.json", "holds a teacher_spec outside attributes.ddx (a changed byte)").error(loc.url)
         raise StoreNotFoundError(f"{loc.url!r} is a Zarr group but not a ddx teacher store (no 'ddx' attributes).")
     version = attrs.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        if "checksum" in attrs and not seal_matches(attrs):
+    number = version if _is_int(version) else None
+    if number is None or not 1 <= number <= FORMAT_VERSION:
+        if ("checksum" in attrs and not seal_matches(attrs)) or (number is not None and number < 1):
             raise Damage("zarr.json", f"format_version reads {version!r} and the attributes fail their checksum").error(
                 loc.url
             )

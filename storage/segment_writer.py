@@ -208,7 +208,10 @@ class SegmentWriter:
         import fcntl
 
         self._lock_fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Blocking: the segment id is new, so nobody else ever holds this lock exclusively; a concurrent
+        # state probe (storage.claim.flock_held) holds a shared lock for an instant, and a non-blocking
+        # request would fail the writer in that instant.
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
 
     def _release(self) -> None:
         if self._lock_fd is not None:

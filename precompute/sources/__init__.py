@@ -5,7 +5,18 @@ qrels and training examples. Open one with :func:`parse_source` (``beir:data/sci
 
 from __future__ import annotations
 
-from .base import Qrels, Source, SourceOptions, TextRecord, TrainExample, join_title, text_id
+from .base import (
+    LineOrigins,
+    Qrels,
+    Source,
+    SourceOptions,
+    TextBlock,
+    TextRecord,
+    TrainExample,
+    blocks_from_records,
+    join_title,
+    text_id,
+)
 from .beir import BeirSource
 from .hf import HFSource
 from .hotpotqa import HotpotQASource
@@ -27,6 +38,7 @@ __all__ = [
     "HotpotQASource",
     "JsonlSource",
     "Layout",
+    "LineOrigins",
     "MsMarcoSource",
     "NQSource",
     "ParquetSource",
@@ -35,9 +47,11 @@ __all__ = [
     "SourceOptions",
     "TableSource",
     "TabularSource",
+    "TextBlock",
     "TextRecord",
     "TrainExample",
     "TsvSource",
+    "blocks_from_records",
     "join_title",
     "parse_source",
     "read_qrels",

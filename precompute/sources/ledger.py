@@ -2,11 +2,11 @@
 
 A source must yield each id once, and the same id with two different texts is bad input that the
 error message locates at both places. Remembering that for MS MARCO's 8.8 M passages in a Python
-dict of ``id -> (text, origin)`` costs over 1 GB; the ledger keeps, per id, a 128-bit key (Python's
-64-bit hash of (role, id), and a second half mixed from it) and two int64 (a hash of the text, the
-packed origin) in a :class:`storage.keys.KeyTable`: 33 B a slot, 44–66 B an id (8.8 M ids: ~0.5 GB),
-looked up and filled a block at a time by vectorised probing, so admitting N records is O(N) (the
-sorted arrays this replaced took an ``np.insert`` of every id per flush).
+dict of ``id -> (text, origin)`` costs over 1 GB; the ledger keeps, per id, Python's 64-bit hash of
+(role, id) as the key and two int64 (a hash of the text, the packed origin) in a
+:class:`storage.keys.KeyTable`: 25 B a slot, 33–50 B an id (8.8 M ids: ~0.4 GB), looked up and filled a
+block at a time by vectorised probing, so admitting N records is O(N) (the sorted arrays this
+replaced took an ``np.insert`` of every id per flush).
 
 Hashes are Python's string hashes (stable within a process, which is all a ledger lives): two distinct
 ids collide with probability ~n²/2^65, about 2e-6 for all of MS MARCO (reported as a duplicate id
@@ -44,7 +44,7 @@ class IdLedger:
     """
 
     def __init__(self) -> None:
-        self._table = KeyTable(width=2)  # values: text hash, origin code
+        self._table = KeyTable(width=2, halves=1)  # key: hash of (role, id); values: text hash, origin code
         self._places: list[tuple[str, str]] = []
         self._place_index: dict[tuple[str, str], int] = {}
         self._last: tuple[str, int] = ("", -1)  # (head, place index) of the last "head:NUMBER" origin
@@ -104,10 +104,9 @@ class IdLedger:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(new, first)``: which rows hold a new id, and for a repeat with another text the first origin code
         (-1 elsewhere)."""
-        lo = np.array([hash((r, i)) for r, i in zip(roles, ids, strict=True)], np.int64).view(np.uint64)
-        hi = _mix(lo)
+        keys = np.array([hash((r, i)) for r, i in zip(roles, ids, strict=True)], np.int64).view(np.uint64)
         text_hash = np.array([hash(t) for t in texts], np.int64)
-        new, stored = self._table.insert(lo, hi, np.stack([text_hash, self._codes(origins)], axis=1))
+        new, stored = self._table.insert(keys, np.stack([text_hash, self._codes(origins)], axis=1))
         first = np.where(~new & (stored[:, 0] != text_hash), stored[:, 1], -1)
         return new, first
 
@@ -142,15 +141,6 @@ class IdLedger:
         prefix, suffix = self._places[code >> _NUMBER_BITS]
         number = code & ((1 << _NUMBER_BITS) - 1)
         return f"{prefix}{number - 1}{suffix}" if number else prefix
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a second, well-spread 64-bit half derived from the first."""
-    with np.errstate(over="ignore"):
-        z = h + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def _nonempty(block: TextBlock) -> Iterator[TextBlock]:

@@ -101,8 +101,8 @@ def open_bytes(path: Path) -> IO[bytes]:
         raise BadSourceError(f"Cannot open '{path}': {e.strerror or e}.") from e
 
 
-def iter_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """Stream ``(first line number, chunk)`` of a file: whole lines, about ``size`` bytes each.
+def iter_chunks(path: Path, size: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Stream ``(first line number, chunk)`` of a file: whole lines, about ``size`` bytes each (:data:`CHUNK_BYTES`).
 
     Every chunk but the last ends in ``\\n``; line numbers are 1-based. A UTF-8 byte-order mark at the
     start of the file is dropped.
@@ -114,7 +114,7 @@ def iter_chunks(path: Path, size: int = CHUNK_BYTES) -> Iterator[tuple[int, byte
         try:
             line, rest = 1, f.read(len(BOM))
             rest = b"" if rest == BOM else rest
-            while buf := f.read(size):
+            while buf := f.read(size or CHUNK_BYTES):
                 cut = buf.rfind(b"\n") + 1
                 if not cut:  # a line longer than a chunk: read on
                     rest += buf

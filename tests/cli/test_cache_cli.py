@@ -113,11 +113,13 @@ def test_gc_keeps_flushed_rows_and_removes_only_empty_segments(store: Path) -> N
     listed = cache("ls", str(store))
     assert f"{writer.seg_id}" in listed.stdout and "(uncommitted: abandoned)" in listed.stdout
     dry = cache("gc", str(store), "--dry-run")
-    assert dry.exit_code == 0 and f"would remove {empty.seg_id}" in dry.stdout and writer.seg_id not in dry.stdout
+    assert dry.exit_code == 0 and f"would remove {empty.seg_id}" in dry.stdout
+    assert f"would salvage {writer.seg_id}: 2 rows kept" in dry.stdout
     assert (store / "segments" / empty.seg_id).is_dir()
     done = cache("gc", str(store), "--json")
     removed = json.loads(done.stdout)["removed"]
     assert [r["id"] for r in removed] == [empty.seg_id] and removed[0]["bytes"] > 0
+    assert [(r["id"], r["rows"]) for r in json.loads(done.stdout)["salvaged"]] == [(writer.seg_id, 2)]
     assert not (store / "segments" / empty.seg_id).exists()
     after = TeacherStore.open(store)
     assert len(after.segments) == 3 and after.contains(keys).all()  # gc salvaged the flushed rows, never deletes them

@@ -32,6 +32,9 @@ EXPECTED = [
     ("cache", "verify"),
     ("train",),
     ("evaluate",),
+    ("router",),
+    ("router", "export"),
+    ("router", "fit"),
     ("demo",),
 ]
 

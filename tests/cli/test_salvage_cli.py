@@ -90,10 +90,13 @@ def test_cache_gc_salvages_a_segment_that_lost_its_commit(tmp_path: Path) -> Non
     empty = crashed_segment(store, tiny_corpus(5, seed=91), flushed=0)  # nothing indexed: may go
 
     dry = CliRunner().invoke(cli, ["cache", "gc", str(store.url), "--dry-run"])
-    assert dry.exit_code == 0 and f"would remove {empty}" in dry.stdout and seg_id not in dry.stdout
+    assert dry.exit_code == 0 and f"would remove {empty}" in dry.stdout
+    assert f"would salvage {seg_id}: {FLUSHED} rows kept" in dry.stdout
     done = CliRunner().invoke(cli, ["cache", "gc", str(store.url), "--json"])
     assert done.exit_code == 0, done.output
-    assert [r["id"] for r in json.loads(done.stdout)["removed"]] == [empty]
+    report = json.loads(done.stdout)
+    assert [r["id"] for r in report["removed"]] == [empty]
+    assert [(r["id"], r["rows"]) for r in report["salvaged"]] == [(seg_id, FLUSHED)] and report["damaged"] == []
     after = TeacherStore.open(store.url)
     keys = content_keys("passage", PASSAGES[:FLUSHED])
     np.testing.assert_array_equal(after.get(keys), vectors_for(keys, 16))

@@ -8,11 +8,15 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from precompute.sources import MsMarcoSource, Source, SourceOptions, parse_source, text_id
+from precompute.sources import MsMarcoSource, Source, SourceOptions, parse_source, tab_lines, text_id
+from precompute.sources import msmarco as msmarco_module
+from precompute.sources import reading as reading_module
 from precompute.sources.msmarco import classify_msmarco, group_triples
 from storage.errors import BadSourceError
+from storage.keys import content_keys
 from tests.precompute.test_sources_contract import SourceContract
 
 # Raw quotes as MS MARCO has them. A quote that opens a field makes quote-aware readers drop the
@@ -197,3 +201,105 @@ class TestMarcoErrors:
         (tmp_path / "collection.tsv.gz").write_bytes(b"not gzip at all")
         with pytest.raises(BadSourceError, match=r"Cannot read '.*collection\.tsv\.gz'"):
             list(parse_source(f"msmarco:{tmp_path}").iter_texts())
+
+
+# --- columns: the polars reading and the reference reading agree, record for record ------------------------------
+MESSY = (
+    '0\t"Hello," he said, and left.\n'
+    "1\tcafé, naïve, 東京, mojibake â€™ kept\n"
+    "2\tinner\rcarriage return and \x85 next line, kept\r\n"  # CRLF: the \r\n goes, the inner \r stays
+    '3\t"Unclosed quote: a 6" pipe.\n'
+    "4\ta tab\tinside the text\n"  # an extra tab is text (not plain: read line by line)
+    "  5 \t  padded id, text kept with its spaces  \n"
+    "\n"
+    "6\tlast line without a newline"
+)
+
+
+def _records(path: Path, **options: object) -> list[tuple[str, str, str, str]]:
+    src = MsMarcoSource("msmarco:x", str(path), SourceOptions(**options))  # type: ignore[arg-type]
+    return [(r.id, r.text, r.role, r.origin) for r in src.iter_texts()]
+
+
+def _reference(text: str) -> list[tuple[str, str]]:
+    """The old line-by-line reading: split on \\n only, one \\r stripped, blank lines skipped, first tab splits."""
+    out = []
+    for line in text.split("\n"):
+        line = line[:-1] if line.endswith("\r") else line
+        if line.strip():
+            rid, _, rest = line.partition("\t")
+            out.append((rid.strip(), rest))
+    return out
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 64, 7])
+def test_columns_keep_quotes_cr_x85_and_unicode_exactly(tmp_path: Path, monkeypatch, chunk_bytes: int) -> None:
+    monkeypatch.setattr(reading_module, "CHUNK_BYTES", chunk_bytes)  # many chunks: line numbers carry over
+    (tmp_path / "collection.tsv").write_bytes(MESSY.encode("utf-8"))
+    got = _records(tmp_path / "collection.tsv")
+    assert [(i, t) for i, t, _, _ in got] == _reference(MESSY)
+    lines = [n for n, line in enumerate(MESSY.split("\n"), 1) if line.strip()]
+    assert [o for *_, o in got] == [f"{tmp_path / 'collection.tsv'}:{n}" for n in lines]
+    assert got[2][1] == "inner\rcarriage return and \x85 next line, kept"
+
+
+def test_polars_and_line_by_line_readings_agree(tmp_path: Path, monkeypatch, shared_data: Path) -> None:
+    """Every record and key is the same whether polars splits the chunk or the reference reads it line by line."""
+    collection = shared_data / "msmarco-triples-toy" / "full_collection" / "raw.tsv"
+    assert tab_lines.tab_fields(collection.read_bytes(), 2) is not None  # the toy (with mojibake) is plain
+    (tmp_path / "collection.tsv").write_bytes(collection.read_bytes() + MESSY.encode())
+    fast = _records(tmp_path / "collection.tsv", skip_bad=True)
+    fast_blocks = list(MsMarcoSource("m", str(tmp_path), SourceOptions(skip_bad=True)).iter_text_blocks())
+    monkeypatch.setattr(msmarco_module, "tab_fields", lambda chunk, n: None)
+    assert _records(tmp_path / "collection.tsv", skip_bad=True) == fast
+    slow_blocks = list(MsMarcoSource("m", str(tmp_path), SourceOptions(skip_bad=True)).iter_text_blocks())
+    assert np.array_equal(
+        np.concatenate([b.keys() for b in fast_blocks]), np.concatenate([b.keys() for b in slow_blocks])
+    )
+    assert np.array_equal(fast_blocks[0].keys(), content_keys("passage", fast_blocks[0].texts))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("7 no tab here", r"collection\.tsv:3: expected 'id<TAB>text', found no tab in '7 no tab here'"),
+        ("\t a text without id", r"collection\.tsv:3: empty id"),
+        ("8\t  ", r"collection\.tsv:3: empty text for id '8'"),
+        ("9\tbad \udcff byte", r"collection\.tsv:3: not valid UTF-8 \(invalid start byte at byte 6\)"),
+        ("1\tanother text for id 1", r"collection\.tsv:3: duplicate id '1' with different texts at .*:1 and .*:3"),
+    ],
+)
+def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    raw = f"1\tone\n2\ttwo\n{line}\n4\tfour\n".encode("utf-8", "surrogateescape")
+    (tmp_path / "collection.tsv").write_bytes(raw)
+    stream = parse_source(f"msmarco:{tmp_path}").iter_texts()
+    assert [next(stream).id, next(stream).id] == ["1", "2"]  # the lines before the bad one come first
+    with pytest.raises(BadSourceError, match=message) as err:
+        list(stream)
+    assert "\n" not in str(err.value)
+    skipped = parse_source(f"msmarco:{tmp_path}?skip_bad=1")
+    assert [r.id for r in skipped.iter_texts()] == ["1", "2", "4"] and len(skipped.bad) == 1
+
+
+def test_blocks_are_the_records_as_columns(marco: Path) -> None:
+    source = parse_source(f"msmarco:{marco}")
+    blocks = list(source.iter_text_blocks())
+    assert [r for b in blocks for r in b.records()] == list(source.iter_texts())
+    assert {b.role for b in blocks} == {"passage", "query"}
+    for b in blocks:
+        assert np.array_equal(b.keys(), content_keys(b.role, b.texts))
+    with pytest.raises(ValueError, match="Unknown role 'doc'"):
+        source.iter_text_blocks("doc")
+
+
+def test_text_triples_give_each_text_once_with_its_content_id(tmp_path: Path) -> None:
+    lines = ["q1\tp1\tn1", "q1\tp1\tn2", "q2\tn1\tp1", "q1\tp2\tq1"]  # repeats within and across roles
+    (tmp_path / "triples.train.tsv").write_text("\n".join(lines) + "\n")
+    source = parse_source(f"msmarco:{tmp_path}")
+    got = [(r.role, r.text, r.origin.rsplit(":", 1)[1]) for r in source.iter_texts()]
+    queries = [("query", "q1", "1"), ("query", "q2", "3")]
+    passages = [("passage", "p1", "1"), ("passage", "n1", "1"), ("passage", "n2", "2"), ("passage", "p2", "4")]
+    passages.append(("passage", "q1", "4"))  # a query's text as a passage: another role, another id
+    assert sorted(got) == sorted(queries + passages)
+    assert [g for g in got if g[0] == "passage"] == passages  # file order within a role
+    assert all(r.id == text_id(r.role, r.text) for r in source.iter_texts())

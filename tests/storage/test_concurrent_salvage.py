@@ -304,8 +304,10 @@ def lost_commit(path: Path) -> tuple[TeacherStore, str]:
 def test_gc_salvages_a_lost_commit_instead_of_deleting_it(tmp_path: Path) -> None:
     store, seg_id = lost_commit(tmp_path / "store")
     assert store.uncommitted_segments() == [(seg_id, "abandoned")]
-    assert gc_store(store, dry_run=True) == []  # nothing to remove: its index describes rows
-    assert gc_store(store) == []
+    rows = FLUSHED
+    dry = gc_store(store, dry_run=True)  # nothing to remove: its index describes rows, so it would be salvaged
+    assert [(d["id"], d["action"], d["rows"]) for d in dry] == [(seg_id, "salvaged", rows)]
+    assert [(d["id"], d["action"], d["rows"]) for d in gc_store(store)] == [(seg_id, "salvaged", rows)]
     assert store.loc.exists("segments", seg_id, "COMMIT")
     _, keys = all_texts()
     np.testing.assert_array_equal(store.get(keys[:FLUSHED]), vectors_for(keys[:FLUSHED], DIM))
@@ -345,7 +347,8 @@ def test_rows_that_fail_verification_are_left_in_place(damage: str, tmp_path: Pa
     assert result.outcome == "damaged" and seg_id in result.detail and "ddx cache verify" in result.detail
     if "chunk" in damage:
         assert f"chunk {damage[-1]} of vectors/ is missing or fails its checksum" in result.detail
-    assert gc_store(store) == [] and gc_store(store, dry_run=True) == []
+    assert [(d["id"], d["action"]) for d in gc_store(store)] == [(seg_id, "damaged")]
+    assert [d["id"] for d in gc_store(store, dry_run=True)] == [seg_id]  # a dry run reads no chunks
     assert sorted(p.relative_to(seg) for p in seg.rglob("*") if p.name != ".claim") == files  # untouched
     assert store.uncommitted_segments() == [(seg_id, "abandoned")]
 

@@ -99,10 +99,15 @@ def test_gc_salvages_rows_removes_only_empty_segments(crashed_writer, new_store:
     states = dict(store.uncommitted_segments())
     assert states == {crashed_id: "abandoned", live.seg_id: "active", empty.seg_id: "abandoned"}
 
-    dry = gc_store(store, dry_run=True)
-    assert [d["id"] for d in dry] == [empty.seg_id] and dry[0]["bytes"] > 0
-    assert store.loc.exists("segments", empty.seg_id)
-    assert [d["id"] for d in gc_store(store)] == [empty.seg_id]
+    dry = {d["id"]: d for d in gc_store(store, dry_run=True)}
+    assert {k: (d["action"], d["rows"]) for k, d in dry.items()} == {
+        empty.seg_id: ("removed", 0),
+        crashed_id: ("salvaged", 9),
+    }
+    assert dry[empty.seg_id]["bytes"] > 0
+    assert store.loc.exists("segments", empty.seg_id) and not store.loc.exists("segments", crashed_id, "COMMIT")
+    done = {d["id"]: (d["action"], d["rows"]) for d in gc_store(store)}
+    assert done == {empty.seg_id: ("removed", 0), crashed_id: ("salvaged", 9)}
     assert not store.loc.exists("segments", empty.seg_id)
     assert store.loc.exists("segments", committed_id, "COMMIT")
     assert store.loc.exists("segments", crashed_id, "COMMIT")  # salvaged: its 9 flushed rows are kept

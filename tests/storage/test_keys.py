@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from storage import KeySet, content_key, content_keys, key_hex
-from storage.keys import KEY_DTYPE, as_key_array, first_occurrence, key_from_hex, key_slice, role_code
+from storage.keys import (
+    KEY_DTYPE,
+    KeyTable,
+    _spread,
+    as_key_array,
+    first_occurrence,
+    key_from_hex,
+    key_slice,
+    role_code,
+)
 
 
 def test_content_key_is_deterministic_and_16_bytes() -> None:
@@ -91,8 +100,10 @@ def test_keyset_agrees_with_a_python_set_under_collisions() -> None:
         [
             rng.integers(0, 256, (3000, 16), dtype=np.uint8).view(KEY_DTYPE).ravel(),
             as_key_array([b"\x00" * 16, b"\x00" * 15 + b"\x01"]),
-            # equal second halves: one home slot in every table size, long probe runs that wrap the table's end
-            np.stack([np.arange(2000, dtype=np.uint64), np.full(2000, 2**64 - 1, np.uint64)], 1).view(KEY_DTYPE).ravel(),
+            # equal second halves: one home slot in every table size, probe runs 2,000 slots long
+            np.stack([np.arange(2000, dtype=np.uint64), np.full(2000, 2**64 - 1, np.uint64)], 1)
+            .view(KEY_DTYPE)
+            .ravel(),
         ]
     )
     ks, ref = KeySet(), set()
@@ -107,6 +118,14 @@ def test_keyset_agrees_with_a_python_set_under_collisions() -> None:
         assert ks.add_new(batch).tolist() == expected
         assert len(ks) == len(ref)
     assert ks.array().tobytes() == b"".join(sorted(ref))
+
+
+def test_probe_runs_wrap_around_the_tables_end() -> None:
+    ks = KeySet(capacity=1000)  # 2,001 slots, no growth below 1,500 keys
+    last = next(h for h in range(1 << 20) if int(_spread(np.array([h], np.uint64))[0]) % 2001 == 2000)
+    keys = np.stack([np.arange(50, dtype=np.uint64), np.full(50, last, np.uint64)], 1).view(KEY_DTYPE).ravel()
+    assert ks.add_new(keys).all() and ks.contains(keys).all() and not ks.add_new(keys).any()
+    assert ks._used[:49].all() and ks._used[2000]  # one key at the end, 49 wrapped to the start
 
 
 def test_keyset_work_is_linear_in_the_keys() -> None:
@@ -151,3 +170,21 @@ def test_key_slice_of_keys_ending_in_nul_in_any_form() -> None:
         for rank in range(world_size):
             assert np.array_equal(key_slice(rebuilt, rank, world_size), key_slice(keys, rank, world_size))
             assert np.array_equal(key_slice(raw, rank, world_size), key_slice(keys, rank, world_size))
+
+
+@pytest.mark.parametrize("halves", [1, 2])
+def test_keytable_keeps_the_first_values_through_growth(halves: int) -> None:
+    rng = np.random.default_rng(halves)
+    table, expected = KeyTable(width=2, halves=halves), {}
+    universe = np.concatenate([rng.integers(0, 2**63, (15_000, halves)), rng.integers(0, 5_000, (5_000, halves))])
+    for _ in range(20):  # 20 × 3,000 keys from a universe of 20,000: repeats within and across batches; grows
+        words = universe[rng.integers(0, len(universe), 3000)].astype(np.uint64)
+        values = rng.integers(0, 2**40, (3000, 2))
+        new, stored = table.insert(words if halves == 2 else words[:, 0], values)
+        for w, v, is_new, got in zip(map(tuple, words.tolist()), values.tolist(), new, stored.tolist(), strict=True):
+            assert is_new == (w not in expected)
+            expected.setdefault(w, v)
+            assert got == expected[w]
+    assert len(table) == len(expected)
+    with pytest.raises(ValueError, match="1 or 2 uint64 words"):
+        KeyTable(width=1, halves=3)
