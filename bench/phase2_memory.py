@@ -11,7 +11,8 @@ batch at the worst case for memory: ``--batch`` queries of ``--query-len`` token
 
 Each variant runs in a fresh subprocess (``--steps`` steps, the first untimed; ``--rounds`` runs the variants in turn
 that many times, so that load from other processes hits them alike, and reports the median and the minimum step
-time: on a shared machine the minimum is the least disturbed); its peak RSS is the child's own
+time: on a shared machine the minimum is the least disturbed, and the process's CPU time per step, which other
+processes do not inflate — with ``--threads 1`` it is the step's compute); its peak RSS is the child's own
 ``ru_maxrss``, and the parent samples the child's RSS meanwhile and stops it past ``--rss-limit-gb`` (default: 85 %
 of the memory available at start), so a plain step too big for the machine is reported, not an OOM-killed neighbour.
 At the default size the plain step needs ~22 GB (measured per sequence at smaller sizes, see ``--batch``): run it
@@ -123,18 +124,20 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-5)
     batch = synthetic_batch(args, student.tokenizer.vocab_size)
     rss_before = _rss()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(args.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(module.forward_backward(batch)["loss"]))
         optimizer.step()
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
     return {
         "variant": args.child,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
         "rss_before_steps_gb": rss_before / GB,
         "step_times_s": [round(t, 3) for t in (times[1:] or times)],  # the first step allocates: untimed
+        "step_cpu_s": [round(t, 3) for t in (cpu[1:] or cpu)],
         "losses": [round(x, 5) for x in losses],
         "threads": torch.get_num_threads(),
     }
@@ -180,6 +183,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if failed:
         return failed[0]
     times = [t for r in runs for t in r["step_times_s"]]
+    cpu = [t for r in runs for t in r["step_cpu_s"]]
     return {
         "variant": runs[0]["variant"],
         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
@@ -188,6 +192,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "step_s": statistics.median(times),
         "step_min_s": min(times),
         "step_times_s": times,
+        "step_cpu_s": statistics.median(cpu),
         "losses": runs[0]["losses"],
         "threads": runs[0]["threads"],
     }
@@ -270,22 +275,27 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace) -> No
         f"{args.batch * (1 + args.negatives)} passages × {args.max_len} tokens = {seqs} sequences; "
         f"cached mini-batch {args.mini_batch_size}"
     )
-    print(f"{'variant':<10} {'peak RSS':>9} {'before steps':>13} {'median step':>12} {'min step':>9}  note")
+    print(
+        f"{'variant':<10} {'peak RSS':>9} {'before steps':>13} {'median step':>12} {'min step':>9} "
+        f"{'CPU time':>9}  note"
+    )
     for r in results:
         if "peak_rss_gb" in r:
             print(
                 f"{r['variant']:<10} {r['peak_rss_gb']:>6.2f} GB {r['rss_before_steps_gb']:>10.2f} GB "
-                f"{r['step_s']:>10.2f} s {r['step_min_s']:>7.2f} s  steps {r['step_times_s']}"
+                f"{r['step_s']:>10.2f} s {r['step_min_s']:>7.2f} s {r['step_cpu_s']:>7.2f} s  steps {r['step_times_s']}"
             )
         else:
-            print(f"{r['variant']:<10} {'-':>9} {'-':>13} {'-':>12} {'-':>9}  {r.get('stopped') or r.get('failed')}")
+            note = r.get("stopped") or r.get("failed")
+            print(f"{r['variant']:<10} {'-':>9} {'-':>13} {'-':>12} {'-':>9} {'-':>9}  {note}")
     done = {r["variant"]: r for r in results if "peak_rss_gb" in r}
     for base, other in (("plain", "cached"), ("plain-gc", "cached-gc"), ("plain", "plain-gc"), ("plain", "cached-gc")):
         if base in done and other in done:
             a, b = done[base], done[other]
             print(
                 f"{other} / {base}: peak RSS {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}×, step time "
-                f"{b['step_s'] / a['step_s']:.2f}× (median), {b['step_min_s'] / a['step_min_s']:.2f}× (min)"
+                f"{b['step_s'] / a['step_s']:.2f}× (median), {b['step_min_s'] / a['step_min_s']:.2f}× (min), "
+                f"CPU time {b['step_cpu_s'] / a['step_cpu_s']:.2f}×"
             )
 
 

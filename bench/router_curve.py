@@ -161,14 +161,15 @@ def run(args: argparse.Namespace) -> dict:
             **common,
         )  # fmt: skip
         _timed(timings, "phase2", lambda: train(cfg2))
-    targets = args.targets.split(",")
+    suffix = "" if args.fit_split == "dev" else f"-{args.fit_split.replace(',', '+')}"
+    targets = [t + suffix for t in args.targets.split(",")]
     if "fit" in stages:
         from distill.router_fit import RouterConfig, fit_router
 
         for target in targets:
             cfg = RouterConfig(
-                store=str(store), model=str(p2), data=(spec["scifact"],), split="dev", mine_negatives=7,
-                target=target, out=str(work / "routers" / target), seed=args.seed,
+                store=str(store), model=str(p2), data=(spec["scifact"],), split=args.fit_split, mine_negatives=7,
+                target=target.removesuffix(suffix), out=str(work / "routers" / target), seed=args.seed,
             )  # fmt: skip
             out[f"fit_{target}"] = _timed(timings, f"fit_{target}", lambda c=cfg: fit_router(c)).to_dict()
     if "evaluate" in stages:
@@ -183,7 +184,9 @@ def run(args: argparse.Namespace) -> dict:
             )  # fmt: skip
             result = _timed(timings, f"evaluate_{target}", lambda c=cfg: evaluate_retrieval(c))
             out["curves"][target] = {"rows": result.rows, "curves": result.curves, "files": result.files}
-        (work / "router_curve.json").write_text(json.dumps({"curves": out["curves"], "timings": timings}, indent=2))
+        done = json.loads((work / "router_curve.json").read_text()) if (work / "router_curve.json").exists() else {}
+        curves = {**done.get("curves", {}), **out["curves"]}
+        (work / "router_curve.json").write_text(json.dumps({"curves": curves, "timings": timings}, indent=2))
     timing_file.write_text(json.dumps(timings, indent=2))
     out["timings"] = timings
     return out
@@ -217,6 +220,9 @@ def main() -> None:
     parser.add_argument("--max-passages", type=int, help="passages per data set (default: the whole corpus)")
     parser.add_argument("--max-queries", type=int, help="queries per split (default: all; SciFact train halves)")
     parser.add_argument("--targets", default="ndcg10", help="router targets to fit and compare, comma-separated")
+    parser.add_argument(
+        "--fit-split", default="dev", help="SciFact split the routers are fitted on (dev: queries phase 2 never saw)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -103,7 +103,8 @@ def fit(data: tuple[str, ...], hard_negatives: tuple[str, ...], kinds: str, as_j
     for kind in config.kinds:
         lift = r[kind].get("val_lift")
         shown = f"{lift:.3f}" if lift is not None else "- (too few queries to hold out)"
-        click.echo(f"  {kind:<10} best epoch {r[kind]['best_epoch']}, held-out lift over random {shown}")
+        how = r[kind]["selection"]
+        click.echo(f"  {kind:<10} {r[kind]['best_epoch']} epochs ({how}), held-out lift over random {shown}")
     click.echo(f"router: {result.out}")
 
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from storage.errors import DdxError
 
-__all__ = ["EMBEDDING_KEYS", "SEQUENCE_GROUPS", "cached_step", "plan_mini_batches"]
+__all__ = ["EMBEDDING_KEYS", "SEQUENCE_GROUPS", "MiniBatch", "RngState", "cached_step", "plan_mini_batches"]
 
 SEQUENCE_GROUPS = ("query", "pos", "neg")  # the batch's token tensors: f"{group}_input_ids", f"{group}_attention_mask"
 EMBEDDING_KEYS = ("student", "projected")  # what the model returns per sequence

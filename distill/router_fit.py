@@ -155,6 +155,7 @@ def fit_targets(config: RouterConfig, store: TeacherStore) -> FitTargets:
         negatives,
         store,
         temperature=config.temperature,
+        device=config.device,
     )
     gains = difficulty_targets(hybrid, teacher, config.target)
     return FitTargets(keys, q_s, hybrid, teacher, gains, pool, positives, negatives)

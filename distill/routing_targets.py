@@ -80,6 +80,7 @@ def rank_outcomes(
     *,
     temperature: float = 0.05,
     block_rows: int = 16_384,
+    device: str | None = None,
 ) -> list[RankOutcomes]:
     """Rank every query's candidates with each query set's vectors; one pass over the pool serves all sets.
 
@@ -91,6 +92,7 @@ def rank_outcomes(
         store: the teacher store the rows index.
         temperature: τ of ``logp``.
         block_rows: pool passages gathered and scored per step.
+        device: where the scores are computed (default: CUDA when available).
 
     Returns:
         One :class:`RankOutcomes` per query set.
@@ -111,7 +113,7 @@ def rank_outcomes(
         pos = positives.select(rows)
         own = Ragged.from_lists([np.union1d(pos.row(i), negatives.row(int(r))) for i, r in enumerate(rows)])
         sets = [_unit(q[rows]) for q in query_sets]
-        pool_top = _pool_pass(sets, pool, own, store, temperature, block_rows)
+        pool_top = _pool_pass(sets, pool, own, store, temperature, block_rows, device)
         own_vecs = _unit(store.get_rows(own.flat, dtype="float32")) if len(own.flat) else None
         for j, q in enumerate(sets):
             out[j].append(_outcomes(q, own, pos, own_vecs, *pool_top[j], temperature))
@@ -124,7 +126,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _pool_pass(
-    sets: list[np.ndarray], pool: np.ndarray, own: Ragged, store: TeacherStore, tau: float, block_rows: int
+    sets: list[np.ndarray],
+    pool: np.ndarray,
+    own: Ragged,
+    store: TeacherStore,
+    tau: float,
+    block_rows: int,
+    device: str | None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per set: top-k pool scores and rows ``[nq, k]`` and logsumexp(s/τ) over the pool, own candidates masked.
 
@@ -133,28 +141,34 @@ def _pool_pass(
     """
     import torch
 
+    from distill.search_inputs import default_device
+
+    dev = torch.device(device) if device else default_device()
     nq = len(own)
     q_of = np.repeat(np.arange(nq), own.lengths())
     at = np.searchsorted(pool, own.flat)
     inside = (at < len(pool)) & (pool[np.minimum(at, len(pool) - 1)] == own.flat) if len(pool) else at < 0
     mask_q, mask_p = q_of[inside], at[inside]
-    tensors = [torch.from_numpy(q) for q in sets]
-    top = [(torch.full((nq, 0), -torch.inf), torch.zeros((nq, 0), dtype=torch.int64)) for _ in sets]
-    lse = [torch.full((nq,), -torch.inf, dtype=torch.float64) for _ in sets]
+    tensors = [torch.from_numpy(q).to(dev) for q in sets]
+    top = [(torch.full((nq, 0), -torch.inf, device=dev), torch.zeros((nq, 0), dtype=torch.int64, device=dev))] * len(
+        sets
+    )
+    lse = [torch.full((nq,), -torch.inf, dtype=torch.float64, device=dev) for _ in sets]
     for s in range(0, len(pool), block_rows):
         rows = pool[s : s + block_rows]
-        p = torch.from_numpy(_unit(store.get_rows(rows, dtype="float32")))
+        p = torch.from_numpy(_unit(store.get_rows(rows, dtype="float32"))).to(dev)
         sel = (mask_p >= s) & (mask_p < s + len(rows))
-        mq, mp = torch.from_numpy(mask_q[sel]), torch.from_numpy(mask_p[sel] - s)
+        mq, mp = torch.from_numpy(mask_q[sel]).to(dev), torch.from_numpy(mask_p[sel] - s).to(dev)
+        row_ids = torch.from_numpy(rows).to(dev).expand(nq, -1)
         for j, q in enumerate(tensors):
             scores = q @ p.T
             scores[mq, mp] = -torch.inf
             lse[j] = torch.logaddexp(lse[j], torch.logsumexp(scores.double() / tau, dim=1))
             vals = torch.cat([top[j][0], scores], dim=1)
-            ids = torch.cat([top[j][1], torch.from_numpy(rows).expand(nq, -1)], dim=1)
+            ids = torch.cat([top[j][1], row_ids], dim=1)
             best = torch.topk(vals, min(TOP_K, vals.shape[1]), dim=1)
             top[j] = (best.values, ids.gather(1, best.indices))
-    return [(t[0].numpy(), t[1].numpy(), e.numpy()) for t, e in zip(top, lse, strict=True)]
+    return [(t[0].cpu().numpy(), t[1].cpu().numpy(), e.cpu().numpy()) for t, e in zip(top, lse, strict=True)]
 
 
 def _outcomes(

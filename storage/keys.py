@@ -176,24 +176,18 @@ class KeySet:
         old_lo, old_hi, old_used = self._lo, self._hi, self._used
         self._n = 0
         self._alloc(_table_size(n_keys))
-        step = 1 << 20  # slice by slice: no copy of every key at once
+        step = 1 << 14  # slice by slice: no copy of every key, and few keys contending for one slot at a time
         for s in range(0, len(old_used), step):
             at = s + np.flatnonzero(old_used[s : s + step])
             lo = old_lo[at] if self._halves == 2 else old_hi[at]
-            self._moved(at, self._probe(lo, old_hi[at], insert=True, distinct=True)[1])
+            self._moved(at, self._probe(lo, old_hi[at], insert=True)[1])
 
     def _moved(self, old_slots: np.ndarray, new_slots: np.ndarray) -> None:
         """Growth hook: the keys at ``old_slots`` of the previous table now sit at ``new_slots``."""
 
-    def _probe(
-        self, lo: np.ndarray, hi: np.ndarray, insert: bool, distinct: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _probe(self, lo: np.ndarray, hi: np.ndarray, insert: bool) -> tuple[np.ndarray, np.ndarray]:
         """``(mask, slot)`` of the keys ``(lo, hi)``: the mask says found (``insert=False``) or new
-        (``insert=True``); ``slot`` is where each key sits (-1: absent).
-
-        ``distinct``: the keys are known to be distinct and absent (a growth step), which settles
-        contested slots without sorting.
-        """
+        (``insert=True``); ``slot`` is where each key sits (-1: absent)."""
         out = np.zeros(len(lo), bool)
         where = np.full(len(lo), -1, np.int64)
         todo = np.arange(len(lo))
@@ -208,13 +202,16 @@ class KeySet:
             if self._halves == 2:
                 same &= self._lo[slots] == lo[todo, None]
             stop = same | ~used  # probing stops at the key or at the first empty slot
-            row, col = np.arange(len(todo)), stop.argmax(axis=1)
-            stopped, at = stop[row, col], slots[row, col]
-            found = stopped & same[row, col]
+            if width == 1:
+                stopped, at, found = stop[:, 0], slots[:, 0], same[:, 0]
+            else:
+                row, col = np.arange(len(todo)), stop.argmax(axis=1)
+                stopped, at = stop[row, col], slots[row, col]
+                found = stopped & same[row, col]
             where[todo[found]] = at[found]
             retry = np.zeros(len(todo), bool)
             if insert:
-                retry = self._claim(todo, at, stopped & ~found, lo, hi, out, where, distinct)
+                retry = self._claim(todo, at, stopped & ~found, lo, hi, out, where)
             else:
                 out[todo[found]] = True
             keep = ~stopped | retry
@@ -233,7 +230,6 @@ class KeySet:
         hi: np.ndarray,
         new: np.ndarray,
         where: np.ndarray,
-        distinct: bool,
     ) -> np.ndarray:
         """Write keys into the empty slots they stopped at; the first key of the batch wins a contested slot.
 
@@ -243,12 +239,12 @@ class KeySet:
         cand = np.flatnonzero(empty)
         if not len(cand):
             return empty
-        if distinct:  # each candidate writes its number into its (empty) slot; one write per slot survives
-            self._hi[slot[cand]] = cand
-            win = cand[self._hi[slot[cand]] == cand]
-        else:
-            _, first = np.unique(slot[cand], return_index=True)
-            win = cand[first]
+        # The empty slots serve as scratch: each keeps the smallest candidate number written to it (ufunc.at
+        # applies every write, repeats included), so the first key of the batch wins its slot.
+        at, number = slot[cand], cand.astype(np.uint64)
+        self._hi[at] = np.uint64(len(todo))
+        np.minimum.at(self._hi, at, number)
+        win = cand[self._hi[at] == number]
         keys = todo[win]
         self._hi[slot[win]], self._used[slot[win]] = hi[keys], True
         if self._halves == 2:

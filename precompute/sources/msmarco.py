@@ -197,8 +197,8 @@ class MsMarcoSource(Source):
         """Per chunk, a block of its queries and one of its passages (positive, negative, line by line).
 
         A text triple's id is its content key, so a text given before is the same id again: those are
-        dropped by a 128-bit polars hash of the text before any key is computed (MS MARCO's 39.8 M
-        lines hold 119 M texts, ~1 M of them distinct). The chunk's rejects go with its first block:
+        dropped by a 128-bit polars hash of the text before any key is computed (most of the 119 M
+        texts of MS MARCO's 39.8 M lines are repeats). The chunk's rejects go with its first block:
         rows of a passage block count two a line.
         """
         for first, chunk in iter_chunks(path):

@@ -100,7 +100,21 @@ def test_router_beats_random_where_difficulty_is_a_known_function_of_the_query()
     assert lift > 0.5 and lift >= 0.9 * bayes, (lift, bayes)  # the noise caps even the ideal ranking near 0.58
     top = np.argsort(-scores)[:200]  # at a 20 % budget
     assert y_test[top].sum() > 2 * 200 * y_test.mean()  # twice what random routing collects
-    assert report["best_epoch"] >= 1 and report["val_queries"] == 200
+    assert report["best_epoch"] >= 1 and report["selection"] == "5-fold"
+
+
+def test_large_fit_sets_choose_the_epoch_on_one_held_out_split(monkeypatch):
+    import distill.router
+    from distill.router import MLPSettings
+
+    monkeypatch.setattr(distill.router, "CV_BELOW", 100)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = (x[:, 0] > 1.0).astype(float)
+    settings = MLPSettings(epochs=100, hidden=16, patience=30, lr=3e-3, batch_size=64)
+    model, report = train_router_model(x, y, settings)
+    assert report["selection"] == "held-out" and report["val_queries"] == 40 and report["val_lift"] > 0.9
+    assert lift_over_random(model.score(x), y) > 0.9  # the best epoch's weights are the ones kept
 
 
 def test_fit_writes_a_router_with_its_fingerprints(phase1_run, teacher_store, corpus, tmp_path):
