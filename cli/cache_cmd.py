@@ -11,6 +11,11 @@ from cli.options import echo_json, library_errors
 
 STORE = click.argument("store")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+DUPLICATES = click.option(
+    "--duplicates",
+    is_flag=True,
+    help="Also count distinct keys and rows repeated across segments (loads every key; without it only COMMITs are read).",
+)
 
 
 @click.group("cache")
@@ -41,8 +46,9 @@ def _size(n: float) -> str:
 @cache.command("ls")
 @STORE
 @AS_JSON
+@DUPLICATES
 @library_errors
-def ls(store: str, as_json: bool) -> None:
+def ls(store: str, as_json: bool, duplicates: bool) -> None:
     """List a store's segments: rows per role, size, when committed; and its teacher.
 
     \b
@@ -51,7 +57,7 @@ def ls(store: str, as_json: bool) -> None:
     """
     from storage.maintenance import store_info
 
-    info = store_info(_open(store))
+    info = store_info(_open(store), duplicates=duplicates)
     if as_json:
         echo_json(info)
         return
@@ -78,8 +84,9 @@ def ls(store: str, as_json: bool) -> None:
 @cache.command("info")
 @STORE
 @AS_JSON
+@DUPLICATES
 @library_errors
-def info(store: str, as_json: bool) -> None:
+def info(store: str, as_json: bool, duplicates: bool) -> None:
     """Show a store's teacher spec, fingerprint, totals and format.
 
     \b
@@ -88,7 +95,7 @@ def info(store: str, as_json: bool) -> None:
     """
     from storage.maintenance import store_info
 
-    data = store_info(_open(store))
+    data = store_info(_open(store), duplicates=duplicates)
     if as_json:
         echo_json(data)
         return
@@ -98,9 +105,11 @@ def info(store: str, as_json: bool) -> None:
     for key, value in data["teacher_spec"].items():
         click.echo(f"  {key + ':':<16}{value!r}")
     click.echo(
-        f"keys:         {data['keys']:,} ({data['roles']['passage']:,} passages, {data['roles']['query']:,} "
+        f"rows:         {data['rows']:,} ({data['roles']['passage']:,} passages, {data['roles']['query']:,} "
         f"queries) in {len(data['segments'])} segments, {_size(data['bytes'])}"
     )
+    if data["keys"] is not None:
+        click.echo(f"keys:         {data['keys']:,} distinct")
     if data["duplicate_rows"]:
         click.echo(f"duplicates:   {data['duplicate_rows']:,} rows repeat an earlier segment's key (harmless)")
 

@@ -204,12 +204,18 @@ def train_router_model(features: np.ndarray, targets: np.ndarray, settings: MLPS
     if len(x) != len(y) or len(x) < 2:
         raise DdxError(f"A router needs at least 2 queries with targets, got {len(x)} features and {len(y)} targets.")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(settings.seed))
-    if len(x) < 20 or settings.val_fraction == 0:
-        model = _train(x, y, perm, settings, settings.epochs)
-        return model, {"selection": "none", "best_epoch": settings.epochs, "train_queries": len(x), "val_lift": None}
-    if len(x) < CV_BELOW:
-        return _cross_validated(x, y, perm, settings)
-    return _held_out(x, y, perm, settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small MLP gains nothing from intra-op threads; on a loaded machine they cost 2x
+    try:
+        if len(x) < 20 or settings.val_fraction == 0:
+            model = _train(x, y, perm, settings, settings.epochs)
+            report = {"selection": "none", "best_epoch": settings.epochs, "train_queries": len(x), "val_lift": None}
+            return model, report
+        if len(x) < CV_BELOW:
+            return _cross_validated(x, y, perm, settings)
+        return _held_out(x, y, perm, settings)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(

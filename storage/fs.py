@@ -130,6 +130,20 @@ class Location:
                 raise DiskFullError(f"Disk full while writing {path!r}.") from exc
             raise
 
+    def fsync(self, *parts: str) -> None:
+        """Flush a local file or directory (its entries) to stable storage; object stores need nothing.
+
+        Raises:
+            FileNotFoundError: it does not exist.
+        """
+        if not self.is_local:
+            return  # an object store's put is durable once it returns
+        fd = os.open(self.join(*parts), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.join(*parts), exist_ok=True)
 

@@ -8,31 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 from storage.keys import ROLES
-from storage.segment import SEGMENTS, claim_and_salvage, indexed_rows
+from storage.segment import SEGMENTS, SegmentReader, claim_and_salvage, indexed_rows
+from storage.segment_format import role_counts
 from storage.store import TeacherStore
 from storage.verify import VerifyReport, verify_store
 
 __all__ = ["VerifyReport", "gc_store", "store_info", "verify_store"]
 
 
-def store_info(store: TeacherStore) -> dict[str, Any]:
-    """Everything ``ddx cache ls/info`` shows: spec, totals per role, and one row per segment."""
-    segments = []
-    for seg in store.segments:
-        roles = seg.index().roles
-        segments.append(
-            {
-                "id": seg.seg_id,
-                "rows": seg.rows,
-                "chunks": seg.n_chunks,
-                "chunk_rows": seg.chunk_rows,
-                "roles": {r: int((roles == i).sum()) for i, r in enumerate(ROLES)},
-                "bytes": store.loc.size(SEGMENTS, seg.seg_id),
-                "committed_at": seg.commit.get("committed_at"),
-                "salvaged": bool(seg.commit.get("salvaged")),
-            }
-        )
-    index = store.index
+def store_info(store: TeacherStore, *, duplicates: bool = False) -> dict[str, Any]:
+    """Everything ``ddx cache ls/info`` shows: spec, totals per role, and one row per segment.
+
+    Reads the COMMIT manifests only (O(segments): no key index is loaded), except for segments an
+    older ddx committed without per-role counts, whose index is read for them. ``keys`` (distinct
+    keys) and ``duplicate_rows`` need every key: they are None unless ``duplicates`` asks for them.
+    """
+    segments = [_segment_info(store, seg) for seg in store.segments]
+    index = store.index if duplicates else None
     return {
         "store": store.url,
         "format_version": store.format_version,
@@ -40,13 +32,35 @@ def store_info(store: TeacherStore) -> dict[str, Any]:
         "teacher_spec": store.spec.to_dict(),
         "dim": store.dim,
         "storage_dtype": store.dtype,
-        "keys": len(index),
+        "keys": None if index is None else len(index),
         "rows": store.rows,
-        "duplicate_rows": index.duplicates,
-        "roles": {r: int((index.roles == i).sum()) for i, r in enumerate(ROLES)},
+        "duplicate_rows": None if index is None else index.duplicates,
+        "roles": _role_totals(segments)
+        if index is None
+        else {r: int((index.roles == i).sum()) for i, r in enumerate(ROLES)},
         "bytes": sum(s["bytes"] for s in segments),
         "segments": segments,
         "uncommitted": [{"id": s, "state": state} for s, state in store.uncommitted_segments()],
+    }
+
+
+def _role_totals(segments: list[dict[str, Any]]) -> dict[str, int]:
+    return {r: sum(s["roles"][r] for s in segments) for r in ROLES}
+
+
+def _segment_info(store: TeacherStore, seg: SegmentReader) -> dict[str, Any]:
+    roles = seg.commit.get("roles")
+    if not isinstance(roles, dict) or not all(type(roles.get(r)) is int for r in ROLES):  # older COMMIT
+        roles = role_counts(seg.index().roles)
+    return {
+        "id": seg.seg_id,
+        "rows": seg.rows,
+        "chunks": seg.n_chunks,
+        "chunk_rows": seg.chunk_rows,
+        "roles": {r: int(roles[r]) for r in ROLES},
+        "bytes": store.loc.size(SEGMENTS, seg.seg_id),
+        "committed_at": seg.commit.get("committed_at"),
+        "salvaged": bool(seg.commit.get("salvaged")),
     }
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from storage.errors import IntegrityError
 from storage.fs import Location
-from storage.keys import KEY_BYTES, KEY_DTYPE
+from storage.keys import KEY_BYTES, KEY_DTYPE, ROLES
 from storage.metadata import FORMAT_VERSION, Damage, sealed
 
 __all__ = [
@@ -53,7 +53,9 @@ __all__ = [
     "new_segment_id",
     "read_index_bytes",
     "read_parts",
+    "role_counts",
     "row_crcs",
+    "sync_vectors",
     "write_commit",
 ]
 
@@ -194,6 +196,28 @@ def chunk_file(seg_id: str, chunk: int) -> tuple[str, ...]:
     return (SEGMENTS, seg_id, "vectors", "c", str(chunk), "0")
 
 
+def sync_vectors(loc: Location, seg_id: str, chunks: int) -> None:
+    """fsync every chunk file of the segment, then the directories naming them (deepest first).
+
+    zarr writes chunk files without fsync; COMMIT must never reach disk before the rows it vouches
+    for, or a power cut right after a commit leaves a committed segment whose vectors are lost.
+    """
+    vectors = (SEGMENTS, seg_id, "vectors")
+    for i in range(chunks):
+        loc.fsync(*chunk_file(seg_id, i))
+        loc.fsync(*chunk_file(seg_id, i)[:-1])
+    if chunks:
+        loc.fsync(*vectors, "c")
+    loc.fsync(*vectors)
+    loc.fsync(SEGMENTS, seg_id)
+
+
+def role_counts(roles: np.ndarray) -> dict[str, int]:
+    """Rows per role name (what COMMIT records, so ``ddx cache ls`` needs no index)."""
+    counts = np.bincount(roles, minlength=len(ROLES)) if len(roles) else np.zeros(len(ROLES), np.int64)
+    return {name: int(counts[i]) for i, name in enumerate(ROLES)}
+
+
 def read_parts(loc: Location, seg_id: str) -> list[IndexColumns]:
     """The index parts an open segment has flushed so far, in order.
 
@@ -223,6 +247,7 @@ def write_commit(
         raise IntegrityError(f"Segment {seg_id!r}: index rows are not 0..{rows - 1} exactly once.")
     if array.shape[0] != rows:
         array.resize((rows, array.shape[1]))
+    sync_vectors(loc, seg_id, n_chunks(rows, chunk_rows))  # the rows are on disk before anything vouches for them
     index_bytes = index.to_parquet_bytes()
     loc.write_atomic(index_bytes, SEGMENTS, seg_id, "index.parquet")
     commit: dict[str, Any] = {
@@ -243,6 +268,7 @@ def write_commit(
             dim=int(array.shape[1]),
             dtype=str(np.dtype(array.dtype)),
             vectors_meta_sha256=hashlib.sha256(meta).hexdigest(),
+            roles=role_counts(index.roles),  # ls/info read COMMITs only; older COMMITs lack it (index read then)
         )
         commit = sealed(commit)
     loc.write_atomic(json.dumps(commit, indent=1).encode(), SEGMENTS, seg_id, "COMMIT")

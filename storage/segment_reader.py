@@ -16,6 +16,7 @@ Every failure is an ``IntegrityError`` naming the file, what is wrong and the re
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import google_crc32c
@@ -211,12 +212,62 @@ class SegmentReader:
     def chunk_problem(self, i: int, *, trailer: bool = True) -> str | None:
         """What is wrong with chunk ``i``'s file (size, CRC against COMMIT and, with ``trailer``, its own), or None."""
         try:
-            data = np.frombuffer(self.loc.read_bytes(*chunk_file(self.seg_id, i)), dtype=np.uint8)
+            data = self.read_raw(i)
         except FileNotFoundError:
             return "is missing"
+        return self.raw_problem(i, data, trailer=trailer)
+
+    def raw_problem(self, i: int, data: np.ndarray, *, trailer: bool = True) -> str | None:
+        """What is wrong with ``data``, the bytes of chunk ``i``'s file (size, then CRC32C), or None."""
         if (problem := self._size_problem(len(data))) is not None:
             return problem
         return self._crc_problem(i, data, trailer=trailer)
+
+    def read_raw(self, i: int, buf: np.ndarray | None = None) -> np.ndarray:
+        """Chunk ``i``'s file (rows, padding and CRC trailer) as uint8, read once; into ``buf`` when its size fits.
+
+        A sequential read, not a memory map: nothing stays mapped (or resident in this process) afterwards.
+
+        Raises:
+            FileNotFoundError: the chunk file is missing.
+        """
+        path = self.loc.local_path(*chunk_file(self.seg_id, i))
+        if path is None:
+            return np.frombuffer(self.loc.read_bytes(*chunk_file(self.seg_id, i)), dtype=np.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            out = buf if buf is not None and len(buf) == size else np.empty(size, dtype=np.uint8)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            got = read_into(fd, out, 0)
+        finally:
+            os.close(fd)
+        return out if got == size else out[:got]  # shrank while read: the size check reports it
+
+    def open_chunk(self, i: int) -> int:
+        """An open descriptor of chunk ``i``'s file, size checked, read-ahead off (random row reads).
+
+        Raises:
+            IntegrityError: the chunk file is missing or has the wrong size.
+        """
+        path = self.loc.local_path(*chunk_file(self.seg_id, i))
+        assert path is not None, "pread gathers are for local stores"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise self.damage("is missing", *chunk_file(self.seg_id, i)[2:]) from exc
+        if (problem := self._size_problem(os.fstat(fd).st_size)) is not None:
+            os.close(fd)
+            raise self.damage(problem, *chunk_file(self.seg_id, i)[2:])
+        if hasattr(os, "posix_fadvise"):  # a random 7 KiB read otherwise pulls a read-ahead window of ~128 KiB
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
+    @property
+    def preadable(self) -> bool:
+        """Rows can be read straight from the chunk files at fixed offsets (local, plain layout, row checksums)."""
+        return self._plain and self.loc.is_local and self.has_row_checksums
 
     def _crc_problem(self, i: int, data: np.ndarray, *, trailer: bool) -> str | None:
         computed = int(google_crc32c.value(data[:-4]))
@@ -237,6 +288,18 @@ class SegmentReader:
         """
         self._maps.clear()
         self._raw.clear()
+
+
+def read_into(fd: int, out: np.ndarray, offset: int) -> int:
+    """Fill ``out`` (C-contiguous) from ``fd`` at ``offset``; returns the bytes read (fewer only at end of file)."""
+    view = memoryview(out).cast("B")  # type: ignore[arg-type]
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def _is_plain_layout(meta: dict[str, Any], chunk_rows: int) -> bool:

@@ -24,6 +24,7 @@ from storage.errors import BadSourceError
 from .base import Qrels, Source, TrainExample
 
 __all__ = [
+    "Rejects",
     "check_role",
     "chosen_splits",
     "chunk_lines",

@@ -52,7 +52,9 @@ def test_ls_and_info_json(store: Path, bert: TeacherEncoder) -> None:
     ls = cache("ls", str(store), "--json")
     assert ls.exit_code == 0, ls.output
     data = json.loads(ls.stdout)
-    assert data["keys"] == data["rows"] == n_pass + n_query and data["duplicate_rows"] == 0
+    assert data["rows"] == n_pass + n_query and data["keys"] is None and data["duplicate_rows"] is None  # COMMITs only
+    counted = json.loads(cache("ls", str(store), "--json", "--duplicates").stdout)
+    assert counted["keys"] == counted["rows"] == n_pass + n_query and counted["duplicate_rows"] == 0
     assert data["roles"] == {"passage": n_pass, "query": n_query}
     segments = data["segments"]
     assert len(segments) == 2 and sorted(s["rows"] for s in segments) == sorted(
@@ -65,7 +67,7 @@ def test_ls_and_info_json(store: Path, bert: TeacherEncoder) -> None:
     info = json.loads(cache("info", str(store), "--json").stdout)
     assert info["fingerprint"] == bert.spec.fingerprint and info["teacher_spec"] == bert.spec.to_dict()
     assert (info["dim"], info["storage_dtype"], info["format_version"]) == (32, "float16", 2)
-    assert info["keys"] == n_pass + n_query
+    assert info["rows"] == n_pass + n_query and info["roles"] == data["roles"]
 
 
 def test_ls_and_info_text(store: Path) -> None:
