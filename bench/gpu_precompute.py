@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 GTE_QWEN2_7B = {
     "hidden_size": 3584,
@@ -94,6 +95,22 @@ def build_teacher(texts: list[str], tmp: Path, device: str, layers: int):  # -> 
     return model
 
 
+def random_teacher_spec() -> Any:  # -> TeacherSpec
+    """The TeacherSpec of :func:`build_teacher`'s model (random weights, gte-Qwen2-7B-instruct's shape)."""
+    from storage.spec import TeacherSpec
+
+    return TeacherSpec(
+        model="random gte-Qwen2-7B-instruct shape",
+        weights_id="random:seed0",
+        pooling="lasttoken",
+        normalize=True,
+        max_seq_length=512,
+        dim=GTE_QWEN2_7B["hidden_size"],
+        padding_side="left",
+        dtype="bfloat16",
+    )
+
+
 def useful_flops(lengths, layers: int, params_nonembed: int) -> float:
     import numpy as np
 
@@ -107,7 +124,6 @@ def run(args: argparse.Namespace) -> dict:
 
     from precompute.pipeline import PrecomputeConfig, precompute
     from precompute.teacher import TeacherConfig, TeacherEncoder
-    from storage.spec import TeacherSpec
 
     texts = load_texts(Path(args.corpus), args.copies)
     tmp = Path(tempfile.mkdtemp(prefix="ddx-gpu-"))
@@ -159,16 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     (corpus / "corpus.jsonl").write_text(
         "".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts))
     )
-    spec = TeacherSpec(
-        model="random gte-Qwen2-7B-instruct shape",
-        weights_id="random:seed0",
-        pooling="lasttoken",
-        normalize=True,
-        max_seq_length=512,
-        dim=GTE_QWEN2_7B["hidden_size"],
-        padding_side="left",
-        dtype="bfloat16",
-    )
+    spec = random_teacher_spec()
     for budget in args.token_budgets:
         encoder = TeacherEncoder(model, spec, device)
         store = tmp / f"store_{budget}"

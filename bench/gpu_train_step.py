@@ -56,20 +56,11 @@ def random_student(shell: Path, tmp: Path, tiny: bool) -> Path:
     return folder
 
 
-def build_store(path: Path, queries: list[str], passages: list[str], dim: int) -> Any:
-    """A ddx store holding a random ``dim``-d float16 vector for every query and passage."""
-    from storage import TeacherSpec, TeacherStore, content_keys, role_code
+def build_store(path: Path, queries: list[str], passages: list[str], spec: Any) -> Any:
+    """A ddx store holding a random ``spec.dim``-d float16 vector for every query and passage."""
+    from storage import TeacherStore, content_keys, role_code
 
-    spec = TeacherSpec(
-        model="random gte-Qwen2-7B-instruct shape",
-        weights_id="random:seed0",
-        pooling="lasttoken",
-        normalize=True,
-        max_seq_length=512,
-        dim=dim,
-        padding_side="left",
-        dtype="bfloat16",
-    )
+    dim = spec.dim
     store = TeacherStore.create(str(path), spec)
     rng = np.random.default_rng(0)
     with store.writer() as w:
@@ -177,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ddx-gpu-train-"))
     passages = load_jsonl_texts(Path(args.corpus))
     queries = load_jsonl_texts(Path(args.queries))
-    store = build_store(tmp / "store", queries, passages, dim)
+    store = build_store(tmp / "store", queries, passages, gpu_precompute.random_teacher_spec())
     torch.manual_seed(0)
     model = StudentModelWithProjection.from_pretrained(
         str(random_student(Path(args.student_shell), tmp, args.tiny)), dim, max_seq_length=args.max_len, device=device
