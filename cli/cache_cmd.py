@@ -14,7 +14,7 @@ AS_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable
 DUPLICATES = click.option(
     "--duplicates",
     is_flag=True,
-    help="Also count distinct keys and rows repeated across segments (loads every key; without it only COMMITs are read).",
+    help="Also count distinct keys and rows repeated across segments (loads every key; else only COMMITs are read).",
 )
 
 

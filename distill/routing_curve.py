@@ -107,7 +107,7 @@ def _row(es: EvalSet, split: str, name: str, b: float, m: int, n: int, means: di
         **{k: float(v) for k, v in means.items()},
         "queries": n,
         "passages": len(es.doc_ids),
-        "lift_over_random": lift if name not in ("random",) else 0.0,
+        "lift_over_random": lift if name != "random" or lift is None else 0.0,
         "encode_texts_per_s": None,
         "mean_cos_to_teacher": None,
     }
@@ -188,7 +188,7 @@ def _plot(records: list[dict[str, Any]], png: Path) -> None:
         ax.set(title=f"{name} ({rec['split']}, {rec['queries']} queries)", xlabel="teacher usage (% of queries)")
         ax.set_ylabel(HEADLINE)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

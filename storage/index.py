@@ -16,11 +16,13 @@ the value recorded at write time, one C call a row on bytes the copy just brough
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from storage.chunk_files import ChunkFiles
 from storage.keys import KEY_DTYPE, as_key_array
 from storage.segment_format import check_rows, row_crcs
 
@@ -120,6 +122,9 @@ class RowGather:
         chunk_loader: returns chunk ``i`` as an array (a memory map for local stores).
         dim, dtype: row shape and storage dtype.
         checks: per-row checksums (None: no rows have any; the loader checks whole chunks).
+        files: open chunk files for ``pread`` gathers, with ``preadable`` marking the chunks they serve
+            (the rest, and every batch touching one of the rest, go through ``chunk_loader``).
+        short_read: builds the exception for chunk ``i`` ending before row ``row``.
     """
 
     def __init__(
@@ -129,7 +134,13 @@ class RowGather:
         dim: int,
         dtype: np.dtype,
         checks: RowChecks | None = None,
+        *,
+        files: ChunkFiles | None = None,
+        preadable: np.ndarray | None = None,
+        short_read: Callable[[int, int], Exception] | None = None,
     ) -> None:
+        self.files, self._short_read = files, short_read
+        self.preadable = np.zeros(len(chunk_starts), bool) if preadable is None or files is None else preadable
         self.chunk_starts = np.asarray(chunk_starts, dtype=np.int64)
         self._load = chunk_loader
         self._chunks: list[np.ndarray | None] = [None] * len(self.chunk_starts)
@@ -155,7 +166,9 @@ class RowGather:
         local = gids - self.chunk_starts[ci]
         direct = out.dtype == self.dtype and out.flags.c_contiguous and out.flags.writeable
         dst = out if direct else np.empty((n, self.dim), dtype=self.dtype)  # rows as stored, checked, then cast
-        if ci[0] == ci[-1] and (ci == ci[0]).all():
+        if self.files is not None and self.preadable[ci].all():
+            self._pread_rows(ci, local, dst)
+        elif ci[0] == ci[-1] and (ci == ci[0]).all():
             np.take(self._chunk(int(ci[0])), local, axis=0, mode="clip", out=dst)
         elif self.dim * self.dtype.itemsize >= ROW_COPY_MIN_BYTES:
             self._copy_rows(ci, local, dst)
@@ -179,6 +192,20 @@ class RowGather:
             dst_bytes[o : o + row_bytes] = src[s : s + row_bytes]
             o += row_bytes
 
+    def _pread_rows(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
+        """One ``preadv`` a row, straight into ``dst``, in file and offset order (no map, no read-ahead)."""
+        assert self.files is not None
+        row_bytes = self.dim * self.dtype.itemsize
+        order = np.lexsort((local, ci))
+        dst_bytes, files = memoryview(dst).cast("B"), self.files  # type: ignore[arg-type]
+        last, fd = -1, -1
+        for k, c, r in zip(order.tolist(), ci[order].tolist(), local[order].tolist(), strict=True):
+            if c != last:
+                last, fd = c, files.fd(c)
+            o = k * row_bytes
+            if os.preadv(fd, [dst_bytes[o : o + row_bytes]], r * row_bytes) != row_bytes:
+                raise (self._short_read or _short)(c, r)
+
     def _take_grouped(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
         """One ``np.take`` per chunk, then a scatter into request order (wins for short rows)."""
         order = np.argsort(ci, kind="stable")
@@ -188,3 +215,7 @@ class RowGather:
         for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(ci)], strict=True):
             np.take(self._chunk(int(ci_sorted[s])), local_sorted[s:e], axis=0, mode="clip", out=buf[s:e])
         dst[order] = buf
+
+
+def _short(chunk: int, row: int) -> Exception:
+    return OSError(f"chunk {chunk} ends before row {row}")

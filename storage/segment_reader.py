@@ -61,7 +61,7 @@ class SegmentReader:
         meta = self._read_vectors_meta(dim, dtype)
         self.dim = int(meta["shape"][1])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self._plain = _is_plain_layout(meta, self.chunk_rows)
+        self.plain = _is_plain_layout(meta, self.chunk_rows)
         self._maps: dict[int, np.ndarray] = {}
         self._raw: dict[int, np.ndarray] = {}
         self._array: Any = None
@@ -165,9 +165,9 @@ class SegmentReader:
         if cached is not None:
             return cached
         path = self.loc.local_path(*chunk_file(self.seg_id, i))
-        if path is not None and self._plain:
+        if path is not None and self.plain:
             size = path.stat().st_size if path.exists() else -1
-            if (problem := self._size_problem(size)) is not None:
+            if (problem := self.size_problem(size)) is not None:
                 raise self.damage(problem, *chunk_file(self.seg_id, i)[2:])
             raw = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
             self._raw[i] = raw
@@ -177,7 +177,7 @@ class SegmentReader:
         self._maps[i] = arr
         return arr
 
-    def _size_problem(self, size: int) -> str | None:
+    def size_problem(self, size: int) -> str | None:
         expected = self.chunk_rows * self.dim * self.dtype.itemsize + 4
         if size < 0:
             return "is missing"
@@ -201,7 +201,7 @@ class SegmentReader:
 
     def check_chunk(self, i: int) -> None:
         """Raise unless chunk ``i``'s data matches the CRC32C in COMMIT (what scans and format-1 gathers check)."""
-        if i in self._raw or (self._plain and self.loc.is_local):
+        if i in self._raw or (self.plain and self.loc.is_local):
             self.chunk(i)
             problem = self._crc_problem(i, self._raw[i], trailer=False)
         else:
@@ -219,7 +219,7 @@ class SegmentReader:
 
     def raw_problem(self, i: int, data: np.ndarray, *, trailer: bool = True) -> str | None:
         """What is wrong with ``data``, the bytes of chunk ``i``'s file (size, then CRC32C), or None."""
-        if (problem := self._size_problem(len(data))) is not None:
+        if (problem := self.size_problem(len(data))) is not None:
             return problem
         return self._crc_problem(i, data, trailer=trailer)
 
@@ -257,7 +257,7 @@ class SegmentReader:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise self.damage("is missing", *chunk_file(self.seg_id, i)[2:]) from exc
-        if (problem := self._size_problem(os.fstat(fd).st_size)) is not None:
+        if (problem := self.size_problem(os.fstat(fd).st_size)) is not None:
             os.close(fd)
             raise self.damage(problem, *chunk_file(self.seg_id, i)[2:])
         if hasattr(os, "posix_fadvise"):  # a random 7 KiB read otherwise pulls a read-ahead window of ~128 KiB
@@ -267,7 +267,7 @@ class SegmentReader:
     @property
     def preadable(self) -> bool:
         """Rows can be read straight from the chunk files at fixed offsets (local, plain layout, row checksums)."""
-        return self._plain and self.loc.is_local and self.has_row_checksums
+        return self.plain and self.loc.is_local and self.has_row_checksums
 
     def _crc_problem(self, i: int, data: np.ndarray, *, trailer: bool) -> str | None:
         computed = int(google_crc32c.value(data[:-4]))

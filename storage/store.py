@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.chunk_files import ChunkFiles
 from storage.errors import (
     DiskFullError,
     IntegrityError,
@@ -45,6 +47,10 @@ from storage.spec import TeacherSpec
 __all__ = ["FORMAT_VERSION", "TeacherStore", "default_chunk_rows"]
 
 CHUNK_TARGET_BYTES = 32 << 20
+# How gathers read local format-2 chunks: "pread" (one preadv a row, no read-ahead; default) or "mmap".
+# bench/store_scale.py: cold (store larger than RAM) pread reads 1.0x the bytes it returns where maps read
+# ~730x; DESIGN.md ("Gathers") has the warm and cold measurements behind the default.
+GATHER_MODES = ("pread", "mmap")
 
 
 def default_chunk_rows(dim: int, dtype: str) -> int:
@@ -70,6 +76,7 @@ class TeacherStore:
         self._index: KeyIndex | None = None
         self._gather: RowGather | None = None
         self._chunk_refs: tuple[np.ndarray, list[tuple[SegmentReader, int]]] | None = None
+        self.gather_mode = GATHER_MODES[0]  # set before the first gather (bench/store_scale.py compares both)
         self.refresh()
 
     # -- opening -------------------------------------------------------------------------------
@@ -159,6 +166,8 @@ class TeacherStore:
         """Reload the list of committed segments (another writer may have committed since)."""
         for seg in self._segments:
             seg.close()
+        if self._gather is not None and self._gather.files is not None:
+            self._gather.files.close()
         ids = [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
         self._segments = [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in ids]
         self._rows = sum(s.rows for s in self._segments)  # get_rows checks bounds against it every batch
@@ -260,9 +269,22 @@ class TeacherStore:
 
     def _row_gather(self) -> RowGather:
         if self._gather is None:
+            if self.gather_mode not in GATHER_MODES:
+                raise ValueError(f"gather_mode must be one of {GATHER_MODES}, got {self.gather_mode!r}.")
             starts, refs = self._chunks()
+            preadable = np.array([seg.preadable for seg, _ in refs], dtype=bool)
+            use_pread = self.gather_mode == "pread" and bool(preadable.any())
             self._gather = RowGather(
-                starts, lambda i: _load_checked(*refs[i]), self.dim, np.dtype(self.dtype), self._row_checks(refs)
+                starts,
+                lambda i: _load_checked(*refs[i]),
+                self.dim,
+                np.dtype(self.dtype),
+                self._row_checks(refs),
+                files=ChunkFiles(lambda i: refs[i][0].open_chunk(refs[i][1])) if use_pread else None,
+                preadable=preadable,
+                short_read=lambda i, row: refs[i][0].damage(
+                    f"ends before row {row} (it shrank while open)", *chunk_file(refs[i][0].seg_id, refs[i][1])[2:]
+                ),
             )
         return self._gather
 
@@ -314,20 +336,19 @@ class TeacherStore:
             by_row = np.empty(len(cols.rows), dtype=np.int64)
             by_row[cols.rows] = np.arange(len(cols.rows))  # rows are 0..n-1 once each (index() checked)
             cols = cols.take(by_row)
-            for c in range(seg.n_chunks):
+            for c, vecs in _scan_chunks(seg, verify=verify):
                 lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
-                vecs = np.asarray(seg.chunk(c)[: hi - lo])
-                if verify:
-                    self._check_scanned(seg, c, cols.take(slice(lo, hi)), vecs)
+                vecs = vecs[: hi - lo]
+                if verify and cols.crcs is not None:
+                    self._check_scanned(seg, cols.take(slice(lo, hi)), vecs)
                 sel = slice(None) if code is None else cols.roles[lo:hi] == code
                 chunk_keys, vecs = cols.keys[lo:hi][sel], vecs[sel]  # select once, not once per batch
                 for s in range(0, len(vecs), batch_size):
                     yield chunk_keys[s : s + batch_size], vecs[s : s + batch_size]
+                del vecs  # lets the scan reuse this chunk's buffer once the caller drops its batches
 
-    def _check_scanned(self, seg: SegmentReader, c: int, cols: IndexColumns, vecs: np.ndarray) -> None:
-        if cols.crcs is None:
-            seg.check_chunk(c)
-            return
+    def _check_scanned(self, seg: SegmentReader, cols: IndexColumns, vecs: np.ndarray) -> None:
+        assert cols.crcs is not None
         seeds = key_seeds(cols.keys)
         bad = check_rows(seeds, cols.crcs, vecs)
         if len(bad):
@@ -388,6 +409,46 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
                 f"{str(target)!r} already exists and is not empty; open it, or pick a new --store path."
             ) from exc
         raise
+
+
+def _scan_chunks(seg: SegmentReader, *, verify: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(chunk number, its rows incl. padding) for every chunk, each file read once, nothing left mapped.
+
+    A local plain chunk is read with one sequential read into one of two buffers, reused once the
+    caller holds no view of it (else a new one: yielded arrays stay valid), so RSS stays at a couple
+    of chunks whatever the store size; format-1 chunks are checked whole against COMMIT on those
+    bytes. Other layouts (remote, or a non-plain format-1 array) go through :meth:`SegmentReader.chunk`.
+    """
+    pool: list[np.ndarray] = []
+    for c in range(seg.n_chunks):
+        if not (seg.plain and seg.loc.is_local):
+            if verify and not seg.has_row_checksums:
+                seg.check_chunk(c)
+            yield c, np.asarray(seg.chunk(c))
+            continue
+        file = chunk_file(seg.seg_id, c)[2:]
+        try:
+            data = seg.read_raw(c, _free_buffer(pool))
+        except FileNotFoundError as exc:
+            raise seg.damage("is missing", *file) from exc
+        problem = seg.size_problem(len(data))
+        if problem is None and verify and not seg.has_row_checksums:
+            problem = seg.raw_problem(c, data, trailer=False)
+        if problem is not None:
+            raise seg.damage(problem, *file)
+        pool = [*pool[-1:], data]
+        rows = data[:-4].view(seg.dtype).reshape(seg.chunk_rows, seg.dim)
+        del data  # only the pool and the rows' views keep the buffer: its refcount says when it is free
+        yield c, rows
+        del rows
+
+
+def _free_buffer(pool: list[np.ndarray]) -> np.ndarray | None:
+    """A buffer of ``pool`` that nothing outside it references (no yielded view alive), taken out; or None."""
+    for i in range(len(pool)):
+        if sys.getrefcount(pool[i]) == 2:  # the list's reference and this call's argument
+            return pool.pop(i)
+    return None
 
 
 def _load_checked(seg: SegmentReader, c: int) -> np.ndarray:

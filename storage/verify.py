@@ -38,7 +38,7 @@ from storage.metadata import (
     vectors_meta_problems,
 )
 from storage.segment import SEGMENTS, SegmentReader, segment_state
-from storage.segment_format import check_rows, key_seeds, read_parts
+from storage.segment_format import IndexColumns, check_rows, key_seeds, read_parts
 from storage.spec import TeacherSpec
 from storage.store import TeacherStore
 
@@ -182,7 +182,11 @@ def _verify_segment(
 
 
 def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
-    """The index, then every chunk, then (format 2) every row of the chunks whose data checksum holds."""
+    """The index, then every chunk, then (format 2) every row of the chunks whose data checksum holds.
+
+    Each chunk file is read once, into one reused buffer (nothing mapped: RSS stays at one chunk
+    plus the segment's index), and both checks run on those bytes.
+    """
     try:
         cols = seg.index()
     except IntegrityError as exc:
@@ -190,25 +194,36 @@ def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
         cols = None
     if cols is not None and len(np.unique(cols.keys)) != len(cols.keys):
         report.damage([Damage(seg.file("index.parquet"), "holds a key twice")])
+    rows = None
+    if cols is not None and cols.crcs is not None:
+        by_row = np.empty(seg.rows, dtype=np.int64)
+        by_row[cols.rows] = np.arange(seg.rows)
+        rows = cols.take(by_row)  # in row order, once per segment
+    buf = None
     for c in range(seg.n_chunks):
         file = seg.file("vectors", "c", str(c), "0")
-        if (problem := seg.chunk_problem(c)) is not None:
+        try:
+            buf = seg.read_raw(c, buf)
+        except FileNotFoundError:
+            report.damage([Damage(file, "is missing")])
+            continue
+        if (problem := seg.raw_problem(c, buf)) is not None:
             report.damage([Damage(file, problem)])
-        elif cols is not None and cols.crcs is not None:
-            report.damage(_row_problems(seg, c, cols, file))
+        elif rows is not None:
+            report.damage(_row_problems(seg, c, rows, buf, file))
     return None if cols is None else cols.keys
 
 
-def _row_problems(seg: SegmentReader, c: int, cols: Any, file: str) -> list[Damage]:
+def _row_problems(seg: SegmentReader, c: int, rows: IndexColumns, data: np.ndarray, file: str) -> list[Damage]:
+    """Rows of chunk ``c`` (``data``: its file's bytes) whose CRC32C(key ‖ row) differs from the index's."""
     lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
-    by_row = np.empty(seg.rows, dtype=np.int64)
-    by_row[cols.rows] = np.arange(seg.rows)
-    sel = by_row[lo:hi]
-    bad = check_rows(key_seeds(cols.keys[sel]), cols.crcs[sel], np.asarray(seg.chunk(c)[: hi - lo]))
+    vecs = data[:-4].view(seg.dtype).reshape(seg.chunk_rows, seg.dim)[: hi - lo]
+    assert rows.crcs is not None
+    bad = check_rows(key_seeds(rows.keys[lo:hi]), rows.crcs[lo:hi], vecs)
     if not len(bad):
         return []
-    rows = ", ".join(str(lo + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
-    what = f"{len(bad)} row(s) do not match their CRC32C(key ‖ row) from index.parquet (rows {rows})"
+    listed = ", ".join(str(lo + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    what = f"{len(bad)} row(s) do not match their CRC32C(key ‖ row) from index.parquet (rows {listed})"
     return [Damage(file, what)]
 
 
