@@ -16,8 +16,6 @@ A saved run folder holds three things, written in this order (the projection fil
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from distill.projection import PROJECTION_FILE, ProjectionLayer
 from storage.errors import DdxError, DimensionMismatchError
+from storage.fs import replace_dir
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -292,13 +291,4 @@ def _resolve_prompt(student: SentenceTransformer, prompt_name: str | None) -> st
 
 def _write_dir(target: Path, write: Callable[[str], None]) -> None:
     """Have ``write`` fill a temporary sibling folder, then swap it in for ``target``."""
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        write(str(tmp))
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(target, lambda tmp: write(str(tmp)))

@@ -31,9 +31,6 @@ folder::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +44,7 @@ from sentence_transformers.base.modules import InputModule
 from distill.projection import ProjectionLayer
 from distill.router import Router, RouterMLP, check_usage, student_identity, threshold_for_usage
 from storage.errors import DdxError, FingerprintMismatchError
+from storage.fs import replace_dir
 from storage.spec import TeacherSpec
 
 __all__ = ["RoutedEncoder", "RouterExportConfig", "export_routed"]
@@ -378,14 +376,4 @@ def export_routed(config: RouterExportConfig) -> dict[str, Any]:
 
 def _write_folder(target: Path, model: SentenceTransformer) -> None:
     """Save into a temporary sibling, then swap it in for ``target`` (readers never see half a model)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        model.save(str(tmp), create_model_card=False)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(target, lambda tmp: model.save(str(tmp), create_model_card=False))

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from storage.errors import DdxError, FingerprintMismatchError, FormatVersionError
+from storage.fs import replace_dir
 
 __all__ = [
     "KINDS",
@@ -385,11 +384,8 @@ class Router:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``router.pt`` then ``router.json`` into a temporary folder and rename it over ``folder``."""
-        target = Path(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        try:
+
+        def write(tmp: Path) -> None:
             tmp.mkdir()
             payload = {
                 "format": FORMAT_VERSION,
@@ -400,13 +396,8 @@ class Router:
             }
             torch.save(payload, tmp / WEIGHTS_FILE)
             (tmp / ROUTER_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **self.meta}, indent=2))
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
-        return target
+
+        return replace_dir(folder, write)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, device: str | None = None) -> Router:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -24,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import DiskFullError
 
-__all__ = ["Location", "atomic_open", "atomic_path", "default_cache_dir"]
+__all__ = ["Location", "atomic_open", "atomic_path", "default_cache_dir", "replace_dir"]
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +51,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_dir(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a temporary sibling folder, then swap it in for ``target``: readers never see half a folder.
+
+    The swap is two renames (the old folder aside, the new one in); both temporary siblings are removed
+    whatever happens. Returns ``target`` as a Path.
+
+    Example:
+        >>> replace_dir(run / "student_base", lambda tmp: model.save(str(tmp)))  # doctest: +SKIP
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 @contextmanager

@@ -6,43 +6,19 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from tests.distill.conftest import FAST, TRAIN_QUERIES, Corpus, make_corpus
+from tests.distill.conftest import FAST, TRAIN_QUERIES, Corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 DDX = str(Path(sys.executable).with_name("ddx"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    return make_corpus(tmp_path_factory.mktemp("router-cli-data") / "beir")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, tiny_qwen2: Path) -> Path:
-    from precompute.pipeline import PrecomputeConfig, precompute
-    from precompute.teacher import TeacherConfig
-
-    path = tmp_path_factory.mktemp("router-cli-store") / "store"
-    teacher = TeacherConfig(model=str(tiny_qwen2), device="cpu")
-    precompute(PrecomputeConfig(store=str(path), data=(corpus.spec,), progress=False, teacher=teacher))
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,41 +13,12 @@ import yaml
 from click.testing import CliRunner
 
 from cli.main import cli
-from tests.distill.conftest import N_PASSAGES, TRAIN_QUERIES, Corpus, make_corpus
+from tests.distill.conftest import N_PASSAGES, TRAIN_QUERIES, Corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    return make_corpus(tmp_path_factory.mktemp("cli-data") / "beir")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, tiny_qwen2: Path) -> Path:
-    from precompute.pipeline import PrecomputeConfig, precompute
-    from precompute.teacher import TeacherConfig
-
-    path = tmp_path_factory.mktemp("cli-store") / "store"
-    precompute(
-        PrecomputeConfig(
-            store=str(path),
-            data=(corpus.spec,),
-            progress=False,
-            teacher=TeacherConfig(model=str(tiny_qwen2), device="cpu"),
-        )
-    )
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(path: Path, store: Path, corpus: Corpus, tiny_bert: Path, out: Path, **extra: object) -> Path:

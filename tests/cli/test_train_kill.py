@@ -25,33 +25,11 @@ import pytest
 import torch
 
 from distill.model import StudentModelWithProjection
-from tests.distill.conftest import Corpus, make_corpus
+from tests.distill.conftest import Corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 12
 KILL_SEEDS = (1, 2)  # each draws one step to kill at; the seed is in the test id, so a failure can be replayed
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    return make_corpus(tmp_path_factory.mktemp("kill-data") / "beir")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, tiny_qwen2: Path) -> Path:
-    from precompute.pipeline import PrecomputeConfig, precompute
-    from precompute.teacher import TeacherConfig
-
-    path = tmp_path_factory.mktemp("kill-store") / "store"
-    precompute(
-        PrecomputeConfig(
-            store=str(path),
-            data=(corpus.spec,),
-            progress=False,
-            teacher=TeacherConfig(model=str(tiny_qwen2), device="cpu"),
-        )
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
