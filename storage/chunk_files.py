@@ -37,16 +37,26 @@ class ChunkFiles:
 
     def fd(self, i: int) -> int:
         """Descriptor of chunk ``i``, opened on first use."""
-        fd = self._fds.get(i)
-        if fd is not None:
-            self._fds.move_to_end(i)
-            return fd
-        fd = self._open(i)
-        self.opened += 1
-        self._fds[i] = fd
-        while len(self._fds) > self.max_open:
+        return self.fds([i])[i]
+
+    def fds(self, chunks: list[int]) -> dict[int, int]:
+        """Descriptors of ``chunks``, opened as needed; only others are closed to keep ``max_open``.
+
+        A batch's descriptors are all taken here, before its reads start (possibly in threads), so
+        none of them is closed (and its number reused) while a read still uses it.
+        """
+        out = {}
+        for i in chunks:
+            fd = self._fds.get(i)
+            if fd is None:
+                fd = self._fds[i] = self._open(i)
+                self.opened += 1
+            else:
+                self._fds.move_to_end(i)
+            out[i] = fd
+        while len(self._fds) > max(self.max_open, len(out)):  # the oldest are not this batch's
             os.close(self._fds.popitem(last=False)[1])
-        return fd
+        return out
 
     def __len__(self) -> int:
         return len(self._fds)

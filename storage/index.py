@@ -5,7 +5,10 @@
 A key stored twice (two writers raced on the same text) resolves to the first segment in id order;
 the duplicates are counted, never an error: both rows hold the same teacher's vector.
 
-``RowGather`` serves random rows from chunk memory maps. A batch inside one chunk is one
+``RowGather`` serves random rows. Local format-2 chunks are read with one ``preadv`` a row straight into
+the output, in file and offset order, from descriptors kept in a bounded LRU (:mod:`storage.chunk_files`):
+no read-ahead and no maps, so a store larger than RAM reads about the bytes it returns. Otherwise rows
+come from chunk memory maps (format-1 chunks, remote stores, ``gather_mode="mmap"``): a batch inside one chunk is one
 ``np.take(..., mode="clip", out=...)`` (the default ``mode="raise"`` is ~2× slower). Otherwise long rows
 (teacher vectors) are copied one memcpy a row straight into request order, and short rows are grouped
 by chunk, taken, then scattered back. DESIGN.md and ``bench/store_read.py`` have the measurements.
@@ -17,7 +20,9 @@ the value recorded at write time, one C call a row on bytes the copy just brough
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +39,20 @@ __all__ = ["KeyIndex", "RowChecks", "RowGather"]
 # makes one per row. bench/store_read.py (200k x 3584 fp16, batches of 288, 2 shared cores): grouped
 # 0.39-0.43 of in-RAM np.take, row by row 0.56-0.65.
 ROW_COPY_MIN_BYTES = 1024
+# pread gathers: threads reading one batch (a cold store answers several requests at once faster than
+# one at a time), and the smallest batch worth splitting. bench/store_scale.py has the measurements.
+PREAD_THREADS = int(os.environ.get("DDX_PREAD_THREADS", "4"))
+PREAD_SPLIT_MIN = 64
+PREAD_COLD_S = 20e-6  # a row from the page cache takes ~3 us, from disk ~100 us
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The gather threads of this process (made anew after a fork: DataLoader workers get their own)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(PREAD_THREADS, thread_name_prefix="ddx-pread"))
+    return _POOL[1]
 
 
 class KeyIndex:
@@ -140,6 +159,7 @@ class RowGather:
         short_read: Callable[[int, int], Exception] | None = None,
     ) -> None:
         self.files, self._short_read = files, short_read
+        self._cold = True  # whether the last pread batch came from disk (see _pread_rows)
         self.preadable = np.zeros(len(chunk_starts), bool) if preadable is None or files is None else preadable
         self.chunk_starts = np.asarray(chunk_starts, dtype=np.int64)
         self._load = chunk_loader
@@ -193,15 +213,37 @@ class RowGather:
             o += row_bytes
 
     def _pread_rows(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
-        """One ``preadv`` a row, straight into ``dst``, in file and offset order (no map, no read-ahead)."""
+        """One ``preadv`` a row, straight into ``dst``, in file and offset order (no map, no read-ahead).
+
+        While rows come from disk (the last batch took over ``PREAD_COLD_S`` a row), a batch of at least
+        ``PREAD_SPLIT_MIN`` rows is split into ``PREAD_THREADS`` runs read by threads (``preadv`` releases
+        the GIL), so the disk sees several requests at once; from the page cache one thread is faster.
+        """
         assert self.files is not None
-        row_bytes = self.dim * self.dtype.itemsize
         order = np.lexsort((local, ci))
-        dst_bytes, files = memoryview(dst).cast("B"), self.files  # type: ignore[arg-type]
+        jobs = PREAD_THREADS if self._cold and len(order) >= PREAD_SPLIT_MIN else 1
+        fds = self.files.fds(np.unique(ci).tolist())  # every descriptor taken before any read starts
+        runs = [
+            (order[k], ci[order[k]], local[order[k]], dst, fds) for k in np.array_split(np.arange(len(order)), jobs)
+        ]
+        t0 = time.perf_counter()
+        if jobs == 1:
+            self._pread_run(*runs[0])
+        else:
+            for _ in _pool().map(lambda run: self._pread_run(*run), runs):
+                pass
+        self._cold = (time.perf_counter() - t0) * jobs > PREAD_COLD_S * len(order)
+
+    def _pread_run(
+        self, rows_out: np.ndarray, ci: np.ndarray, local: np.ndarray, dst: np.ndarray, fds: dict[int, int]
+    ) -> None:
+        """Read rows ``local`` of chunks ``ci`` into rows ``rows_out`` of ``dst`` (one thread's share)."""
+        row_bytes = self.dim * self.dtype.itemsize
+        dst_bytes = memoryview(dst).cast("B")  # type: ignore[arg-type]
         last, fd = -1, -1
-        for k, c, r in zip(order.tolist(), ci[order].tolist(), local[order].tolist(), strict=True):
+        for k, c, r in zip(rows_out.tolist(), ci.tolist(), local.tolist(), strict=True):
             if c != last:
-                last, fd = c, files.fd(c)
+                last, fd = c, fds[c]
             o = k * row_bytes
             if os.preadv(fd, [dst_bytes[o : o + row_bytes]], r * row_bytes) != row_bytes:
                 raise (self._short_read or _short)(c, r)

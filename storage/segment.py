@@ -1,6 +1,6 @@
 """Segments after their writer: reading committed ones, telling live from abandoned, salvaging the dead.
 
-A reader memory-maps the chunk files of a local store (plain layout, see :mod:`storage.segment_format`)
+A reader reads the chunk files of a local store directly (plain layout, see :mod:`storage.segment_format`)
 and reads through zarr otherwise. An uncommitted segment is *active* while its writer holds the lock
 (local) or beats its heartbeat (remote), else *abandoned*: :func:`claim_and_salvage` commits the rows
 its index describes, under the segment's claim (:mod:`storage.claim`), so that of any number of

@@ -15,8 +15,9 @@ the key matters: a checksum of the row alone would still match when two index li
 Format-1 segments have no ``crc32c`` column; their readers check whole chunks instead.
 
 With codecs ``bytes`` + ``crc32c`` and no compression, a chunk file is the raw little-endian rows
-followed by a 4-byte CRC32C, so readers memory-map it directly (see DESIGN: zarr's own decode path
-gathers 1–7 k random rows/s, a memory map ~1 M) while any Zarr v3 implementation can still read it.
+followed by a 4-byte CRC32C, so readers read rows at fixed offsets straight from the file (``pread``,
+or a memory map; see DESIGN: zarr's own decode path gathers 1–7 k random rows/s) while any Zarr v3
+implementation can still read it. A commit fsyncs the chunk files before index.parquet and COMMIT.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "INDEX_SCHEMA",
     "SEGMENTS",
     "IndexColumns",
+    "IndexSummary",
     "check_rows",
     "chunk_crc",
     "chunk_file",
@@ -55,8 +58,10 @@ __all__ = [
     "read_parts",
     "role_counts",
     "row_crcs",
+    "stream_index",
     "sync_vectors",
     "write_commit",
+    "write_index",
 ]
 
 SEGMENTS = "segments"
@@ -114,17 +119,22 @@ class IndexColumns:
                 crc = google_crc32c.extend(crc, np.ascontiguousarray(col).tobytes())
         return int(crc)
 
-    def to_parquet_bytes(self) -> bytes:
+    def to_table(self) -> pa.Table:
+        """The columns as an Arrow table of INDEX_SCHEMA (INDEX_SCHEMA_V1 without row checksums)."""
         keys = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(KEY_BYTES), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())]
         )
         columns = [keys, self.rows, self.roles, self.n_tokens]
-        schema = INDEX_SCHEMA_V1 if self.crcs is None else INDEX_SCHEMA
         if self.crcs is not None:
             columns.append(self.crcs)
-        schema = schema.with_metadata({_CONTENT_CRC: str(self.content_crc()).encode()})
+        return pa.table(columns, schema=INDEX_SCHEMA_V1 if self.crcs is None else INDEX_SCHEMA)
+
+    def to_parquet_bytes(self) -> bytes:
+        """Parquet with the content checksum in its metadata (parts; salvaged indexes)."""
+        table = self.to_table()
+        table = table.replace_schema_metadata({_CONTENT_CRC: str(self.content_crc()).encode()})
         buf = io.BytesIO()
-        pq.write_table(pa.table(columns, schema=schema), buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd")
         return buf.getvalue()
 
     def take(self, sel: np.ndarray | slice) -> IndexColumns:
@@ -234,41 +244,125 @@ def read_parts(loc: Location, seg_id: str) -> list[IndexColumns]:
     return parts
 
 
-def write_commit(
-    loc: Location, seg_id: str, index: IndexColumns, crcs: list[int], chunk_rows: int, array: Any, *, salvaged: bool
-) -> None:
-    """Write index.parquet, then COMMIT (the commit marker, last), then drop the parts and the heartbeat.
+@dataclass(frozen=True)
+class IndexSummary:
+    """What COMMIT records of a written index.parquet."""
 
-    An index with row checksums commits as format 2 (COMMIT sealed, vectors/zarr.json's sha256 in it);
-    one without (parts an older ddx wrote, salvaged now) commits as format 1, as that ddx would have.
+    rows: int
+    roles: dict[str, int]
+    sha256: str
+    row_checksums: bool
+
+
+def write_index(loc: Location, seg_id: str, index: IndexColumns) -> IndexSummary:
+    """Write ``index`` (in row order, rows 0..n-1 once) as index.parquet, atomically, from memory (salvage).
+
+    Raises:
+        IntegrityError: the rows are not 0..n-1 exactly once.
     """
     rows = len(index.keys)
     if rows != (int(index.rows.max()) + 1 if rows else 0) or len(np.unique(index.rows)) != rows:
         raise IntegrityError(f"Segment {seg_id!r}: index rows are not 0..{rows - 1} exactly once.")
+    data = index.to_parquet_bytes()
+    loc.write_atomic(data, SEGMENTS, seg_id, "index.parquet")
+    return IndexSummary(rows, role_counts(index.roles), hashlib.sha256(data).hexdigest(), index.crcs is not None)
+
+
+def stream_index(loc: Location, seg_id: str) -> IndexSummary:
+    """Write index.parquet from the segment's parts one part at a time: memory stays at one part.
+
+    A writer's parts hold consecutive rows in order (each follows its chunk write), so they are checked
+    to continue each other and appended as they are; the file is written beside, fsynced, hashed while
+    read back, and renamed into place. Remote stores, whose files are written whole, get :func:`write_index`.
+
+    Raises:
+        IntegrityError: a part is damaged, or the parts do not hold rows 0..n-1 in order.
+    """
+    path = loc.local_path(SEGMENTS, seg_id, "index.parquet")
+    if path is None:
+        return write_index(loc, seg_id, IndexColumns.concat(read_parts(loc, seg_id)))
+    tmp = path.with_name(f".index.parquet.{uuid.uuid4().hex[:8]}.tmp")
+    rows, counts = 0, np.zeros(len(ROLES), np.int64)
+    try:
+        # through a Python file: a full disk is an OSError with errno ENOSPC (DiskFullError upstream)
+        with open(tmp, "wb") as f, pq.ParquetWriter(f, INDEX_SCHEMA, compression="zstd") as out:
+            for part in _iter_parts(loc, seg_id):
+                if not np.array_equal(part.rows, np.arange(rows, rows + len(part), dtype=np.int64)):
+                    raise IntegrityError(f"Segment {seg_id!r}: index parts do not hold rows 0..n-1 in order.")
+                out.write_table(part.to_table())
+                rows += len(part)
+                counts += np.bincount(part.roles, minlength=len(ROLES))[: len(ROLES)]
+        sha = _fsync_and_hash(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    loc.fsync(SEGMENTS, seg_id)
+    return IndexSummary(rows, {r: int(counts[i]) for i, r in enumerate(ROLES)}, sha, True)
+
+
+def _iter_parts(loc: Location, seg_id: str) -> Iterator[IndexColumns]:
+    names = sorted(n for n in loc.listdir(SEGMENTS, seg_id, "parts") if n.endswith(".parquet"))
+    for name in names:
+        try:
+            part = read_index_bytes(loc.read_bytes(SEGMENTS, seg_id, "parts", name))
+        except IntegrityError as exc:
+            raise Damage(f"{SEGMENTS}/{seg_id}/parts/{name}", str(exc)).error(loc.url) from exc
+        if part.crcs is None:
+            raise IntegrityError(f"Segment {seg_id!r}: part {name} has no row checksums.")
+        yield part
+
+
+def _fsync_and_hash(path: Any) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_commit(
+    loc: Location,
+    seg_id: str,
+    index: IndexColumns | None,
+    crcs: list[int],
+    chunk_rows: int,
+    array: Any,
+    *,
+    salvaged: bool,
+) -> None:
+    """fsync the vectors, write index.parquet, then COMMIT (the commit marker, last), then drop the parts.
+
+    ``index`` None streams index.parquet from the parts (a writer's commit: flat memory); an index
+    given is written from memory (salvage). An index with row checksums commits as format 2 (COMMIT
+    sealed, vectors/zarr.json's sha256 in it); one without (parts an older ddx wrote, salvaged now)
+    commits as format 1, as that ddx would have.
+    """
+    rows = int(array.shape[0]) if index is None else len(index.keys)
+    sync_vectors(loc, seg_id, n_chunks(rows, chunk_rows))  # the rows are on disk before anything vouches for them
+    summary = stream_index(loc, seg_id) if index is None else write_index(loc, seg_id, index)
+    rows = summary.rows
     if array.shape[0] != rows:
         array.resize((rows, array.shape[1]))
-    sync_vectors(loc, seg_id, n_chunks(rows, chunk_rows))  # the rows are on disk before anything vouches for them
-    index_bytes = index.to_parquet_bytes()
-    loc.write_atomic(index_bytes, SEGMENTS, seg_id, "index.parquet")
     commit: dict[str, Any] = {
         "format_version": 1,
         "rows": rows,
         "chunk_rows": chunk_rows,
         "chunk_crc32c": crcs,
-        "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+        "index_sha256": summary.sha256,
         "committed_at": time.time(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "salvaged": salvaged,
     }
-    if index.crcs is not None:
+    if summary.row_checksums:
         meta = loc.read_bytes(SEGMENTS, seg_id, "vectors", "zarr.json")
         commit.update(
             format_version=FORMAT_VERSION,
             dim=int(array.shape[1]),
             dtype=str(np.dtype(array.dtype)),
             vectors_meta_sha256=hashlib.sha256(meta).hexdigest(),
-            roles=role_counts(index.roles),  # ls/info read COMMITs only; older COMMITs lack it (index read then)
+            roles=summary.roles,  # ls/info read COMMITs only; older COMMITs lack it (index read then)
         )
         commit = sealed(commit)
     loc.write_atomic(json.dumps(commit, indent=1).encode(), SEGMENTS, seg_id, "COMMIT")

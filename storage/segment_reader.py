@@ -16,7 +16,11 @@ Every failure is an ``IntegrityError`` naming the file, what is wrong and the re
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import google_crc32c
@@ -39,7 +43,8 @@ __all__ = ["SegmentReader"]
 
 
 class SegmentReader:
-    """Read access to one committed segment: its checked metadata, its index and its chunk memory maps.
+    """Read access to one committed segment: its checked metadata, its index and its chunk files
+    (sequential reads for scans, descriptors for ``pread`` gathers, memory maps for the ``mmap`` path).
 
     Args:
         loc, seg_id: the store and the segment.
@@ -245,6 +250,56 @@ class SegmentReader:
             os.close(fd)
         return out if got == size else out[:got]  # shrank while read: the size check reports it
 
+    def read_chunks(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        """(chunk number, its file's bytes or None when missing) for every chunk, in order, each read once.
+
+        The next chunk is read by a thread while the caller checks this one (``preadv`` releases the
+        GIL), so the disk and the CPU work at once. Buffers are reused once the caller holds no view of
+        them (three at most: arrays handed out stay valid), so memory stays at a few chunks.
+        """
+        pool: list[np.ndarray] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="ddx-scan") as ex:
+            pending = ex.submit(self._read_or_none, 0, None)
+            for c in range(self.n_chunks):
+                data = pending.result()
+                if c + 1 < self.n_chunks:
+                    pending = ex.submit(self._read_or_none, c + 1, _free_buffer(pool))
+                if data is not None:
+                    pool = [*pool[-2:], data]
+                yield c, data
+                del data  # only the pool and the caller's views keep the buffer: its refcount says when it is free
+
+    def map_raw(self, i: int) -> np.ndarray | None:
+        """Chunk ``i``'s file mapped read-only as uint8 (None when missing); unmapped once the array is dropped.
+
+        For ``verify``, which hands out no views: no copy into a buffer (a read() costs a memcpy of every
+        byte), read-ahead requested for the whole file, and only the chunks being checked stay mapped.
+        Remote stores read the file instead.
+        """
+        path = self.loc.local_path(*chunk_file(self.seg_id, i))
+        if path is None:
+            return self._read_or_none(i, None)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return np.empty(0, dtype=np.uint8)
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+        mm.madvise(mmap.MADV_WILLNEED)  # starts reading the whole chunk now, ahead of the checks
+        return np.frombuffer(mm, dtype=np.uint8)
+
+    def _read_or_none(self, i: int, buf: np.ndarray | None) -> np.ndarray | None:
+        try:
+            return self.read_raw(i, buf)
+        except FileNotFoundError:
+            return None
+
     def open_chunk(self, i: int) -> int:
         """An open descriptor of chunk ``i``'s file, size checked, read-ahead off (random row reads).
 
@@ -288,6 +343,14 @@ class SegmentReader:
         """
         self._maps.clear()
         self._raw.clear()
+
+
+def _free_buffer(pool: list[np.ndarray]) -> np.ndarray | None:
+    """A buffer of ``pool`` that nothing outside it references (no view handed out is alive), taken out; or None."""
+    for i in range(len(pool)):
+        if sys.getrefcount(pool[i]) == 2:  # the list's reference and this call's argument
+            return pool.pop(i)
+    return None
 
 
 def read_into(fd: int, out: np.ndarray, offset: int) -> int:

@@ -27,7 +27,6 @@ from storage.segment_format import (
     key_seeds,
     n_chunks,
     new_segment_id,
-    read_parts,
     row_crcs,
     write_commit,
 )
@@ -177,11 +176,11 @@ class SegmentWriter:
         if self.committed:
             return self.rows_flushed
         self.flush()
-        parts = read_parts(self.loc, self.seg_id)
-        index = IndexColumns.concat(parts)
         crcs = [self._crcs[i] for i in range(n_chunks(self.rows_flushed, self.chunk_rows))]
-        try:
-            write_commit(self.loc, self.seg_id, index, crcs, self.chunk_rows, self._array, salvaged=False)
+        if self._array.shape[0] != self.rows_flushed:
+            self._array.resize((self.rows_flushed, self.dim))
+        try:  # index.parquet is streamed from the parts (index=None): memory stays flat whatever the rows
+            write_commit(self.loc, self.seg_id, None, crcs, self.chunk_rows, self._array, salvaged=False)
         except OSError as exc:
             raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
         self.committed = True

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -414,41 +413,30 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
 def _scan_chunks(seg: SegmentReader, *, verify: bool) -> Iterator[tuple[int, np.ndarray]]:
     """(chunk number, its rows incl. padding) for every chunk, each file read once, nothing left mapped.
 
-    A local plain chunk is read with one sequential read into one of two buffers, reused once the
-    caller holds no view of it (else a new one: yielded arrays stay valid), so RSS stays at a couple
-    of chunks whatever the store size; format-1 chunks are checked whole against COMMIT on those
-    bytes. Other layouts (remote, or a non-plain format-1 array) go through :meth:`SegmentReader.chunk`.
+    Local plain chunks come from :meth:`SegmentReader.read_chunks` (one sequential read each, the next
+    one read while this one is checked, a few reused buffers: RSS stays flat whatever the store size);
+    format-1 chunks are checked whole against COMMIT on those bytes. Other layouts (remote, or a
+    non-plain format-1 array) go through :meth:`SegmentReader.chunk`.
     """
-    pool: list[np.ndarray] = []
-    for c in range(seg.n_chunks):
-        if not (seg.plain and seg.loc.is_local):
+    if not (seg.plain and seg.loc.is_local):
+        for c in range(seg.n_chunks):
             if verify and not seg.has_row_checksums:
                 seg.check_chunk(c)
             yield c, np.asarray(seg.chunk(c))
-            continue
+        return
+    for c, data in seg.read_chunks():
         file = chunk_file(seg.seg_id, c)[2:]
-        try:
-            data = seg.read_raw(c, _free_buffer(pool))
-        except FileNotFoundError as exc:
-            raise seg.damage("is missing", *file) from exc
+        if data is None:
+            raise seg.damage("is missing", *file)
         problem = seg.size_problem(len(data))
         if problem is None and verify and not seg.has_row_checksums:
             problem = seg.raw_problem(c, data, trailer=False)
         if problem is not None:
             raise seg.damage(problem, *file)
-        pool = [*pool[-1:], data]
         rows = data[:-4].view(seg.dtype).reshape(seg.chunk_rows, seg.dim)
-        del data  # only the pool and the rows' views keep the buffer: its refcount says when it is free
+        del data
         yield c, rows
         del rows
-
-
-def _free_buffer(pool: list[np.ndarray]) -> np.ndarray | None:
-    """A buffer of ``pool`` that nothing outside it references (no yielded view alive), taken out; or None."""
-    for i in range(len(pool)):
-        if sys.getrefcount(pool[i]) == 2:  # the list's reference and this call's argument
-            return pool.pop(i)
-    return None
 
 
 def _load_checked(seg: SegmentReader, c: int) -> np.ndarray:

@@ -184,8 +184,9 @@ def _verify_segment(
 def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
     """The index, then every chunk, then (format 2) every row of the chunks whose data checksum holds.
 
-    Each chunk file is read once, into one reused buffer (nothing mapped: RSS stays at one chunk
-    plus the segment's index), and both checks run on those bytes.
+    Each chunk file is mapped once (:meth:`SegmentReader.map_raw`: no copy, the next chunk read ahead
+    meanwhile) and unmapped after its checks, so RSS stays at two chunks plus the segment's index;
+    both checks run on those bytes.
     """
     try:
         cols = seg.index()
@@ -199,18 +200,17 @@ def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
         by_row = np.empty(seg.rows, dtype=np.int64)
         by_row[cols.rows] = np.arange(seg.rows)
         rows = cols.take(by_row)  # in row order, once per segment
-    buf = None
+    ahead = seg.map_raw(0) if seg.n_chunks else None
     for c in range(seg.n_chunks):
+        data, ahead = ahead, seg.map_raw(c + 1) if c + 1 < seg.n_chunks else None  # the next one reads meanwhile
         file = seg.file("vectors", "c", str(c), "0")
-        try:
-            buf = seg.read_raw(c, buf)
-        except FileNotFoundError:
+        if data is None:
             report.damage([Damage(file, "is missing")])
-            continue
-        if (problem := seg.raw_problem(c, buf)) is not None:
+        elif (problem := seg.raw_problem(c, data)) is not None:
             report.damage([Damage(file, problem)])
         elif rows is not None:
-            report.damage(_row_problems(seg, c, rows, buf, file))
+            report.damage(_row_problems(seg, c, rows, data, file))
+        del data
     return None if cols is None else cols.keys
 
 

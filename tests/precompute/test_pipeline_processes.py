@@ -247,7 +247,7 @@ def test_two_writers_into_one_store_at_once(ddx: Ddx, tiny_bert: Path, tmp_path:
     verify = cache_verify(store)
     assert verify.returncode == 0, verify.stderr
     info = subprocess.run(
-        [str(Path(sys.executable).with_name("ddx")), "cache", "info", str(store), "--json"],
+        [str(Path(sys.executable).with_name("ddx")), "cache", "info", str(store), "--json", "--duplicates"],
         capture_output=True,
         text=True,
         timeout=120,

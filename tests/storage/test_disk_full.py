@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr.storage._local as zarr_local
 
-from storage import DdxError, DiskFullError, TeacherStore, verify_store
+from storage import DdxError, DiskFullError, TeacherStore, segment_format, verify_store
 from storage.fs import Location
 from tests.storage.rows import make_rows, write_rows
 
@@ -31,8 +32,9 @@ def store(new_store: Callable[..., TeacherStore]) -> TeacherStore:
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Append a path fragment: from then on, writes whose path contains it fail with ENOSPC; clear() frees space.
 
-    Chunk files go through zarr's LocalStore (``zarr.storage._local._put``), everything else
-    through ``Location.write_atomic``; both are patched.
+    Chunk files go through zarr's LocalStore (``zarr.storage._local._put``), index.parquet through
+    ``open`` in ``storage.segment_format`` (streamed), everything else through ``Location.write_atomic``;
+    all three are patched.
     """
     fragments: list[str] = []
     put, write_atomic = zarr_local._put, Location.write_atomic
@@ -49,8 +51,13 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         check(self.join(*parts))
         write_atomic(self, data, *parts)
 
+    def fake_open(file: object, *args: Any, **kwargs: Any) -> Any:  # index.parquet is streamed to a temp file
+        check(str(file))
+        return open(file, *args, **kwargs)  # type: ignore[call-overload]
+
     monkeypatch.setattr(zarr_local, "_put", fake_put)
     monkeypatch.setattr(Location, "write_atomic", fake_write_atomic)
+    monkeypatch.setattr(segment_format, "open", fake_open, raising=False)
     yield fragments
 
 
