@@ -263,17 +263,7 @@ def _encode_missing(store: TeacherStore, es: EvalSet, teacher: str, title_join: 
     from precompute.pipeline import PrecomputeConfig, precompute
     from precompute.teacher import TeacherConfig
 
-    spec = store.spec
-    cfg = TeacherConfig(
-        model=teacher,
-        pooling=spec.pooling,
-        normalize=spec.normalize,
-        max_seq_length=spec.max_seq_length,
-        padding_side=spec.padding_side,
-        dtype=spec.dtype,
-        query_prompt=spec.query_prompt,
-        passage_prompt=spec.passage_prompt,
-    )
+    cfg = TeacherConfig.for_spec(teacher, store.spec)
     precompute(
         PrecomputeConfig(store=store.url, data=(es.source.spec,), teacher=cfg, title_join=title_join),
         sources=[es.source],

@@ -278,19 +278,7 @@ def _spec_config(teacher: str, spec: TeacherSpec, revision: str | None, trust: b
     """A TeacherConfig that applies every vector-changing field of ``spec`` to ``teacher``."""
     from precompute.teacher import TeacherConfig
 
-    return TeacherConfig(
-        model=teacher,
-        pooling=spec.pooling,
-        normalize=spec.normalize,
-        max_seq_length=spec.max_seq_length,
-        padding_side=spec.padding_side,
-        dtype=spec.dtype,
-        query_prompt=spec.query_prompt,
-        passage_prompt=spec.passage_prompt,
-        revision=revision,
-        trust_remote_code=trust,
-        device=device,
-    )
+    return TeacherConfig.for_spec(teacher, spec, revision=revision, trust_remote_code=trust, device=device)
 
 
 def check_teacher_files(

@@ -71,6 +71,24 @@ class TeacherConfig:
         if self.pooling is not None and self.pooling not in POOLING_MODES:
             raise DdxError(f"Unknown pooling {self.pooling!r}; choose one of {POOLING_MODES}.")
 
+    @classmethod
+    def for_spec(cls, model: str, spec: TeacherSpec, **run: Any) -> TeacherConfig:
+        """A config that applies every vector-changing field of a store's ``spec`` to ``model``.
+
+        ``run`` takes the fields that do not change vectors (device, revision, trust_remote_code).
+        """
+        return cls(
+            model=model,
+            pooling=spec.pooling,
+            normalize=spec.normalize,
+            max_seq_length=spec.max_seq_length,
+            padding_side=spec.padding_side,
+            dtype=spec.dtype,
+            query_prompt=spec.query_prompt,
+            passage_prompt=spec.passage_prompt,
+            **run,
+        )
+
     def resolved(self) -> TeacherConfig:
         """This config with the preset's values filled in where the user gave none."""
         preset = self.preset or ("gte-qwen2" if "gte-qwen2" in self.model.lower() else None)
