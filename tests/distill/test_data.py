@@ -147,3 +147,60 @@ def test_missing_vectors_command_is_a_valid_command_line(teacher_store: Path, ti
     assert options["--pooling"] == spec.pooling == "lasttoken" and options["--padding-side"] == "left"
     assert options["--dtype"] == spec.dtype and int(options["--max-seq-length"]) == spec.max_seq_length
     assert options["--normalize"] is True and "--data" in options
+
+
+def test_block_resolution_equals_a_per_example_reference() -> None:
+    """Examples resolved a block at a time equal the per-example rule: positives in order (duplicates kept),
+    negatives sorted, unique and never a positive of the same query; queries without a known query id or
+    positive dropped; unknown ids counted. Blocks of 7 cut the 60 examples unevenly."""
+    from types import SimpleNamespace
+
+    import distill.data as data
+    from storage.keys import content_keys
+
+    rng = np.random.default_rng(3)
+    pids, qids = [f"p{i}" for i in range(40)], [f"q{i}" for i in range(60)]
+    pkeys, qkeys = content_keys("passage", pids), content_keys("query", qids)
+    keys = np.concatenate([pkeys, qkeys])
+    order = np.argsort(keys)
+    texts = data.TextIndex(keys[order], np.zeros(len(keys), np.uint8), np.zeros(len(keys), np.int16))
+    id_map = IdMap.build([id_hashes("passage", pids), id_hashes("query", qids)], [pkeys, qkeys], "x")
+    known = [*pids, "unknown-a", "unknown-b"]
+    examples = [
+        SimpleNamespace(
+            query_id=qids[i] if i % 9 else "unknown-q",
+            positive_ids=tuple(known[j] for j in rng.integers(0, len(known), int(rng.integers(0, 3)))),
+            negative_ids=tuple(known[j] for j in rng.integers(0, len(known), int(rng.integers(0, 6)))),
+        )
+        for i in range(60)
+    ]
+    source = SimpleNamespace(spec="x", splits=lambda: ["train"], training_examples=lambda name: iter(examples))
+
+    def position(role: str, id_: str) -> int:
+        if id_ not in (pids if role == "passage" else qids):
+            return -1
+        key = content_keys(role, [id_])[0]
+        return int(np.flatnonzero(texts.keys == key)[0])
+
+    want_q, want_p, want_n, unknown = [], [], [], 0
+    for ex in examples:
+        q = position("query", ex.query_id)
+        p = np.array([position("passage", i) for i in ex.positive_ids], dtype=np.int64)
+        n = np.array([position("passage", i) for i in ex.negative_ids], dtype=np.int64)
+        unknown += int(q < 0) + int((p < 0).sum()) + int((n < 0).sum())
+        if q < 0 or not (p >= 0).any():
+            continue
+        want_q.append(q)
+        want_p.append(p[p >= 0])
+        want_n.append(np.setdiff1d(n[n >= 0], p))
+
+    block = data.RESOLVE_BLOCK
+    data.RESOLVE_BLOCK = 7
+    try:
+        got, report = data.resolve_examples([source], texts, [id_map], None, skip_bad=True)
+    finally:
+        data.RESOLVE_BLOCK = block
+    assert got.query.tolist() == want_q and len(got) == len(want_q) > 0
+    assert all(got.positives.row(i).tolist() == want_p[i].tolist() for i in range(len(got)))
+    assert all(got.negatives.row(i).tolist() == want_n[i].tolist() for i in range(len(got)))
+    assert report["unknown_ids"] == {"x": unknown} and report["no_positive"] == {"x": 60 - len(want_q)}
