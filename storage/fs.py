@@ -15,6 +15,7 @@ import errno
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,6 +27,8 @@ from fsspec.implementations.local import LocalFileSystem
 from storage.errors import DiskFullError
 
 __all__ = ["Location", "atomic_open", "atomic_path", "default_cache_dir", "replace_dir"]
+
+_warned_no_exclusive: set[str] = set()  # filesystem protocols already warned about, once a process
 
 
 def default_cache_dir() -> Path:
@@ -210,11 +213,28 @@ class Location:
                 f.write(data)
         except FileExistsError:
             return False
-        except (NotImplementedError, ValueError):
-            if self.fs.exists(path):
-                return False
-            self.fs.pipe_file(path, data)
+        except NotImplementedError:  # this backend cannot create exclusively (fsspec's word for it)
+            return self._create_then_confirm(path, data)
         return True
+
+    def _create_then_confirm(self, path: str, data: bytes) -> bool:
+        """Check-then-write, then read back: of two racing writers the one overwritten learns it lost.
+
+        Narrower than a conditional create, not closed (both can read their own bytes back if their
+        writes do not interleave), so it says so once per process.
+        """
+        protocol = str(self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
+        if protocol not in _warned_no_exclusive:
+            _warned_no_exclusive.add(protocol)
+            warnings.warn(
+                f"{self.url!r}: this filesystem ({protocol}) has no exclusive create, so two processes "
+                "recovering one crashed segment at once may both act; restart crashed runs one at a time here.",
+                stacklevel=3,
+            )
+        if self.fs.exists(path):
+            return False
+        self.fs.pipe_file(path, data)
+        return self.fs.cat_file(path) == data
 
     def size(self, *parts: str) -> int:
         """Total bytes of a file or of every file below a directory."""

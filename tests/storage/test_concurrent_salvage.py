@@ -460,3 +460,24 @@ def test_exclusive_create(tmp_path: Path) -> None:
         assert not loc.create_exclusive(b"second", "claim")
         assert loc.read_bytes("claim") == b"first"
         loc.remove("claim")
+
+
+def test_exclusive_create_without_backend_support_warns_and_confirms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that cannot open "xb" falls back to write-then-read-back, and says once that it is not safe."""
+    import storage.fs as fs
+
+    loc = Location("memory://ddx-no-exclusive")
+    real_open = loc.fs.open
+
+    def open_without_x(path: str, mode: str = "rb", **kw: object):  # type: ignore[no-untyped-def]
+        if mode == "xb":
+            raise NotImplementedError("File mode not supported")
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(loc.fs, "open", open_without_x)
+    monkeypatch.setattr(fs, "_warned_no_exclusive", set())
+    with pytest.warns(UserWarning, match="no exclusive create"):
+        assert loc.create_exclusive(b"first", "claim")
+    assert not loc.create_exclusive(b"second", "claim")
+    assert loc.read_bytes("claim") == b"first"
+    loc.remove("claim")
