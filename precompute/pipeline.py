@@ -33,7 +33,9 @@ from precompute.teacher import TeacherConfig, TeacherEncoder, expected_spec, loa
 from storage.errors import BadSourceError, DdxError
 from storage.fs import Location
 from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
+from storage.metadata import read_root_attrs
 from storage.segment import SegmentWriter, claim_and_salvage
+from storage.spec import TeacherSpec
 from storage.store import TeacherStore, default_chunk_rows
 
 __all__ = ["PrecomputeConfig", "PrecomputeSummary", "precompute", "resolve_rank"]
@@ -190,7 +192,7 @@ def _check_store_before_loading(config: PrecomputeConfig) -> None:
     loc = Location(config.store)
     if not (loc.isdir() and loc.exists("zarr.json")):
         return  # a new store is created from the loaded model's spec
-    stored = TeacherStore.open(config.store).spec
+    stored = TeacherSpec.from_dict(read_root_attrs(loc)["teacher_spec"])  # the root file only: no segments read
     stored.check_matches(replace(stored, **expected_spec(config.teacher)), loc.url)
 
 
