@@ -328,3 +328,22 @@ def forbid_teacher(teacher_dir: Path) -> Iterator[list[str]]:
         yield calls
     finally:
         mp.undo()
+
+
+def fit_tiny_router(
+    phase1_run: Any, teacher_store: Path, corpus: Corpus, tmp_path_factory: pytest.TempPathFactory, **overrides: Any
+) -> str:
+    """A router fitted on the tiny phase-1 run and store (small pool, few epochs, CPU); returns its folder."""
+    from distill.router_fit import RouterConfig, fit_router
+
+    values: dict[str, Any] = {
+        "store": str(teacher_store),
+        "model": phase1_run.out,
+        "data": (corpus.spec,),
+        "out": str(tmp_path_factory.mktemp("router") / "router"),
+        "pool_size": 40,
+        "epochs": 10,
+        "device": "cpu",
+        "progress": False,
+    }
+    return fit_router(RouterConfig(**{**values, **overrides})).out

@@ -11,25 +11,14 @@ import numpy as np
 import pytest
 
 from distill.evaluate import EvalConfig, evaluate_retrieval
-from distill.router_fit import RouterConfig, fit_router
 from distill.routing_curve import BUDGETS, curve_values
 from storage.errors import DdxError, FingerprintMismatchError
+from tests.distill.conftest import fit_tiny_router
 
 
 @pytest.fixture(scope="module")
 def router_dir(phase1_run, teacher_store, corpus, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("router") / "router"
-    config = RouterConfig(
-        store=str(teacher_store),
-        model=phase1_run.out,
-        data=(corpus.spec,),
-        out=str(out),
-        pool_size=40,
-        epochs=10,
-        device="cpu",
-        progress=False,
-    )
-    return fit_router(config).out
+    return fit_tiny_router(phase1_run, teacher_store, corpus, tmp_path_factory)
 
 
 def _eval(run: str, store: Path, spec: str, tmp_path: Path, routed: str, **overrides: object) -> EvalConfig:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from distill.routed_model import RouterExportConfig, export_routed
-from distill.router_fit import RouterConfig, fit_router
 from storage.errors import DdxError, FingerprintMismatchError
+from tests.distill.conftest import fit_tiny_router
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,19 +54,7 @@ json.dump(
 
 @pytest.fixture(scope="module")
 def router_dir(phase1_run, teacher_store, corpus, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("router") / "router"
-    config = RouterConfig(
-        store=str(teacher_store),
-        model=phase1_run.out,
-        data=(corpus.spec,),
-        out=str(out),
-        pool_size=40,
-        epochs=10,
-        kinds=("encoder",),
-        device="cpu",
-        progress=False,
-    )
-    return fit_router(config).out
+    return fit_tiny_router(phase1_run, teacher_store, corpus, tmp_path_factory, kinds=("encoder",))
 
 
 def test_exported_model_loads_in_a_fresh_process_and_routes(phase1_run, router_dir, corpus, tiny_qwen2, tmp_path):
