@@ -342,3 +342,22 @@ def sorted_contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
 def first_occurrence(keys: np.ndarray) -> np.ndarray:
     """Boolean mask keeping the first occurrence of each key, in input order (a hash table: O(n))."""
     return KeySet(capacity=len(keys)).add_new(keys)
+
+
+def repeated(keys: np.ndarray) -> int:
+    """How many of ``keys`` repeat an earlier one (``len(keys)`` minus the distinct keys).
+
+    Sorts the first 8 bytes of each key as ``uint64`` (numpy's radix-friendly sort: ~0.05 s at 4 M keys,
+    where ``np.unique`` of ``S16`` takes ~6 s), then compares whole keys only among those whose first
+    halves repeat — few for content hashes, all of them at worst, and the count is exact either way.
+    """
+    keys = as_key_array(keys)
+    if len(keys) < 2:
+        return 0
+    hi, _ = _halves(keys)
+    s = np.sort(hi)
+    twice = np.unique(s[1:][s[1:] == s[:-1]])
+    if not len(twice):
+        return 0
+    sub = keys[np.isin(hi, twice)]
+    return len(sub) - len(np.unique(sub))

@@ -16,7 +16,6 @@ Every failure is an ``IntegrityError`` naming the file, what is wrong and the re
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import sys
 from collections.abc import Iterator
@@ -269,31 +268,6 @@ class SegmentReader:
                 yield c, data
                 del data  # only the pool and the caller's views keep the buffer: its refcount says when it is free
 
-    def map_raw(self, i: int) -> np.ndarray | None:
-        """Chunk ``i``'s file mapped read-only as uint8 (None when missing); unmapped once the array is dropped.
-
-        For ``verify``, which hands out no views: no copy into a buffer (a read() costs a memcpy of every
-        byte), read-ahead requested for the whole file, and only the chunks being checked stay mapped.
-        Remote stores read the file instead.
-        """
-        path = self.loc.local_path(*chunk_file(self.seg_id, i))
-        if path is None:
-            return self._read_or_none(i, None)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                return np.empty(0, dtype=np.uint8)
-            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        mm.madvise(mmap.MADV_SEQUENTIAL)
-        mm.madvise(mmap.MADV_WILLNEED)  # starts reading the whole chunk now, ahead of the checks
-        return np.frombuffer(mm, dtype=np.uint8)
-
     def _read_or_none(self, i: int, buf: np.ndarray | None) -> np.ndarray | None:
         try:
             return self.read_raw(i, buf)
@@ -325,7 +299,10 @@ class SegmentReader:
         return self.plain and self.loc.is_local and self.has_row_checksums
 
     def _crc_problem(self, i: int, data: np.ndarray, *, trailer: bool) -> str | None:
-        computed = int(google_crc32c.value(data[:-4]))
+        return self.crc_problem(i, int(google_crc32c.value(data[:-4])), data, trailer=trailer)
+
+    def crc_problem(self, i: int, computed: int, data: np.ndarray, *, trailer: bool = True) -> str | None:
+        """What is wrong when chunk ``i``'s data has CRC32C ``computed`` (``data``: the file, for its trailer)."""
         recorded = int(self.commit["chunk_crc32c"][i])
         stored = int.from_bytes(bytes(data[-4:]), "little")
         if computed != recorded or (trailer and stored != recorded):

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from storage import crc
 from storage.errors import FormatVersionError, IntegrityError, StoreNotFoundError
 from storage.fs import Location
+from storage.keys import KEY_BYTES, repeated
 from storage.metadata import (
     FORMAT_VERSION,
     Damage,
@@ -38,7 +40,7 @@ from storage.metadata import (
     vectors_meta_problems,
 )
 from storage.segment import SEGMENTS, SegmentReader, segment_state
-from storage.segment_format import IndexColumns, check_rows, key_seeds, read_parts
+from storage.segment_format import IndexColumns, read_parts
 from storage.spec import TeacherSpec
 from storage.store import TeacherStore
 
@@ -104,7 +106,7 @@ def verify_store(store: TeacherStore | str | os.PathLike[str]) -> VerifyReport:
             _verify_other(loc, name, report)
     if keys and not report.problems:
         stacked = np.concatenate(keys)
-        duplicates = len(stacked) - len(np.unique(stacked))
+        duplicates = repeated(stacked)
         if duplicates:
             report.notes.append(
                 f"{duplicates} rows repeat a key stored in an earlier segment (harmless: lookups use the first)"
@@ -182,44 +184,49 @@ def _verify_segment(
 
 
 def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
-    """The index, then every chunk, then (format 2) every row of the chunks whose data checksum holds.
+    """The index, then every chunk, then (format 2) every row: one CRC32C pass over each chunk's bytes.
 
-    Each chunk file is mapped once (:meth:`SegmentReader.map_raw`: no copy, the next chunk read ahead
-    meanwhile) and unmapped after its checks, so RSS stays at two chunks plus the segment's index;
-    both checks run on those bytes.
+    Each chunk file is read once, sequentially, into a reused buffer while a thread reads the next one
+    (:meth:`SegmentReader.read_chunks`, as scans do), so RSS stays at a few chunks plus the segment's
+    index. The CRC32C of each row's bytes is taken once; the chunk's CRC and every row's CRC32C(key ‖ row)
+    are derived from those (:mod:`storage.crc`), instead of a second pass over the bytes.
     """
     try:
         cols = seg.index()
     except IntegrityError as exc:
         report.problems.append(str(exc.damage) if exc.damage is not None else str(exc))
         cols = None
-    if cols is not None and len(np.unique(cols.keys)) != len(cols.keys):
+    if cols is not None and repeated(cols.keys):
         report.damage([Damage(seg.file("index.parquet"), "holds a key twice")])
     rows = None
     if cols is not None and cols.crcs is not None:
         by_row = np.empty(seg.rows, dtype=np.int64)
         by_row[cols.rows] = np.arange(seg.rows)
         rows = cols.take(by_row)  # in row order, once per segment
-    ahead = seg.map_raw(0) if seg.n_chunks else None
-    for c in range(seg.n_chunks):
-        data, ahead = ahead, seg.map_raw(c + 1) if c + 1 < seg.n_chunks else None  # the next one reads meanwhile
+    for c, data in seg.read_chunks():
         file = seg.file("vectors", "c", str(c), "0")
         if data is None:
             report.damage([Damage(file, "is missing")])
-        elif (problem := seg.raw_problem(c, data)) is not None:
+        elif (problem := seg.size_problem(len(data))) is not None:
             report.damage([Damage(file, problem)])
-        elif rows is not None:
-            report.damage(_row_problems(seg, c, rows, data, file))
+        else:
+            report.damage(_chunk_problems(seg, c, rows, data, file))
         del data
     return None if cols is None else cols.keys
 
 
-def _row_problems(seg: SegmentReader, c: int, rows: IndexColumns, data: np.ndarray, file: str) -> list[Damage]:
-    """Rows of chunk ``c`` (``data``: its file's bytes) whose CRC32C(key ‖ row) differs from the index's."""
-    lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
-    vecs = data[:-4].view(seg.dtype).reshape(seg.chunk_rows, seg.dim)[: hi - lo]
+def _chunk_problems(seg: SegmentReader, c: int, rows: IndexColumns | None, data: np.ndarray, file: str) -> list[Damage]:
+    """Chunk ``c``'s CRC (against COMMIT and its trailer), then its rows' CRC32C(key ‖ row) from the index."""
+    row_bytes = seg.dim * seg.dtype.itemsize
+    per_row = crc.piece_crcs(data[:-4].reshape(seg.chunk_rows, row_bytes))
+    if (problem := seg.crc_problem(c, crc.concat_crc(per_row, row_bytes), data)) is not None:
+        return [Damage(file, problem)]  # the rows are not checked against a chunk that is wrong as a whole
+    if rows is None:
+        return []
     assert rows.crcs is not None
-    bad = check_rows(key_seeds(rows.keys[lo:hi]), rows.crcs[lo:hi], vecs)
+    lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
+    seeds = crc.piece_crcs(np.ascontiguousarray(rows.keys[lo:hi]).view(np.uint8).reshape(-1, KEY_BYTES))
+    bad = np.flatnonzero((crc.shift(seeds, row_bytes) ^ per_row[: hi - lo]) != rows.crcs[lo:hi])
     if not len(bad):
         return []
     listed = ", ".join(str(lo + int(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")

@@ -188,3 +188,16 @@ def test_keytable_keeps_the_first_values_through_growth(halves: int) -> None:
     assert len(table) == len(expected)
     with pytest.raises(ValueError, match="1 or 2 uint64 words"):
         KeyTable(width=1, halves=3)
+
+
+def test_repeated_counts_exactly_even_when_first_halves_collide() -> None:
+    from storage.keys import repeated
+
+    keys = np.frombuffer(np.random.default_rng(0).bytes(16 * 1000), dtype="S16").copy()
+    assert repeated(keys) == 0 and repeated(keys[:1]) == 0
+    assert repeated(np.concatenate([keys, keys[:10], keys[:3]])) == 13
+    halves = keys.view(np.uint64).reshape(-1, 2).copy()
+    halves[1, 0] = halves[0, 0]  # same first 8 bytes, different key
+    assert repeated(halves.view("S16").ravel()) == 0
+    halves[1, 1] = halves[0, 1]
+    assert repeated(halves.view("S16").ravel()) == 1
