@@ -47,8 +47,9 @@ def _timed(timings: dict, name: str, fn):
 
 def run(args: argparse.Namespace) -> dict:
     from cli.offline_models import minilm_path, mpnet_path
-    from distill.evaluate import EvalConfig, evaluate_retrieval
-    from distill.train import TrainConfig, train
+    from distill.evaluate.evaluate import EvalConfig, evaluate_retrieval
+    from distill.train.config import TrainConfig
+    from distill.train.run import train
     from precompute.pipeline import PrecomputeConfig, precompute
     from precompute.teacher import TeacherConfig
 

@@ -71,7 +71,7 @@ def search_fn(method: str, args: argparse.Namespace) -> Callable[[np.ndarray, np
     """``(queries, passages) -> (scores, indices)`` for ``method``."""
     import torch
 
-    from distill.search import exact_search, faiss_search
+    from distill.search.search import exact_search, faiss_search
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if method == "chunked":

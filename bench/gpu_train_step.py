@@ -154,9 +154,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sys.path.insert(0, sys_path_bench)
     import gpu_precompute
 
-    from distill.losses import Phase2Loss
-    from distill.model import StudentModelWithProjection
-    from distill.trainer import DistillModule
+    from distill.model.model import StudentModelWithProjection
+    from distill.train.losses import Phase2Loss
+    from distill.train.trainer import DistillModule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:

@@ -138,9 +138,9 @@ def time_loader(dataset: Any, sampler: Any, collate: Any, workers: int, epochs: 
 
 def time_training(store: Any, dataset: Any, sampler: Any, collate: Any, steps: int) -> dict[str, float]:
     from cli.offline_models import minilm_path
-    from distill.losses import Phase2Loss
-    from distill.model import StudentModelWithProjection
-    from distill.trainer import DistillModule
+    from distill.model.model import StudentModelWithProjection
+    from distill.train.losses import Phase2Loss
+    from distill.train.trainer import DistillModule
 
     torch.manual_seed(0)
     model = StudentModelWithProjection.from_pretrained(str(minilm_path()), store.dim, device="cpu")
@@ -170,10 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from cli.offline_models import minilm_path
-    from distill.data import prepare_data
-    from distill.datasets import Phase2Dataset, phase2_collate_fn
-    from distill.sampling import DistillBatchSampler
-    from distill.tokens import TokenTable
+    from distill.train.data import prepare_data
+    from distill.train.datasets import Phase2Dataset, phase2_collate_fn
+    from distill.train.sampling import DistillBatchSampler
+    from distill.train.tokens import TokenTable
     from precompute.sources import SourceOptions, parse_source
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="ddx-bench-loader-"))

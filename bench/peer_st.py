@@ -115,7 +115,8 @@ def worker_peer(args: argparse.Namespace) -> dict:
 def worker_ddx(args: argparse.Namespace) -> dict:
     """One ddx experiment: precompute (skips stored texts), then phase 1 from the store."""
     from cli.offline_models import minilm_path, mpnet_path
-    from distill.train import TrainConfig, train
+    from distill.train.config import TrainConfig
+    from distill.train.run import train
     from precompute.pipeline import PrecomputeConfig, precompute
     from precompute.teacher import TeacherConfig
 
@@ -159,16 +160,16 @@ def hybrid_ndcg(system: str, run_dir: Path, teacher_store: str) -> float:
     import torch
     from safetensors.torch import load_file
 
-    from distill.evaluate import load_eval_set
-    from distill.metrics import metrics_from_topk, trec_tie_priority
-    from distill.search import exact_search
+    from distill.evaluate.evaluate import load_eval_set
+    from distill.evaluate.metrics import metrics_from_topk, trec_tie_priority
+    from distill.search.search import exact_search
     from precompute.sources import parse_source
     from storage.keys import content_keys
     from storage.store import TeacherStore
 
     es = load_eval_set(parse_source(f"beir:{_data_root() / 'scifact'}"), "test", strict=False)
     if system == "ddx":
-        from distill.model import StudentModelWithProjection
+        from distill.model.model import StudentModelWithProjection
 
         model = StudentModelWithProjection.load(run_dir)
         queries = model.encode_projected(es.query_texts).numpy()

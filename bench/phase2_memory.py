@@ -6,7 +6,7 @@ batch at the worst case for memory: ``--batch`` queries of ``--query-len`` token
 ``--negatives`` hard negatives of exactly ``--max-len`` tokens (no padding to shed). Variants:
 
 * ``plain``: every sequence of the batch in one graph (``--mini-batch-size 0``);
-* ``cached``: the cached step, ``--mini-batch-size`` sequences per forward (distill/cached_loss.py);
+* ``cached``: the cached step, ``--mini-batch-size`` sequences per forward (distill/train/cached_loss.py);
 * ``plain-gc`` / ``cached-gc``: the same with ``--gradient-checkpointing``.
 
 Each variant runs in a fresh subprocess (``--steps`` steps, the first untimed; ``--rounds`` runs the variants in turn
@@ -102,10 +102,10 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
     from cli.offline_models import minilm_path
-    from distill.losses import Phase2Loss
-    from distill.model import StudentModelWithProjection
-    from distill.projection import ProjectionLayer
-    from distill.trainer import DistillModule
+    from distill.model.model import StudentModelWithProjection
+    from distill.model.projection import ProjectionLayer
+    from distill.train.losses import Phase2Loss
+    from distill.train.trainer import DistillModule
 
     if args.threads:
         torch.set_num_threads(args.threads)

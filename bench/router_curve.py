@@ -109,7 +109,7 @@ def _timed(timings: dict, name: str, fn):
 
 def _memoize_student_encoding() -> None:
     """Encode each eval corpus with the student once per process (every router reuses it): bench-only."""
-    from distill.eval_inputs import Encoders
+    from distill.evaluate.inputs import Encoders
 
     original, memo = Encoders.student_vectors, {}
 
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> dict:
         timings["precompute_encoded"] = _timed(timings, "precompute", lambda: precompute(cfg)).encoded
     common = dict(store=str(store), batch_size=32, seed=42, num_workers=2, logging_steps=20, save_steps=100_000)
     if "phase1" in stages or "phase2" in stages:
-        from distill.train import TrainConfig, train
+        from distill.train.config import TrainConfig
+        from distill.train.run import train
     if "phase1" in stages:
         cfg1 = TrainConfig(
             phase=1, out=str(p1), student=str(minilm_path()), data=tuple(spec.values()), lr=5e-5, **common
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     suffix = "" if args.fit_split == "dev" else f"-{args.fit_split.replace(',', '+')}"
     targets = [t + suffix for t in args.targets.split(",")]
     if "fit" in stages:
-        from distill.router_fit import RouterConfig, fit_router
+        from distill.route.fit import RouterConfig, fit_router
 
         for target in targets:
             cfg = RouterConfig(
@@ -173,16 +174,18 @@ def run(args: argparse.Namespace) -> dict:
             )  # fmt: skip
             out[f"fit_{target}"] = _timed(timings, f"fit_{target}", lambda c=cfg: fit_router(c)).to_dict()
     if "evaluate" in stages:
-        from distill.evaluate import EvalConfig, evaluate_retrieval
+        from distill.evaluate.evaluate import EvalConfig
+        from distill.route.curve import evaluate_routed
 
         _memoize_student_encoding()
         out["curves"] = {}
         for target in targets:
             cfg = EvalConfig(
                 model=str(p2), store=str(store), data=(spec["scifact"], spec["dl19"]), split="test",
-                modes=("teacher", "hybrid"), routed=str(work / "routers" / target), out=str(work / "eval" / target),
+                modes=("teacher", "hybrid"), out=str(work / "eval" / target),
             )  # fmt: skip
-            result = _timed(timings, f"evaluate_{target}", lambda c=cfg: evaluate_retrieval(c))
+            router = str(work / "routers" / target)
+            result = _timed(timings, f"evaluate_{target}", lambda c=cfg, r=router: evaluate_routed(c, r))
             out["curves"][target] = {"rows": result.rows, "curves": result.curves, "files": result.files}
         done = json.loads((work / "router_curve.json").read_text()) if (work / "router_curve.json").exists() else {}
         curves = {**done.get("curves", {}), **out["curves"]}

@@ -325,7 +325,7 @@ def _eval_peak(folder: Path) -> tuple[int, int, int, float]:
     """``(RSS after imports, peak RSS, passages, CPU-s)`` of ``load_eval_set`` over ``folder``, in a subprocess."""
     code = (
         "import json, resource, sys, time, warnings; sys.path.insert(0, sys.argv[2]);"
-        "from distill.eval_inputs import load_eval_set; from precompute.sources import parse_source;"
+        "from distill.evaluate.inputs import load_eval_set; from precompute.sources import parse_source;"
         "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
         "base = rss(); t = time.process_time();"
         "warnings.simplefilter('ignore');"

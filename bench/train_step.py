@@ -96,9 +96,9 @@ def texts_by_row(store: Any, data: str) -> dict[int, tuple[str, str]]:
 
 def make_batches(store: Any, data: str, tokens: Any, args: argparse.Namespace, n: int) -> list[tuple[dict, list]]:
     """``n`` collated phase-2 batches and, for each, the (role, text) of its query/positive/negative rows."""
-    from distill.data import prepare_data
-    from distill.datasets import Phase2Dataset, phase2_collate_fn
-    from distill.sampling import DistillBatchSampler
+    from distill.train.data import prepare_data
+    from distill.train.datasets import Phase2Dataset, phase2_collate_fn
+    from distill.train.sampling import DistillBatchSampler
     from precompute.sources import SourceOptions, parse_source
 
     prepared = prepare_data([parse_source(data, SourceOptions())], store, tokens, phase=2)
@@ -158,10 +158,10 @@ def flop_speedup(teacher_params: float, student_params: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from cli.demo import builtin_corpus
     from cli.offline_models import minilm_path, mpnet_path
-    from distill.losses import Phase2Loss
-    from distill.model import StudentModelWithProjection
-    from distill.tokens import TokenTable
-    from distill.trainer import DistillModule
+    from distill.model.model import StudentModelWithProjection
+    from distill.train.losses import Phase2Loss
+    from distill.train.tokens import TokenTable
+    from distill.train.trainer import DistillModule
     from precompute.teacher import TeacherConfig, load_teacher
     from storage.store import TeacherStore
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:  # library modules load when the demo runs, not on import (`ddx --help` stays fast)
-    from distill.train import TrainConfig
+    from distill.train.config import TrainConfig
 
 __all__ = ["DemoConfig", "DemoResult", "builtin_corpus", "run_demo"]
 
@@ -66,8 +66,8 @@ def _stage(n: int, title: str) -> None:
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the four stages; every stage's library call is the one its own command makes."""
     from cli.offline_models import minilm_path, mpnet_path
-    from distill.evaluate import EvalConfig, evaluate_retrieval
-    from distill.train import train
+    from distill.evaluate.evaluate import EvalConfig, evaluate_retrieval
+    from distill.train.run import train
     from precompute.pipeline import PrecomputeConfig, precompute
     from precompute.teacher import TeacherConfig
 
@@ -123,7 +123,7 @@ def _train_configs(
     config: DemoConfig, store: Path, data: str, student: str, p1: Path, p2: Path
 ) -> tuple[TrainConfig, TrainConfig]:
     """Phase 1 from the student; phase 2 from phase 1's run, with the same run settings (a phase is data)."""
-    from distill.train import TrainConfig
+    from distill.train.config import TrainConfig
 
     phase1 = TrainConfig(
         phase=1,

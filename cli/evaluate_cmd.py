@@ -1,4 +1,5 @@
-"""``ddx evaluate``: parse options, run :func:`distill.evaluate.evaluate_retrieval`, print the table."""
+"""``ddx evaluate``: parse options, run :func:`distill.evaluate.evaluate.evaluate_retrieval` (with ``--routed``:
+:func:`distill.route.curve.evaluate_routed`), print the table."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @library_errors
-def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **options: Any) -> None:
+def evaluate(
+    modes: str, k_values: str, data: tuple[str, ...], routed: str | None, as_json: bool, **options: Any
+) -> None:
     """Compare teacher, student, hybrid and projected retrieval on --data's --split.
 
     Teacher rows read teacher vectors from the store (the teacher does not run); hybrid pairs
@@ -55,14 +58,19 @@ def evaluate(modes: str, k_values: str, data: tuple[str, ...], as_json: bool, **
         ddx evaluate --store stores/gte7b --model runs/p2 --data msmarco:data/dl19 --json > results.json
         ddx evaluate --store stores/gte7b --model runs/p2 --data beir:data/scifact --routed runs/p2/router
     """
-    from distill.evaluate import EvalConfig, evaluate_retrieval
+    from distill.evaluate.evaluate import EvalConfig, evaluate_retrieval
 
     try:
         ks = tuple(int(k) for k in k_values.split(","))
     except ValueError as exc:
         raise click.BadParameter(f"--k must be comma-separated integers, got {k_values!r}") from exc
     config = EvalConfig(data=tuple(data), modes=tuple(m.strip() for m in modes.split(",")), k_values=ks, **options)
-    result = evaluate_retrieval(config)
+    if routed:
+        from distill.route.curve import evaluate_routed
+
+        result = evaluate_routed(config, routed)
+    else:
+        result = evaluate_retrieval(config)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -82,7 +82,7 @@ def fit(data: tuple[str, ...], hard_negatives: tuple[str, ...], kinds: str, as_j
         ddx router fit --store stores/gte7b --model runs/p2 --data msmarco:data/msmarco --out runs/p2/router
         ddx router fit --store stores/gte7b --model runs/p2 --data beir:data/scifact --split dev --json
     """
-    from distill.router_fit import RouterConfig, fit_router
+    from distill.route.fit import RouterConfig, fit_router
 
     config = RouterConfig(
         data=tuple(data),
@@ -131,7 +131,7 @@ def export(router_dir: str, as_json: bool, **options: Any) -> None:
         ddx router export runs/p2/router --teacher Alibaba-NLP/gte-Qwen2-7B-instruct --teacher-usage 0.2 \\
             --out models/routed
     """
-    from distill.routed_model import RouterExportConfig, export_routed
+    from distill.route.routed_model import RouterExportConfig, export_routed
 
     result = export_routed(RouterExportConfig(router=router_dir, **options))
     if as_json:

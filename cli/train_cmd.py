@@ -1,4 +1,4 @@
-"""``ddx train``: parse options (config file under flags), run :func:`distill.train.train`, print the result."""
+"""``ddx train``: parse options (config file under flags), run :func:`distill.train.run.train`, print the result."""
 
 from __future__ import annotations
 
@@ -135,8 +135,9 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
             --hard-negatives data/msmarco-hard-negatives.jsonl.gz --out runs/p2
         ddx train --config runs.yaml --lr 3e-5
     """
-    from distill.train import TrainConfig, end_distributed
-    from distill.train import train as run
+    from distill.train.config import TrainConfig
+    from distill.train.run import end_distributed
+    from distill.train.run import train as run
 
     config = TrainConfig(data=tuple(data), hard_negatives=tuple(hard_negatives), **options)
     result = run(config)

@@ -1,6 +1,8 @@
-"""Student distillation from stored teacher vectors: models, losses, data, training, evaluation.
+"""Student distillation from stored teacher vectors: models, training, evaluation, routing.
 
-Names are imported on first use (PEP 562), so ``import distill`` stays cheap until torch is needed.
+The rooms (docs/DESIGN.md, "Map"): ``model`` < ``search`` < ``train`` < ``evaluate`` < ``route``; each imports only
+from earlier ones. This module is the public API over them: names are imported on first use (PEP 562), so
+``import distill`` stays cheap until torch is needed.
 """
 
 from __future__ import annotations
@@ -33,31 +35,32 @@ __all__ = [
 ]
 
 _WHERE = {
-    "ProjectionLayer": "distill.projection",
-    "StudentModelWithProjection": "distill.model",
-    "Phase1Loss": "distill.losses",
-    "Phase2Loss": "distill.losses",
-    "Phase1Dataset": "distill.datasets",
-    "Phase2Dataset": "distill.datasets",
-    "phase1_collate_fn": "distill.datasets",
-    "phase2_collate_fn": "distill.datasets",
-    "TokenTable": "distill.tokens",
-    "TrainConfig": "distill.train",
-    "train": "distill.train",
-    "train_phase1": "distill.train",
-    "train_phase2": "distill.train",
-    "EvalConfig": "distill.evaluate",
-    "evaluate_retrieval": "distill.evaluate",
-    "Router": "distill.router",
-    "RouterConfig": "distill.router_fit",
-    "fit_router": "distill.router_fit",
-    "RoutedEncoder": "distill.routed_model",
-    "RouterExportConfig": "distill.routed_model",
-    "export_routed": "distill.routed_model",
+    "ProjectionLayer": "distill.model.projection",
+    "StudentModelWithProjection": "distill.model.model",
+    "Phase1Loss": "distill.train.losses",
+    "Phase2Loss": "distill.train.losses",
+    "Phase1Dataset": "distill.train.datasets",
+    "Phase2Dataset": "distill.train.datasets",
+    "phase1_collate_fn": "distill.train.datasets",
+    "phase2_collate_fn": "distill.train.datasets",
+    "TokenTable": "distill.train.tokens",
+    "TrainConfig": "distill.train.config",
+    "train_phase1": "distill.train.run",
+    "train_phase2": "distill.train.run",
+    "EvalConfig": "distill.evaluate.evaluate",
+    "evaluate_retrieval": "distill.evaluate.evaluate",
+    "Router": "distill.route.router",
+    "RouterConfig": "distill.route.fit",
+    "fit_router": "distill.route.fit",
+    "RoutedEncoder": "distill.route.routed_model",
+    "RouterExportConfig": "distill.route.routed_model",
+    "export_routed": "distill.route.routed_model",
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name == "train":  # the subpackage distill.train, callable as the function (see its docstring)
+        return importlib.import_module("distill.train")
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'distill' has no attribute {name!r}")

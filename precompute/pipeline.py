@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shlex
 import sys
 import threading
 import time
@@ -29,8 +30,9 @@ import numpy as np
 
 from precompute.batching import padding_waste, token_budget_batches
 from precompute.sources import Source, SourceOptions, TextRecord, parse_source
+from precompute.sources.errors import BadSourceError
 from precompute.teacher import TeacherConfig, TeacherEncoder, expected_spec, load_teacher
-from storage.errors import BadSourceError, DdxError
+from storage.errors import DdxError
 from storage.fs import Location
 from storage.keys import KEY_DTYPE, KeySet, content_keys, first_occurrence, key_slice, role_code
 from storage.metadata import read_root_attrs
@@ -38,7 +40,7 @@ from storage.segment import SegmentWriter, claim_and_salvage
 from storage.spec import TeacherSpec
 from storage.store import TeacherStore, default_chunk_rows
 
-__all__ = ["PrecomputeConfig", "PrecomputeSummary", "precompute", "resolve_rank"]
+__all__ = ["PrecomputeConfig", "PrecomputeSummary", "missing_vectors_command", "precompute", "resolve_rank"]
 
 SCAN_BLOCK = 8192  # records hashed per numpy call
 
@@ -419,3 +421,20 @@ class AsyncWriter:
         finally:
             self.writer.abort()
         self._raise_if_failed()
+
+
+def missing_vectors_command(store: TeacherStore, source_specs: list[str]) -> str:
+    """The exact ``ddx precompute-teacher`` command that adds the missing texts with the store's teacher."""
+    s = store.spec
+    parts = ["ddx precompute-teacher", f"--teacher {shlex.quote(s.model)}", f"--store {shlex.quote(store.url)}"]
+    parts += [f"--data {shlex.quote(spec)}" for spec in source_specs]
+    parts += [
+        f"--pooling {s.pooling}",
+        "--normalize" if s.normalize else "--no-normalize",
+        f"--max-seq-length {s.max_seq_length}",
+        f"--padding-side {s.padding_side}",
+        f"--dtype {s.dtype}",
+        f"--query-prompt {shlex.quote(s.query_prompt)}",
+        f"--passage-prompt {shlex.quote(s.passage_prompt)}",
+    ]
+    return " ".join(parts)

@@ -1,7 +1,6 @@
 """Durable, content-addressed storage of teacher vectors (no torch here)."""
 
 from storage.errors import (
-    BadSourceError,
     DdxError,
     DimensionMismatchError,
     DiskFullError,
@@ -20,7 +19,6 @@ from storage.store import FORMAT_VERSION, TeacherStore, default_chunk_rows
 __all__ = [
     "FORMAT_VERSION",
     "ROLES",
-    "BadSourceError",
     "DdxError",
     "DimensionMismatchError",
     "DiskFullError",

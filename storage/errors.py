@@ -7,7 +7,6 @@ Each class also inherits the builtin that fits, so ``except FileNotFoundError`` 
 from __future__ import annotations
 
 __all__ = [
-    "BadSourceError",
     "DdxError",
     "DimensionMismatchError",
     "DiskFullError",
@@ -54,10 +53,6 @@ class IntegrityError(DdxError):
     def __init__(self, message: str, damage: object | None = None) -> None:
         super().__init__(message)
         self.damage = damage
-
-
-class BadSourceError(DdxError):
-    """A data source is missing, unreadable or malformed; the message names file, line and field."""
 
 
 class MissingVectorsError(DdxError, KeyError):

@@ -18,6 +18,7 @@ from .base import (
     text_id,
 )
 from .beir import BeirSource
+from .errors import BadSourceError
 from .hf import HFSource
 from .hotpotqa import HotpotQASource
 from .layout import FIELDS, LAYOUTS, Layout, resolve_layout
@@ -32,6 +33,7 @@ __all__ = [
     "FIELDS",
     "LAYOUTS",
     "SOURCE_KINDS",
+    "BadSourceError",
     "BeirSource",
     "CsvSource",
     "HFSource",

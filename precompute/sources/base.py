@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.errors import BadSourceError, DdxError
+from storage.errors import DdxError
 from storage.keys import content_key, content_keys, key_hex
+
+from .errors import BadSourceError
 
 __all__ = [
     "LineOrigins",

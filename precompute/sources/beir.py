@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from storage.errors import BadSourceError
-
 from .base import Qrels, Source, SourceOptions, TextRecord, TrainExample, join_title
+from .errors import BadSourceError
 from .ledger import unique_records
 from .reading import (
     check_role,

@@ -19,9 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from storage.errors import BadSourceError
-
 from .base import SourceOptions
+from .errors import BadSourceError
 from .table import Row, TableSource
 
 __all__ = ["HFSource", "parse_hf_location"]

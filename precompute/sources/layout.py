@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from storage.errors import BadSourceError
+from .errors import BadSourceError
 
 __all__ = ["FIELDS", "LAYOUTS", "Layout", "resolve_layout"]
 

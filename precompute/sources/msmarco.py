@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from storage.errors import BadSourceError
 from storage.keys import KEY_DTYPE, KeySet, content_keys
 
 from .base import LineOrigins, Qrels, Source, SourceOptions, TextBlock, TextRecord, TrainExample, text_id
+from .errors import BadSourceError
 from .ledger import IdLedger
 from .reading import (
     Rejects,

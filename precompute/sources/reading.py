@@ -19,9 +19,8 @@ from typing import IO, Any, Protocol, cast
 
 import numpy as np
 
-from storage.errors import BadSourceError
-
 from .base import Qrels, Source, TrainExample
+from .errors import BadSourceError
 
 __all__ = [
     "Rejects",

@@ -27,10 +27,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl
 
-from storage.errors import BadSourceError
-
 from .base import Source, SourceOptions
 from .beir import BeirSource
+from .errors import BadSourceError
 from .hf import HFSource
 from .hotpotqa import HotpotQASource
 from .layout import FIELDS

@@ -20,9 +20,8 @@ from collections.abc import Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 
-from storage.errors import BadSourceError
-
 from .base import SourceOptions
+from .errors import BadSourceError
 from .reading import (
     iter_lines,
     iter_objects,

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, store: Path, corpus: Corpus, tiny_bert: Path) -> Path:
-    from distill.train import TrainConfig, train
+    from distill.train.config import TrainConfig
+    from distill.train.run import train
 
     out = tmp_path_factory.mktemp("router-cli-run") / "run"
     train(

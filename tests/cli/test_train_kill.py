@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.model import StudentModelWithProjection
+from distill.model.model import StudentModelWithProjection
 from tests.distill.conftest import Corpus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -156,7 +156,7 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def config(teacher_store: Path, corpus: Corpus, tiny_bert: Path, token_cache: Path, tmp_path: Path):
     """``config(**overrides)`` → a fast TrainConfig on the fixture corpus and store (out under tmp_path)."""
-    from distill.train import TrainConfig
+    from distill.train.config import TrainConfig
 
     def make(**overrides: Any) -> TrainConfig:
         values: dict[str, Any] = dict(
@@ -190,8 +190,8 @@ class TrainedRun:
 
 def train_keeping_model(config: Any) -> TrainedRun:
     """``train(config)``, also keeping the trained model object that ``StudentModelWithProjection.save`` wrote."""
-    from distill.model import StudentModelWithProjection
-    from distill.train import train
+    from distill.model.model import StudentModelWithProjection
+    from distill.train.run import train
 
     saved: list[Any] = []
     original = StudentModelWithProjection.save
@@ -215,7 +215,7 @@ def phase1_run(
 
     The projection starts random (not ridge-fitted), so the loss curve shows what training itself does.
     """
-    from distill.train import TrainConfig
+    from distill.train.config import TrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "phase1"
     return train_keeping_model(
@@ -243,7 +243,7 @@ def phase2_run(
     token_cache: Path,
 ) -> TrainedRun:
     """A 24-step phase-2 run from ``phase1_run`` (hard negatives from the file plus 2 mined per query)."""
-    from distill.train import TrainConfig
+    from distill.train.config import TrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "phase2"
     return train_keeping_model(
@@ -334,7 +334,7 @@ def fit_tiny_router(
     phase1_run: Any, teacher_store: Path, corpus: Corpus, tmp_path_factory: pytest.TempPathFactory, **overrides: Any
 ) -> str:
     """A router fitted on the tiny phase-1 run and store (small pool, few epochs, CPU); returns its folder."""
-    from distill.router_fit import RouterConfig, fit_router
+    from distill.route.fit import RouterConfig, fit_router
 
     values: dict[str, Any] = {
         "store": str(teacher_store),

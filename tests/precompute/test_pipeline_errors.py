@@ -18,9 +18,9 @@ import zarr.storage._local as zarr_local
 
 from precompute.pipeline import PrecomputeConfig, precompute
 from precompute.sources import Source, SourceOptions, TextRecord
+from precompute.sources.errors import BadSourceError
 from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
 from storage.errors import (
-    BadSourceError,
     DimensionMismatchError,
     DiskFullError,
     FingerprintMismatchError,

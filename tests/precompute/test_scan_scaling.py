@@ -16,10 +16,10 @@ from precompute import pipeline
 from precompute.pipeline import PrecomputeConfig, precompute
 from precompute.sources import LineOrigins, SourceOptions, TextBlock, parse_source
 from precompute.sources import ledger as ledger_module
+from precompute.sources.errors import BadSourceError
 from precompute.sources.ledger import IdLedger
 from precompute.teacher import TeacherConfig
 from storage import TeacherSpec
-from storage.errors import BadSourceError
 from storage.keys import KeySet, KeyTable
 
 

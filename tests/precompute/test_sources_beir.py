@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from precompute.sources import BeirSource, Source, SourceOptions, parse_source
-from storage.errors import BadSourceError
+from precompute.sources.errors import BadSourceError
 from tests.precompute.test_sources_contract import SourceContract
 
 

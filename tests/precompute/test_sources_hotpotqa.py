@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from precompute.sources import Source, SourceOptions, join_title, parse_source, text_id
+from precompute.sources.errors import BadSourceError
 from precompute.sources.hotpotqa import parse_question
-from storage.errors import BadSourceError
 from tests.precompute.test_sources_contract import SourceContract
 
 DEV = "hotpotqa-dev500/dev_subsampled.jsonl"

@@ -14,8 +14,8 @@ import pytest
 from precompute.sources import MsMarcoSource, Source, SourceOptions, parse_source, tab_lines, text_id
 from precompute.sources import msmarco as msmarco_module
 from precompute.sources import reading as reading_module
+from precompute.sources.errors import BadSourceError
 from precompute.sources.msmarco import classify_msmarco, group_triples
-from storage.errors import BadSourceError
 from storage.keys import content_keys
 from tests.precompute.test_sources_contract import SourceContract
 

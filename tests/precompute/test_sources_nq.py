@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from precompute.sources import NQSource, Source, SourceOptions, parse_source, text_id
-from storage.errors import BadSourceError
+from precompute.sources.errors import BadSourceError
 from tests.precompute.test_sources_contract import SourceContract
 
 FIXTURES = Path(__file__).parent / "source_fixtures" / "nq"

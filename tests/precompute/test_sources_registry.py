@@ -8,10 +8,10 @@ import pytest
 
 import precompute.sources as sources
 from precompute.sources import SOURCE_KINDS, BeirSource, SourceOptions, TextRecord, parse_source
+from precompute.sources.errors import BadSourceError
 from precompute.sources.hf import parse_hf_location
 from precompute.sources.ledger import IdLedger, unique_records
 from precompute.sources.registry import split_spec
-from storage.errors import BadSourceError
 
 
 def test_public_api_resolves() -> None:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from precompute.sources import Source, SourceOptions, TableSource, parse_source, resolve_layout, text_id
-from storage.errors import BadSourceError
+from precompute.sources.errors import BadSourceError
 from tests.precompute.test_sources_contract import SourceContract
 
 TRIPLETS = {

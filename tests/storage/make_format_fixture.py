@@ -1,4 +1,4 @@
-"""Write ``format_v<N>_store/``: a tiny committed store of the current format version N (STYLE.md rule 10).
+"""Write ``format_v<N>_store/``: a tiny committed store of the current format version N.
 
 Run once per released format, from the repository root, and commit the folder it writes:
 
@@ -6,6 +6,9 @@ Run once per released format, from the repository root, and commit the folder it
 
 It refuses to overwrite a version's store: each stands for stores users already have, and
 ``test_format_v<N>.py`` checks that today's code still opens it and returns these vectors.
+
+The rule (number 10 of the project's style guide, ``../shared/STYLE.md`` beside this repository, not in it):
+once the store format is released, keep a tiny committed store of each format version and test that it opens.
 """
 
 from __future__ import annotations

@@ -1,0 +1,263 @@
+"""``ddx evaluate``: what each retrieval mode costs in quality, with teacher vectors from the store.
+
+Modes (queries by / passages by, in which space):
+
+* ``teacher``   — teacher / teacher, both from the store (the teacher does not run);
+* ``student``   — student / student, in the student's own space;
+* ``hybrid``    — projected student / teacher from the store: a cheap query encoder against an index the
+  teacher built once — the product's point;
+* ``projected`` — projected student / projected student, in the teacher's space.
+
+Search is exact (cosine, chunked matrix products on the GPU when present, memory bounded by the
+chunk size), ties ordered as trec_eval orders them, and metrics equal pytrec_eval's. A plain
+SentenceTransformer folder may stand in for a run (only ``student`` and ``teacher`` then), which is
+how the all-MiniLM-L6-v2 / SciFact check (nDCG@10 = 0.645) runs through this very code.
+
+Eval sets and the vectors each mode searches come from :mod:`distill.evaluate.inputs`; this module runs the
+searches, scores them and writes the table. ``ddx evaluate --routed`` runs this evaluation with a per-set hook that
+also mixes the teacher and hybrid runs per query into the routing curve (:func:`distill.route.curve.evaluate_routed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.evaluate.inputs import Encoders, EvalSet, SetVectors, load_eval_set, mode_inputs, set_vectors
+from distill.evaluate.metrics import MetricsResult, metrics_from_topk, trec_tie_priority, write_trec_run
+from distill.model.run_file import check_run_store
+from distill.search.search import PassageSource, exact_search, faiss_search
+from precompute.sources import SourceOptions, parse_source
+from storage.errors import DdxError
+from storage.store import TeacherStore
+
+__all__ = ["MODES", "EvalConfig", "EvalResult", "SetHook", "evaluate_retrieval", "results_dir", "run_evaluation"]
+
+MODES = ("teacher", "student", "hybrid", "projected")
+SEARCHES = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """One evaluation: a model (run folder or plain sentence-transformer) on the data sets' split."""
+
+    model: str  # run folder of 'ddx train', or any SentenceTransformer folder/id (student mode only)
+    data: tuple[str, ...]  # source specs with qrels (beir:, msmarco:, hotpotqa:, ...)
+    store: str | None = None  # teacher store (needed for teacher and hybrid modes)
+    split: str = "test"
+    modes: tuple[str, ...] = MODES  # those that the model and store allow are run
+    k_values: tuple[int, ...] = (10, 100, 1000)
+    batch_size: int = 64  # student encode batch
+    chunk_size: int = 50_000  # passages per search step (bounds memory)
+    search: str = "exact"  # or faiss-flat / faiss-ivf / faiss-hnsw (pip install "ddx[faiss]")
+    device: str | None = None
+    strict: bool = False  # qrels naming unknown documents become an error
+    teacher: str | None = None  # run this teacher for texts the store lacks (writing them into the store)
+    save_run: str | None = None  # folder for TREC run files (one per data set and mode)
+    out: str | None = None  # where results JSON/CSV go (default: <model>/eval when model is a run)
+    title_join: str = "{title} {text}"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.modes) - set(MODES)
+        if unknown or not self.modes:
+            raise DdxError(f"EvalConfig.modes must be among {MODES}, got {self.modes}.")
+        if self.search not in SEARCHES:
+            raise DdxError(f"EvalConfig.search must be one of {SEARCHES}, got {self.search!r}.")
+        if not self.data:
+            raise DdxError("EvalConfig.data is empty: pass at least one --data SOURCE with qrels.")
+
+
+@dataclass
+class EvalResult:
+    """Rows of the evaluation table (one per data set and mode) and what was excluded."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)  # routing curves (with --routed), one per data set
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"rows": self.rows, "notes": self.notes, "files": self.files}
+        return out | ({"routing_curves": self.curves} if self.curves else {})
+
+
+# Called once per eval set after its searches, with the set, its vectors and mode → (top scores, metrics) of every
+# mode run; returns extra table rows (they get the % of teacher retained too) and an optional record for
+# EvalResult.curves. ``ddx evaluate --routed`` passes one (distill.route.curve).
+Searched = dict[str, tuple[np.ndarray, MetricsResult]]  # mode → (top scores [nq, k] best first, metrics)
+SetHook = Callable[[EvalSet, SetVectors, Searched], tuple[list[dict[str, Any]], dict[str, Any] | None]]
+
+
+def _search(
+    config: EvalConfig, queries: np.ndarray, passages: PassageSource, n_docs: int, priority: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    k = min(max(config.k_values), n_docs)  # a k beyond the corpus ranks all of it (noted by the caller)
+    if config.search == "exact":
+        return exact_search(
+            queries,
+            passages,
+            k,
+            chunk_size=config.chunk_size,
+            device=config.device,
+            normalize=True,
+            tie_priority=priority,
+        )
+    return faiss_search(
+        queries,
+        passages,
+        k,
+        index=config.search.removeprefix("faiss-"),
+        normalize=True,
+        chunk_size=config.chunk_size,
+        tie_priority=priority,
+    )
+
+
+def _available_modes(config: EvalConfig, enc: Encoders, store: TeacherStore | None) -> list[str]:
+    modes = [m for m in config.modes if not (m in ("hybrid", "projected") and enc.model is None)]
+    modes = [m for m in modes if not (m in ("teacher", "hybrid") and store is None)]
+    if not modes:
+        raise DdxError(
+            f"None of the modes {config.modes} can run: hybrid/projected need a ddx run folder as "
+            "--model, teacher/hybrid need --store."
+        )
+    return modes
+
+
+def _evaluate_set(
+    config: EvalConfig,
+    es: EvalSet,
+    enc: Encoders,
+    store: TeacherStore | None,
+    modes: list[str],
+    on_set: SetHook | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """One table row per mode for one eval set (and its TREC run files with ``save_run``), and ``on_set``'s rows
+    and record."""
+    need_teacher = bool({"teacher", "hybrid"} & set(modes))
+    v, rate = set_vectors(es, enc, store, need_teacher, config.teacher, config.title_join)
+    priority = trec_tie_priority(es.doc_ids)
+    if max(config.k_values) > len(es.doc_ids):
+        es.notes.append(
+            f"{es.source.spec}: k={max(config.k_values)} is larger than the corpus "
+            f"({len(es.doc_ids)} passages): every passage is ranked"
+        )
+    out: list[dict[str, Any]] = []
+    searched: Searched = {}
+    for mode in modes:
+        queries, passages = mode_inputs(mode, v, enc)
+        scores, idx = _search(config, queries, passages, len(es.doc_ids), priority)
+        metrics = metrics_from_topk(
+            es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values, doc_priority=priority
+        )
+        searched[mode] = (scores, metrics)
+        out.append(
+            {
+                "data": es.source.spec,
+                "split": config.split,
+                "mode": mode,
+                **metrics.mean,
+                "queries": metrics.num_evaluated,
+                "passages": len(es.doc_ids),
+                "encode_texts_per_s": None if mode == "teacher" else round(rate, 1),
+                "mean_cos_to_teacher": _cosine(mode, v, enc),
+            }
+        )
+        if config.save_run:
+            path = Path(config.save_run) / f"{es.name}-{config.split}-{mode}.trec"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_trec_run(path, es.query_ids, es.doc_ids, idx, scores, tag=f"ddx-{mode}")
+    curve = None
+    if on_set is not None:
+        rows, curve = on_set(es, v, searched)
+        out.extend(rows)
+    _add_retained(out)
+    return out, curve
+
+
+def _cosine(mode: str, v: SetVectors, enc: Encoders) -> float | None:
+    """Mean cosine between projected student vectors and the teacher's, for the texts this mode projects."""
+    if v.store is None or v.q_p is None or mode not in ("hybrid", "projected"):
+        return 1.0 if mode == "teacher" else None
+    store, rows_q, rows_d = v.teacher()
+    q_p, d_s = v.q_p, v.d_s
+    sims = [_mean_cos(q_p, store.get_rows(rows_q, dtype="float32"))]
+    if mode == "projected":
+        sample = np.arange(0, len(d_s), max(1, len(d_s) // 20_000))
+        sims.append(_mean_cos(enc.project(d_s[sample]), store.get_rows(rows_d[sample], dtype="float32")))
+        return round(float(np.average(sims, weights=[len(q_p), len(sample)])), 4)
+    return round(sims[0], 4)
+
+
+def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float((a * b).sum(axis=1).mean())
+
+
+def _add_retained(rows: list[dict[str, Any]]) -> None:
+    teacher = next((r for r in rows if r["mode"] == "teacher"), None)
+    for row in rows:
+        if teacher is not None and teacher["nDCG@10"]:
+            row["retained_nDCG@10"] = round(100 * row["nDCG@10"] / teacher["nDCG@10"], 2)
+            row["retained_MRR@10"] = round(100 * row["MRR@10"] / max(teacher["MRR@10"], 1e-12), 2)
+
+
+def evaluate_retrieval(config: EvalConfig) -> EvalResult:
+    """Evaluate every available mode on every data set; write the table as JSON and CSV.
+
+    Returns:
+        The table rows (data set, split, mode, metrics, % of teacher retained, cosine to teacher, encode rate).
+
+    Raises:
+        FingerprintMismatchError: the run was trained against another store.
+        MissingVectorsError: the store lacks texts of the evaluation set (and no --teacher was given).
+        BadSourceError: empty split, or unknown judged documents under --strict.
+    """
+    store = TeacherStore.open(config.store) if config.store else None
+    return run_evaluation(config, store)
+
+
+def run_evaluation(config: EvalConfig, store: TeacherStore | None, on_set: SetHook | None = None) -> EvalResult:
+    """:func:`evaluate_retrieval` on an open store (or none), with ``on_set`` called for every eval set."""
+    enc = Encoders(config.model, config.device, config.batch_size, config.progress)
+    if store is not None and enc.run is not None:
+        check_run_store(enc.run, config.model, store)
+    modes = _available_modes(config, enc, store)
+    options = SourceOptions(title_join=config.title_join)
+    result = EvalResult()
+    for spec in config.data:
+        es = load_eval_set(parse_source(spec, options), config.split, config.strict)
+        rows, curve = _evaluate_set(config, es, enc, store, modes, on_set)
+        result.rows.extend(rows)
+        result.curves.extend([curve] if curve else [])
+        result.notes.extend(es.notes)
+    out = results_dir(config, is_run=enc.run is not None)
+    if out:
+        result.files = _write_tables(result, Path(out), config.split)
+    return result
+
+
+def results_dir(config: EvalConfig, *, is_run: bool) -> str | None:
+    """Where the results go: ``config.out``, else ``<model>/eval`` when the model is a run folder, else nowhere."""
+    return config.out or (str(Path(config.model) / "eval") if is_run else None)
+
+
+def _write_tables(result: EvalResult, out: Path, split: str) -> list[str]:
+    import csv
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / f"results-{split}.json", out / f"results-{split}.csv"
+    json_path.write_text(json.dumps(result.to_dict(), indent=2))
+    columns = list(dict.fromkeys(k for row in result.rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(result.rows)
+    return [str(json_path), str(csv_path)]

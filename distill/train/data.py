@@ -1,0 +1,532 @@
+"""Training data from sources and the store: which texts, which examples, their vectors and tokens.
+
+Everything is resolved to integer positions into one ``TextIndex`` (every distinct text of the run,
+sorted by content key, with its store row and its token-table handle), so phase-2 examples are a
+few int64 arrays, not millions of Python objects. Source ids map to keys through per-source
+``IdMap``s (64-bit id hashes, 24 bytes a text); they never reach the store.
+
+Before any training step, every text a run needs must have a teacher vector. If not, the run stops
+with the count per data set and the exact ``ddx precompute-teacher`` command that fills the gap
+(``allow_missing`` drops those examples instead and reports how many). Resolving needs no student
+(``resolve_data``); only the token pass does (``PreparedData.add_tokens``), so ``ddx train`` finds bad
+data and missing vectors in seconds, before it spends minutes loading the student's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from distill.train.tokens import TokenTable
+from precompute.pipeline import missing_vectors_command
+from precompute.sources import Source, TextRecord
+from precompute.sources.errors import BadSourceError
+from storage.errors import DdxError, MissingVectorsError
+from storage.keys import KEY_DTYPE, content_keys, role_code
+from storage.store import TeacherStore
+
+__all__ = [
+    "IdMap",
+    "Miner",
+    "PreparedData",
+    "Ragged",
+    "TextIndex",
+    "prepare_data",
+    "resolve_data",
+]
+
+BLOCK = 8192
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Rows of varying length as one flat int64 array plus offsets (row i = flat[offsets[i]:offsets[i+1]])."""
+
+    flat: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_lists(cls, rows: list[list[int]] | list[np.ndarray]) -> Ragged:
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.empty(0, np.int64)
+        return cls(flat.astype(np.int64), offsets)
+
+    @classmethod
+    def from_owners(cls, owners: np.ndarray, values: np.ndarray, n: int, keep: np.ndarray) -> Ragged:
+        """Rows of the ``keep`` ones of ``n`` owners; ``values`` grouped by ascending ``owners`` (only kept ones)."""
+        lengths = np.bincount(owners, minlength=n)[keep]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.asarray(values, dtype=np.int64), offsets)
+
+    @classmethod
+    def concat(cls, parts: list[Ragged]) -> Ragged:
+        """The rows of ``parts`` one after another."""
+        if not parts:
+            return cls.from_lists([])
+        lengths = np.concatenate([p.lengths() for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.concatenate([p.flat for p in parts]).astype(np.int64), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def select(self, rows: np.ndarray) -> Ragged:
+        return Ragged.from_lists([self.row(int(i)) for i in rows])
+
+
+def id_hashes(role: str, ids: list[str]) -> np.ndarray:
+    """64-bit hashes of (role, id), one vectorised polars hash per call (a role is a seed of its own).
+
+    Only for lookups inside this process — polars' hash is not stable across its versions, so these are
+    never stored. Two ids of one role sharing a hash are caught by :meth:`IdMap.build` (~1e-6 likely at
+    10 M ids). Was a blake2b per id in Python: 1.2 µs an id, most of phase-2 id resolution's time.
+    """
+    import polars as pl
+
+    seed = 0x9E3779B97F4A7C15 ^ role_code(role)
+    return pl.Series(ids, dtype=pl.String).hash(seed=seed).to_numpy().astype(np.uint64, copy=False)
+
+
+@dataclass
+class IdMap:
+    """(role, source id) → content key for one source."""
+
+    hashes: np.ndarray  # uint64, sorted
+    keys: np.ndarray  # S16, aligned with hashes
+
+    @classmethod
+    def build(cls, hashes: list[np.ndarray], keys: list[np.ndarray], where: str) -> IdMap:
+        h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        k = np.concatenate(keys) if keys else np.empty(0, KEY_DTYPE)
+        order = np.argsort(h, kind="stable")
+        h, k = h[order], k[order]
+        clash = np.flatnonzero((h[1:] == h[:-1]) & (k[1:] != k[:-1]))
+        if len(clash):
+            raise BadSourceError(
+                f"{where}: two different texts share one id (or a 64-bit id hash); ids must be "
+                "unique per role. Deduplicate the ids in the source."
+            )
+        return cls(h, k)
+
+    def lookup(self, role: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, found mask) for ``ids`` of ``role``."""
+        q = id_hashes(role, ids)
+        if len(self.hashes) == 0:
+            return np.empty(len(ids), KEY_DTYPE), np.zeros(len(ids), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.hashes, q), len(self.hashes) - 1)
+        found = self.hashes[pos] == q
+        return self.keys[pos], found
+
+
+@dataclass
+class TextIndex:
+    """Every distinct text of a run (sorted by key) with its role, source, store row and token handle."""
+
+    keys: np.ndarray
+    roles: np.ndarray
+    source: np.ndarray
+    gids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    tokens: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, pos, -1)
+
+
+@dataclass
+class Phase2Examples:
+    """Queries with their positives and hard negatives, as positions into a TextIndex."""
+
+    query: np.ndarray
+    positives: Ragged
+    negatives: Ragged
+    source: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def select(self, rows: np.ndarray) -> Phase2Examples:
+        return Phase2Examples(
+            self.query[rows], self.positives.select(rows), self.negatives.select(rows), self.source[rows]
+        )
+
+
+# Adds negatives to phase-2 examples (positions into the TextIndex, whose ``gids`` are filled in); returns the
+# examples and a report. Passed to resolve_data by whoever wants them (distill.train.mining.hard_negative_miner).
+Miner = Callable[[Phase2Examples, TextIndex, TeacherStore], tuple[Phase2Examples, dict[str, Any]]]
+
+
+@dataclass
+class PreparedData:
+    """What training reads: the text index, phase-1 texts or phase-2 examples, and a report.
+
+    :func:`resolve_data` fills everything but the token handles (``texts.tokens``); :meth:`add_tokens` fills those
+    once the student's tokenizer is at hand, so bad data and missing vectors stop a run before the student loads.
+    """
+
+    texts: TextIndex
+    phase1: np.ndarray | None = None
+    phase2: Phase2Examples | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    to_tokenize: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # positions training reads
+
+    def add_tokens(self, sources: list[Source], table: TokenTable) -> int:
+        """Second pass over ``sources``: student tokens of every text training reads; returns how many were new."""
+        return fill_tokens(sources, self.texts, self.to_tokenize, table)
+
+
+def _blocks(source: Source) -> Iterator[list[TextRecord]]:
+    block: list[TextRecord] = []
+    for rec in source.iter_texts():
+        block.append(rec)
+        if len(block) == BLOCK:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:
+    """Pass 1: keys of every text and one IdMap per source (streaming; 40 bytes kept per text)."""
+    all_keys, all_roles, all_src, maps = [], [], [], []
+    for i, source in enumerate(sources):
+        hashes, id_keys = [], []
+        for block in _blocks(source):
+            k = content_keys([r.role for r in block], [r.text for r in block])
+            for role in ("query", "passage"):
+                sel = [j for j, r in enumerate(block) if r.role == role]
+                if sel:
+                    hashes.append(id_hashes(role, [block[j].id for j in sel]))
+                    id_keys.append(k[sel])
+            all_keys.append(k)
+            all_roles.append(np.array([role_code(r.role) for r in block], dtype=np.uint8))
+            all_src.append(np.full(len(block), i, dtype=np.int16))
+        maps.append(IdMap.build(hashes, id_keys, source.spec))
+    keys = np.concatenate(all_keys) if all_keys else np.empty(0, KEY_DTYPE)
+    uniq, first = np.unique(keys, return_index=True)
+    roles = np.concatenate(all_roles)[first] if all_keys else np.empty(0, np.uint8)
+    src = np.concatenate(all_src)[first] if all_keys else np.empty(0, np.int16)
+    return TextIndex(uniq, roles, src), maps
+
+
+def wanted_splits(split: str | None) -> tuple[str, ...] | None:
+    """``"train,dev"`` → ("train", "dev"); None → None (every split)."""
+    if split is None:
+        return None
+    return tuple(p.strip() for p in split.split(",") if p.strip())
+
+
+def eval_query_ids(source: Source, split: str | None) -> set[str]:
+    """Queries judged only in splits outside ``split``: phase 1 leaves their texts out (no test leakage)."""
+    wanted = wanted_splits(split)
+    if wanted is None:
+        return set()
+    held = {q for s in source.splits() if s not in wanted for q in source.qrels(s)}
+    train = {q for s in source.splits() if s in wanted for q in source.qrels(s)}
+    return held - train
+
+
+def _examples(source: Source, split: str | None) -> Iterator[Any]:
+    """Training examples of every wanted split the source has (a source may have none of them)."""
+    wanted = wanted_splits(split)
+    if wanted is None:
+        yield from source.training_examples(None)
+        return
+    for name in source.splits():
+        if name in wanted:
+            yield from source.training_examples(name)
+
+
+def phase1_positions(sources: list[Source], texts: TextIndex, maps: list[IdMap], split: str | None) -> np.ndarray:
+    """Every text of every source except queries judged only in held-out splits."""
+    exclude = []
+    for source, id_map in zip(sources, maps, strict=True):
+        held = sorted(eval_query_ids(source, split))
+        if held:
+            keys, found = id_map.lookup("query", held)
+            exclude.append(keys[found])
+    keep = np.ones(len(texts.keys), dtype=bool)
+    if exclude:
+        pos = texts.positions(np.concatenate(exclude))
+        keep[pos[pos >= 0]] = False
+    return np.flatnonzero(keep)
+
+
+def resolve_examples(
+    sources: list[Source], texts: TextIndex, maps: list[IdMap], split: str | None, skip_bad: bool
+) -> tuple[Phase2Examples, dict[str, Any]]:
+    """Phase-2 examples of every source, ids resolved (own source first, then any source).
+
+    Examples are resolved in blocks of ``RESOLVE_BLOCK``: one hash-and-search over every id of the block,
+    then array operations (was: three lookups and a ``setdiff1d`` per query, ~1 ms a query with 300
+    negatives, minutes for MS MARCO's hard-negatives file).
+    """
+    union = _union_map(maps)
+    queries: list[np.ndarray] = []
+    positives: list[Ragged] = []
+    negatives: list[Ragged] = []
+    src: list[np.ndarray] = []
+    report: dict[str, Any] = {"unknown_ids": {}, "no_positive": {}}
+    for i, source in enumerate(sources):
+        unknown = no_pos = 0
+        for block in _batched(_examples(source, split), RESOLVE_BLOCK):
+            q, pos, neg, block_unknown = _resolve_block(texts, [maps[i], union], block)
+            unknown += block_unknown
+            no_pos += len(block) - len(q)
+            queries.append(q)
+            positives.append(pos)
+            negatives.append(neg)
+            src.append(np.full(len(q), i, dtype=np.int16))
+        _check_example_problems(source, unknown, no_pos, skip_bad, report)
+    examples = Phase2Examples(
+        np.concatenate(queries) if queries else np.empty(0, np.int64),
+        Ragged.concat(positives),
+        Ragged.concat(negatives),
+        np.concatenate(src) if src else np.empty(0, np.int16),
+    )
+    return examples, report
+
+
+RESOLVE_BLOCK = 4096  # examples resolved together: ~1.2 M ids with 300 negatives each
+
+
+def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    block: list[Any] = []
+    for item in items:
+        block.append(item)
+        if len(block) == n:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _resolve_block(texts: TextIndex, maps: list[IdMap], block: list[Any]) -> tuple[np.ndarray, Ragged, Ragged, int]:
+    """(query positions, positives, negatives, unknown ids) of the block's examples that have a query and a positive.
+
+    Positives keep their order (duplicates too); negatives are sorted, unique and never one of the same
+    example's positives — as the per-example ``setdiff1d`` this replaces.
+    """
+    b = len(block)
+    q = _resolve(texts, maps, "query", [ex.query_id for ex in block])
+    p = _resolve(texts, maps, "passage", [pid for ex in block for pid in ex.positive_ids])
+    n = _resolve(texts, maps, "passage", [nid for ex in block for nid in ex.negative_ids])
+    p_owner = np.repeat(np.arange(b), [len(ex.positive_ids) for ex in block])
+    n_owner = np.repeat(np.arange(b), [len(ex.negative_ids) for ex in block])
+    unknown = int((q < 0).sum() + (p < 0).sum() + (n < 0).sum())
+    ok = q >= 0
+    ok &= np.bincount(p_owner[p >= 0], minlength=b) > 0
+    keep_p = (p >= 0) & ok[p_owner]
+    span = np.int64(len(texts.keys) + 1)  # (example, position) pairs as one int64: example * span + position
+    pos_pairs = p_owner[keep_p] * span + p[keep_p]
+    keep_n = (n >= 0) & ok[n_owner]
+    neg_pairs = np.sort(n_owner[keep_n] * span + n[keep_n])  # sort + neighbours: np.unique hashes first, 3x slower
+    neg_pairs = neg_pairs[np.r_[True, neg_pairs[1:] != neg_pairs[:-1]]] if len(neg_pairs) else neg_pairs
+    sorted_pos = np.sort(pos_pairs)
+    at = np.minimum(np.searchsorted(sorted_pos, neg_pairs), max(len(sorted_pos) - 1, 0))
+    if len(sorted_pos):
+        neg_pairs = neg_pairs[sorted_pos[at] != neg_pairs]
+    pos = Ragged.from_owners(p_owner[keep_p], p[keep_p], b, ok)
+    neg = Ragged.from_owners(neg_pairs // span, neg_pairs % span, b, ok)
+    return q[ok], pos, neg, unknown
+
+
+def _check_example_problems(source: Source, unknown: int, no_pos: int, skip_bad: bool, report: dict[str, Any]) -> None:
+    if unknown:
+        report["unknown_ids"][source.spec] = unknown
+    if no_pos:
+        report["no_positive"][source.spec] = no_pos
+    if skip_bad or not (unknown or no_pos):
+        return
+    what = []
+    if unknown:
+        what.append(f"{unknown} ids that no --data source defines")
+    if no_pos:
+        what.append(f"{no_pos} queries without a known positive")
+    raise BadSourceError(
+        f"{source.spec}: training examples reference {' and '.join(what)}. Add the collection that defines them "
+        "with --data (e.g. the MS MARCO collection next to a hard-negatives file), or pass --skip-bad to drop "
+        "those ids and queries (they are counted in the run report)."
+    )
+
+
+def _union_map(maps: list[IdMap]) -> IdMap:
+    if len(maps) == 1:
+        return maps[0]
+    h = np.concatenate([m.hashes for m in maps])
+    k = np.concatenate([m.keys for m in maps])
+    order = np.argsort(h, kind="stable")
+    return IdMap(h[order], k[order])
+
+
+def _resolve(texts: TextIndex, maps: list[IdMap], role: str, ids: list[str]) -> np.ndarray:
+    if not ids:
+        return np.empty(0, np.int64)
+    out = np.full(len(ids), -1, dtype=np.int64)
+    for id_map in maps:
+        todo = out < 0
+        if not todo.any():
+            break
+        keys, found = id_map.lookup(role, [ids[j] for j in np.flatnonzero(todo)])
+        pos = np.where(found, texts.positions(keys), -1)
+        out[np.flatnonzero(todo)] = pos
+    return out
+
+
+def fill_tokens(sources: list[Source], texts: TextIndex, needed: np.ndarray, table: TokenTable) -> int:
+    """Pass 2: tokenize the needed texts the token table lacks; returns how many were tokenized."""
+    want = np.zeros(len(texts.keys), dtype=bool)
+    want[needed] = True
+    want &= table.locate(texts.keys) < 0
+    added = 0
+    if want.any():
+        for source in sources:
+            for block in _blocks(source):
+                k = content_keys([r.role for r in block], [r.text for r in block])
+                pos = texts.positions(k)
+                sel = [j for j in range(len(block)) if pos[j] >= 0 and want[pos[j]]]
+                if sel:
+                    added += table.add(k[sel], [block[j].text for j in sel])
+                    want[pos[sel]] = False
+    texts.tokens = table.locate(texts.keys)
+    return added
+
+
+def check_vectors(
+    store: TeacherStore, sources: list[Source], texts: TextIndex, needed: np.ndarray, allow_missing: bool
+) -> np.ndarray:
+    """Store rows of the needed texts; stops (or, with allow_missing, reports) when some are missing.
+
+    Returns:
+        Boolean mask over ``needed``: which texts have a vector.
+    """
+    texts.gids = store.locate(texts.keys)
+    have = texts.gids[needed] >= 0
+    if have.all() or allow_missing:
+        return have
+    lacking = needed[~have]
+    per_source = np.bincount(texts.source[lacking], minlength=len(sources))
+    lines = [f"{int(n):,} from {sources[i].spec}" for i, n in enumerate(per_source) if n]
+    specs = [sources[i].spec for i, n in enumerate(per_source) if n]
+    raise MissingVectorsError(
+        f"{len(lacking):,} of {len(needed):,} texts this run needs have no teacher vector in {store.url!r} "
+        f"({'; '.join(lines)}). The teacher never runs during training; add them with:\n  "
+        f"{missing_vectors_command(store, specs)}\nor pass --allow-missing to drop those examples."
+    )
+
+
+def prepare_data(
+    sources: list[Source],
+    store: TeacherStore,
+    table: TokenTable,
+    *,
+    phase: int,
+    split: str | None = "train",
+    allow_missing: bool = False,
+    skip_bad: bool = False,
+    mine: Miner | None = None,
+) -> PreparedData:
+    """Resolve sources into training data for ``phase`` (1: texts, 2: examples), tokens included.
+
+    :func:`resolve_data` then :meth:`PreparedData.add_tokens`; see there for what raises.
+    """
+    data = resolve_data(
+        sources,
+        store,
+        phase=phase,
+        split=split,
+        allow_missing=allow_missing,
+        skip_bad=skip_bad,
+        mine=mine,
+    )
+    data.add_tokens(sources, table)
+    return data
+
+
+def resolve_data(
+    sources: list[Source],
+    store: TeacherStore,
+    *,
+    phase: int,
+    split: str | None = "train",
+    allow_missing: bool = False,
+    skip_bad: bool = False,
+    mine: Miner | None = None,
+) -> PreparedData:
+    """Resolve sources against the store for ``phase``, without tokens: no student model is needed yet.
+
+    ``mine`` (phase 2) adds negatives to the resolved examples before their vectors are checked, e.g.
+    :func:`distill.train.mining.hard_negative_miner` for ``--mine-negatives``; its report goes under ``"mined"``.
+
+    Raises:
+        MissingVectorsError: needed texts lack teacher vectors (unless ``allow_missing``).
+        BadSourceError: examples reference unknown ids or queries without positives (unless ``skip_bad``).
+        DdxError: nothing left to train on.
+    """
+    texts, maps = scan_sources(sources)
+    if phase == 1:
+        return _prepare_phase1(sources, store, texts, maps, split, allow_missing)
+    examples, report = resolve_examples(sources, texts, maps, split, skip_bad)
+    if mine is not None:
+        texts.gids = store.locate(texts.keys)
+        examples, report["mined"] = mine(examples, texts, store)
+    needed = np.unique(np.concatenate([examples.query, examples.positives.flat, examples.negatives.flat]))
+    have = check_vectors(store, sources, texts, needed, allow_missing)
+    examples, report["dropped_missing"] = _drop_missing(examples, texts)
+    if len(examples) == 0:
+        raise DdxError(
+            f"No phase-2 examples left from {[s.spec for s in sources]} (split {split!r}): check that "
+            "the data has queries with judged positives for this split."
+        )
+    report["missing_vectors"] = int((~have).sum())
+    return PreparedData(texts, phase2=examples, report=report, to_tokenize=needed[have])
+
+
+def _prepare_phase1(
+    sources: list[Source],
+    store: TeacherStore,
+    texts: TextIndex,
+    maps: list[IdMap],
+    split: str | None,
+    allow_missing: bool,
+) -> PreparedData:
+    needed = phase1_positions(sources, texts, maps, split)
+    have = check_vectors(store, sources, texts, needed, allow_missing)
+    kept = needed[have]
+    if len(kept) == 0:
+        raise DdxError(f"No texts to train on from {[s.spec for s in sources]}.")
+    report = {
+        "texts": len(kept),
+        "missing_vectors": int((~have).sum()),
+        "held_out_queries": int(len(texts.keys) - len(needed)),
+    }
+    return PreparedData(texts, phase1=kept, report=report, to_tokenize=kept)
+
+
+def _drop_missing(examples: Phase2Examples, texts: TextIndex) -> tuple[Phase2Examples, int]:
+    """Drop missing positives/negatives, and examples left without query or positive."""
+    ok = texts.gids >= 0
+    pos = [r[ok[r]] for r in (examples.positives.row(i) for i in range(len(examples)))]
+    neg = [r[ok[r]] for r in (examples.negatives.row(i) for i in range(len(examples)))]
+    keep = np.array([ok[q] and len(p) > 0 for q, p in zip(examples.query, pos, strict=True)], dtype=bool)
+    kept = np.flatnonzero(keep)
+    out = Phase2Examples(
+        examples.query[kept],
+        Ragged.from_lists([pos[i] for i in kept]),
+        Ragged.from_lists([neg[i] for i in kept]),
+        examples.source[kept],
+    )
+    return out, int((~keep).sum())

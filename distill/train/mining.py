@@ -1,0 +1,103 @@
+"""Hard negatives mined from the stored teacher vectors: no teacher run, no second model.
+
+For every training query, the teacher's own query vector is scored against the teacher vectors of
+its source's passages (exact search, chunked); the top-ranked passages that are not positives
+become hard negatives. The false-negative rule (NV-Retriever's "TopK-PercPos"): a candidate scoring
+at or above ``margin ×`` the weakest positive's score is skipped, because a passage the teacher
+rates almost as high as a judged positive is more likely an unjudged positive than a negative.
+Mined negatives are appended after any negatives the data set already gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from distill.train.data import Miner, Phase2Examples, Ragged, TextIndex
+from storage.store import TeacherStore
+
+__all__ = ["hard_negative_miner", "mine_hard_negatives"]
+
+STREAM_ROWS = 65_536  # passage vectors gathered per block
+
+
+def _passage_blocks(store: TeacherStore, gids: np.ndarray) -> Iterator[np.ndarray]:
+    for s in range(0, len(gids), STREAM_ROWS):
+        yield store.get_rows(gids[s : s + STREAM_ROWS], dtype="float32")
+
+
+def _mine_source(
+    examples: Phase2Examples,
+    rows: np.ndarray,
+    corpus: np.ndarray,
+    texts: TextIndex,
+    store: TeacherStore,
+    k: int,
+    margin: float,
+) -> tuple[list[np.ndarray], int]:
+    from distill.search.search import exact_search  # imports torch: loaded when mining runs
+
+    queries = store.get_rows(texts.gids[examples.query[rows]], dtype="float32")
+    most_pos = int(examples.positives.lengths()[rows].max())
+    depth = min(len(corpus), k + most_pos + max(k, 20))
+    scores, idx = exact_search(queries, lambda: _passage_blocks(store, texts.gids[corpus]), depth, normalize=True)
+    mined, skipped = [], 0
+    for r, row in enumerate(rows):
+        positives = examples.positives.row(int(row))
+        pos_vectors = store.get_rows(texts.gids[positives], dtype="float32")
+        q = queries[r] / max(float(np.linalg.norm(queries[r])), 1e-12)
+        pos_scores = pos_vectors @ q / np.maximum(np.linalg.norm(pos_vectors, axis=1), 1e-12)
+        limit = margin * float(pos_scores.min())
+        candidates = corpus[idx[r]]
+        not_positive = ~np.isin(candidates, positives)
+        ok = not_positive & (scores[r] < limit)
+        skipped += int((not_positive & ~ok).sum())
+        mined.append(candidates[ok][:k])
+    return mined, skipped
+
+
+def mine_hard_negatives(
+    examples: Phase2Examples, texts: TextIndex, store: TeacherStore, k: int, *, margin: float = 0.95
+) -> tuple[Phase2Examples, dict[str, Any]]:
+    """Add up to ``k`` teacher-mined negatives to every example whose vectors are stored.
+
+    Args:
+        examples: phase-2 examples (positions into ``texts``).
+        texts: the run's TextIndex with ``gids`` filled in.
+        store: the teacher store.
+        k: negatives to mine per query.
+        margin: false-negative rule; candidates scoring >= margin × the weakest positive are skipped.
+
+    Returns:
+        The examples with mined negatives appended, and a report (mined count, skipped as likely positives).
+    """
+    negatives = [examples.negatives.row(i) for i in range(len(examples))]
+    report = {"per_query": k, "mined": 0, "skipped_as_likely_positive": 0, "queries": 0}
+    for source in np.unique(examples.source):
+        rows = np.flatnonzero((examples.source == source) & (texts.gids[examples.query] >= 0))
+        rows = np.array([r for r in rows if (texts.gids[examples.positives.row(int(r))] >= 0).all()], dtype=np.int64)
+        corpus = np.flatnonzero((texts.roles == 0) & (texts.source == source) & (texts.gids >= 0))
+        if len(rows) == 0 or len(corpus) == 0:
+            continue
+        mined, skipped = _mine_source(examples, rows, corpus, texts, store, k, margin)
+        for row, extra in zip(rows, mined, strict=True):
+            have = negatives[row]
+            negatives[row] = np.concatenate([have, extra[~np.isin(extra, have)]])
+            report["mined"] += len(extra)
+        report["skipped_as_likely_positive"] += skipped
+        report["queries"] += len(rows)
+    out = Phase2Examples(examples.query, examples.positives, Ragged.from_lists(negatives), examples.source)
+    return out, report
+
+
+def hard_negative_miner(k: int, margin: float = 0.95) -> Miner | None:
+    """The ``mine`` step of :func:`distill.train.data.resolve_data` for ``--mine-negatives k`` (None when k is 0)."""
+    if not k:
+        return None
+
+    def mine(examples: Phase2Examples, texts: TextIndex, store: TeacherStore) -> tuple[Phase2Examples, dict[str, Any]]:
+        return mine_hard_negatives(examples, texts, store, k, margin=margin)
+
+    return mine
