@@ -43,13 +43,25 @@ def test_ragged_rows() -> None:
 
 
 def test_id_map_refuses_one_id_for_two_texts() -> None:
-    keys = content_keys("passage", ["one text", "another text"])
+    positions = np.array([0, 1])  # two different texts of the text index
     with pytest.raises(BadSourceError, match=r"beir:x: two different texts share one id.*Deduplicate"):
-        IdMap.build([id_hashes("passage", ["d1", "d1"])], [keys], "beir:x")
-    same = IdMap.build([id_hashes("passage", ["d1", "d1"])], [keys[[0, 0]]], "beir:x")
-    found_keys, found = same.lookup("passage", ["d1", "d2"])
-    assert found.tolist() == [True, False] and found_keys[0] == keys[0]
-    assert not IdMap.build([], [], "empty").lookup("query", ["q"])[1].any()
+        IdMap.build([id_hashes("passage", ["d1", "d1"])], [positions], "beir:x")
+    same = IdMap.build([id_hashes("passage", ["d1", "d1"])], [positions[[0, 0]]], "beir:x")
+    assert same.lookup("passage", ["d1", "d2"]).tolist() == [0, -1]
+    assert same.lookup("query", ["d1"]).tolist() == [-1]  # the role is part of the id
+    assert IdMap.build([], [], "empty").lookup("query", ["q"]).tolist() == [-1]
+
+
+def test_id_lookup_in_any_order_equals_a_dict() -> None:
+    ids = [f"id{i}" for i in range(5000)]
+    rng = np.random.default_rng(0)
+    positions = rng.permutation(5000)
+    id_map = IdMap.build(
+        [id_hashes("passage", ids[:2500]), id_hashes("passage", ids[2500:])], [positions[:2500], positions[2500:]], "x"
+    )
+    want = dict(zip(ids, positions.tolist(), strict=True))
+    asked = [ids[j] if j < 5000 else f"missing{j}" for j in rng.integers(0, 6000, 20000)]
+    assert id_map.lookup("passage", asked).tolist() == [want.get(i, -1) for i in asked]
 
 
 def test_eval_only_queries_are_held_out(corpus: Corpus) -> None:
@@ -165,7 +177,9 @@ def test_block_resolution_equals_a_per_example_reference() -> None:
     keys = np.concatenate([pkeys, qkeys])
     order = np.argsort(keys)
     texts = data.TextIndex(keys[order], np.zeros(len(keys), np.uint8), np.zeros(len(keys), np.int16))
-    id_map = IdMap.build([id_hashes("passage", pids), id_hashes("query", qids)], [pkeys, qkeys], "x")
+    id_map = IdMap.build(
+        [id_hashes("passage", pids), id_hashes("query", qids)], [texts.positions(pkeys), texts.positions(qkeys)], "x"
+    )
     known = [*pids, "unknown-a", "unknown-b"]
     examples = [
         SimpleNamespace(
