@@ -184,7 +184,7 @@ def hybrid_ndcg(system: str, run_dir: Path, teacher_store: str) -> float:
     passages = store.get(content_keys("passage", es.doc_texts), dtype="float32")
     priority = trec_tie_priority(es.doc_ids)
     scores, idx = exact_search(queries.astype(np.float32), passages, 1000, normalize=True, tie_priority=priority)
-    return metrics_from_topk(es.qrels, es.query_ids, es.doc_ids, idx, scores, doc_priority=priority).mean["nDCG@10"]
+    return metrics_from_topk(es.qrels, es.query_ids, es.doc_ids, idx, scores).mean["nDCG@10"]
 
 
 def _du(path: Path) -> int:

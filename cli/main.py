@@ -45,7 +45,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option("0.1.0", prog_name="ddx")
+@click.version_option(package_name="ddx", prog_name="ddx")  # the installed distribution's version
 def cli() -> None:
     """ddx: distill retrieval models from a teacher you run only once.
 

@@ -1,4 +1,9 @@
-"""Shared CLI plumbing: config files (YAML/TOML) under flags, JSON output, and clean errors.
+"""Shared CLI plumbing: options derived from the config dataclasses, config files (YAML/TOML) under flags, JSON
+output, and clean errors.
+
+Each option that sets a config field is built from that field (:func:`field_options`): its default, its help
+(``field(metadata={"help": ...})``), its type and choices (the annotation, a ``Literal``, or ``metadata["choices"]``)
+and its range (``metadata["min"]``/``["max"]``), so a default is written once, in the dataclass.
 
 A config file gives defaults; flags given on the command line override it (click's ``default_map``).
 Keys are option names with ``-`` or ``_``; a section named after the command (``train:``) is used
@@ -7,20 +12,156 @@ when present, so one file can configure every command of an experiment.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import importlib
 import json
 import re
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import click
 
-__all__ = ["config_option", "echo_json", "library_errors", "load_config_file", "one_line", "os_error_line"]
+__all__ = [
+    "CommaList",
+    "ConfigCommand",
+    "config_field",
+    "config_option",
+    "echo_json",
+    "field_choices",
+    "field_default",
+    "field_options",
+    "library_errors",
+    "load_config_file",
+    "one_line",
+    "os_error_line",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- options from config fields -------------------------------------------------------------------------------------
+
+
+class ConfigCommand(click.Command):
+    """A command whose :func:`field_options` are built on first use of ``params`` (help, parsing).
+
+    Building them imports the config class, and some (the router's) live in modules that import torch: deferred,
+    ``ddx router --help`` lists the subcommands without loading them.
+    """
+
+    _params: list[click.Parameter]
+    _pending: list[Any]  # click.Parameter, or a function that builds a list of them
+
+    @property  # type: ignore[override]
+    def params(self) -> list[click.Parameter]:
+        for p in self._pending:
+            self._params += [p] if isinstance(p, click.Parameter) else p()
+        self._pending = []
+        return self._params
+
+    @params.setter
+    def params(self, value: list[Any]) -> None:
+        self._params, self._pending = [], list(value)
+
+
+def field_options(config: str, *names: str, skip: Sequence[str] = (), **overrides: dict[str, Any]) -> Callable[[F], F]:
+    """One click option per field of the dataclass ``config`` (``"module:Class"``), in field order: ``names``
+    only when given, else every field but ``skip``. Use it on a :class:`ConfigCommand`.
+
+    Each option's default, help, type, choices and range come from its field (``required`` when it has no default,
+    repeatable for a tuple, ``--x`` for a bool defaulting to False, else ``--x/--no-x``); ``overrides[field]`` adds
+    what belongs to the command line alone: click.Option's arguments, and ``decls`` for other flag spellings. The
+    value reaches the command under the field's name.
+    """
+
+    def build() -> list[click.Parameter]:
+        module, _, attr = config.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        chosen = names or [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+        if set(overrides) - set(chosen):
+            raise TypeError(
+                f"field_options({config!r}): overrides for no option: {sorted(set(overrides) - set(chosen))}"
+            )
+        return [_field_option(cls, name, dict(overrides.get(name, {}))) for name in chosen]
+
+    def decorator(f: F) -> F:
+        f.__dict__.setdefault("__click_params__", []).append(build)
+        return f
+
+    return decorator
+
+
+def config_field(config: type, name: str) -> tuple[dataclasses.Field[Any], Any]:
+    """The dataclass field ``name`` of ``config`` and its annotation, ``X | None`` read as ``X``."""
+    found = {f.name: f for f in dataclasses.fields(config)}.get(name)
+    if found is None:
+        raise TypeError(f"{config.__name__} has no field {name!r}")
+    hint = typing.get_type_hints(config)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return found, hint
+
+
+def field_choices(field: dataclasses.Field[Any], hint: Any) -> tuple[Any, ...] | None:
+    """The values a field allows: ``metadata["choices"]``, else its ``Literal``'s (None: any of its type)."""
+    if "choices" in field.metadata:
+        return tuple(field.metadata["choices"])
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def field_default(field: dataclasses.Field[Any]) -> Any:
+    """The field's default (``dataclasses.MISSING`` when it has none)."""
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def _field_option(config: type, name: str, attrs: dict[str, Any]) -> click.Option:
+    field, hint = config_field(config, name)
+    meta, default = field.metadata, field_default(field)
+    decls = attrs.pop("decls", ["--" + name.replace("_", "-")])
+    kw: dict[str, Any] = {"help": meta.get("help"), "show_default": True, "required": default is dataclasses.MISSING}
+    choices = field_choices(field, hint)
+    if isinstance(attrs.get("type"), CommaList):  # a tuple field as one value; its default shown as typed
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    elif typing.get_origin(hint) is tuple:
+        kw["multiple"] = True
+    elif hint is bool:
+        decls = decls if default is False or "/" in decls[0] else [f"{decls[0]}/--no-{decls[0][2:]}"]
+        kw["is_flag"] = True
+    elif choices is not None:
+        kw["type"] = click.Choice(list(choices))
+    elif "min" in meta or "max" in meta:
+        kw["type"] = (click.FloatRange if hint is float else click.IntRange)(meta.get("min"), meta.get("max"))
+    else:
+        kw["type"] = hint
+    if default is not dataclasses.MISSING and (default is not None or hint is bool):
+        kw["default"] = default
+    return click.Option([*decls, name], **(kw | attrs))
+
+
+class CommaList(click.ParamType):
+    """``"a,b"`` → ``("a", "b")``; items converted by ``item`` (``"10,100"`` → ``(10, 100)``), empty ones dropped.
+
+    A list (from a config file) is taken as the items.
+    """
+
+    name = "text"
+
+    def __init__(self, item: type = str) -> None:
+        self.item = item
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        parts = value if isinstance(value, tuple | list) else str(value).split(",")
+        try:
+            return tuple(self.item(str(part).strip()) for part in parts if str(part).strip())
+        except ValueError:
+            what = "integers" if self.item is int else f"{self.item.__name__} values"
+            self.fail(f"must be comma-separated {what}, got {value!r}.", param, ctx)
 
 
 def load_config_file(path: str | Path, command: str) -> dict[str, Any]:

@@ -6,117 +6,16 @@ from typing import Any
 
 import click
 
-from cli.options import config_option, echo_json, library_errors
+from cli.options import ConfigCommand, config_option, echo_json, field_options, library_errors
 
 
-@click.command("train")
+@click.command("train", cls=ConfigCommand)
 @config_option
-@click.option("--phase", type=click.IntRange(1, 2), required=True, help="1: MSE+cosine on texts; 2: InfoNCE+MSE.")
-@click.option("--store", required=True, help="Teacher store to read vectors from (never written).")
-@click.option("--data", multiple=True, help="Source, repeatable (as for precompute-teacher).")
-@click.option("--out", required=True, help="Run folder (student_base/, hybrid/, projection_layer.pt, ...).")
-@click.option("--student", help="Student sentence-transformer (hub id or folder).")
-@click.option("--init", help="Start from this run folder (phase 2 starts from phase 1).")
-@click.option(
-    "--split",
-    default="train",
-    show_default=True,
-    help="Split(s) of examples to train on, comma-separated (e.g. train,dev).",
+@field_options(  # one option per TrainConfig field: its default, help and choices
+    "distill.train.config:TrainConfig",
+    data={"required": False},  # --hard-negatives may stand in for it
+    gradient_checkpointing={"decls": ["--gradient-checkpointing/--no-gradient-checkpointing"]},
 )
-@click.option(
-    "--hard-negatives", multiple=True, help="Extra example file(s), e.g. the ST MS MARCO hard-negatives jsonl."
-)
-@click.option(
-    "--mine-negatives",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Mine K negatives per query from stored teacher vectors (no teacher run).",
-)
-@click.option(
-    "--mine-margin",
-    type=float,
-    default=0.95,
-    show_default=True,
-    help="Skip mined candidates scoring >= margin × the weakest positive (likely unjudged positives).",
-)
-@click.option("--num-negatives", type=int, default=7, show_default=True, help="Hard negatives per query per step.")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per device per step.")
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="Student learning rate.")
-@click.option(
-    "--projection-lr",
-    type=float,
-    help="Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, "
-    "the student's --lr in phase 2).",
-)
-@click.option("--warmup", type=float, default=0.1, show_default=True, help="< 1: fraction of steps; >= 1: steps.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--bf16", is_flag=True, help="bfloat16 mixed precision.")
-@click.option("--fp16", is_flag=True, help="float16 mixed precision.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
-@click.option("--max-seq-length", type=int, help="Student tokens per text (default: the student's).")
-@click.option("--projection-hidden", type=int, help="Projection hidden width (default 2 × student dim).")
-@click.option(
-    "--projection-init",
-    type=click.Choice(["ridge", "random"]),
-    default="ridge",
-    show_default=True,
-    help="New projections: fit the output layer by ridge regression on stored vectors first.",
-)
-@click.option("--mse-weight", type=float, help="MSE weight (default 0.4 in phase 1, 0.2 in phase 2).")
-@click.option(
-    "--mse-reduction",
-    type=click.Choice(["vector", "element"]),
-    default="vector",
-    show_default=True,
-    help="vector: squared distance per vector; element: torch's mean over elements (~1/dim as large).",
-)
-@click.option("--cos-weight", type=float, default=0.6, show_default=True, help="Phase-1 cosine weight.")
-@click.option("--infonce-weight", type=float, default=0.8, show_default=True, help="Phase-2 InfoNCE weight.")
-@click.option("--temperature", type=float, default=0.05, show_default=True, help="InfoNCE temperature.")
-@click.option(
-    "--infonce-space",
-    default="projected+hybrid",
-    show_default=True,
-    help="Where InfoNCE runs: projected student on both sides (projected), projected queries vs "
-    "teacher passages (hybrid), the student's own space (student), or several joined with '+' "
-    "(e.g. projected+hybrid: terms averaged).",
-)
-@click.option("--negatives-scope", type=click.Choice(["batch", "own"]), default="batch", show_default=True)
-@click.option(
-    "--mini-batch-size",
-    type=click.IntRange(min=0),
-    default=8,
-    show_default=True,
-    help="Phase 2: sequences per forward of the cached (GradCache) loss: memory is set by this, not by "
-    "batch × negatives × length; same gradient, ~1/3 more compute. 0: the plain step (all in one graph).",
-)
-@click.option(
-    "--gradient-checkpointing/--no-gradient-checkpointing",
-    default=False,
-    show_default=True,
-    help="Recompute the student's layer activations in backward: less memory, ~30 % more time.",
-)
-@click.option("--length-grouping/--no-length-grouping", default=True, show_default=True)
-@click.option("--allow-missing", is_flag=True, help="Drop examples lacking teacher vectors instead of stopping.")
-@click.option("--skip-bad", is_flag=True, help="Drop unknown ids and queries without positives instead of stopping.")
-@click.option("--expect-teacher", help="Refuse a store made by another teacher than this one.")
-@click.option("--title-join", default="{title} {text}", show_default=True, help="Must match the precompute run's.")
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue from the newest complete checkpoint in OUT/checkpoints (damaged ones are skipped and set aside).",
-)
-@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers.")
-@click.option("--logging-steps", type=int, default=10, show_default=True)
-@click.option("--save-steps", type=int, default=500, show_default=True)
-@click.option("--save-total-limit", type=int, default=2, show_default=True)
-@click.option("--token-cache", help="Folder for token tables (default $DDX_CACHE_DIR or ~/.cache/ddx).")
-@click.option("--device", help="Torch device (default: CUDA when available).")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @library_errors
 def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...], **options: Any) -> None:

@@ -49,22 +49,48 @@ SCAN_BLOCK = 8192  # records hashed per numpy call
 class PrecomputeConfig:
     """Everything ``ddx precompute-teacher`` needs besides the teacher itself."""
 
-    store: str  # store path or fsspec URL (created on first use)
-    data: tuple[str, ...]  # source specs: "beir:path", "msmarco:path", "hf:name", ...
+    # Each field's metadata is its ``ddx precompute-teacher`` option's help and choices (cli/precompute_cmd.py).
+    store: str = field(metadata={"help": "Store path or fsspec URL (created on first use)."})
+    data: tuple[str, ...] = field(
+        metadata={
+            "help": "Source, repeatable: beir:PATH, msmarco:PATH, hotpotqa:PATH, nq:PATH, hf:NAME[:CONFIG][:SPLIT], "
+            "jsonl:/parquet:/csv:/tsv:PATH[?column=name...]."
+        }
+    )
     teacher: TeacherConfig
-    storage_dtype: str = "float16"  # vectors on disk; float32 doubles the size for ~1e-3 relative error saved
-    roles: tuple[str, ...] = ("query", "passage")  # which texts to encode
-    token_budget: int | None = None  # padded tokens per batch; default 65,536 on GPU, 8,192 on CPU
-    max_batch_size: int = 512  # texts per batch at most, however short
-    window: int = 65_536  # texts sorted together by length; larger = less padding, more RAM
-    flush_rows: int | None = None  # rows per chunk; default: 32 MiB chunks (4,096 rows at 3584-d fp16)
-    flush_seconds: float = 60.0  # write the partial chunk at least this often (the most a crash loses)
-    limit: int | None = None  # encode at most this many texts (dry runs)
-    rank: int | None = None  # this process's slice; default from torchrun/SLURM env, else 0
-    world_size: int | None = None
-    skip_bad: bool = False  # skip (and count) malformed records instead of stopping
-    title_join: str = "{title} {text}"  # how passage titles join their text (part of the key)
-    progress: bool = True  # progress bar on stderr (rank 0 only)
+    # float32 doubles the size for ~1e-3 relative error saved.
+    storage_dtype: str = field(
+        default="float16",
+        metadata={"help": "Dtype of stored vectors (new stores only).", "choices": ("float16", "float32")},
+    )
+    roles: tuple[str, ...] = field(
+        default=("query", "passage"), metadata={"help": "Which texts to encode.", "choices": ("query", "passage")}
+    )
+    token_budget: int | None = field(
+        default=None, metadata={"help": "Padded tokens per batch (default 65,536 on GPU, 8,192 on CPU)."}
+    )
+    max_batch_size: int = field(default=512, metadata={"help": "Texts per batch at most."})  # however short
+    window: int = field(  # larger = less padding, more RAM
+        default=65_536, metadata={"help": "Texts sorted together by length."}
+    )
+    flush_rows: int | None = field(  # 32 MiB chunks: 4,096 rows at 3584-d fp16
+        default=None, metadata={"help": "Rows per stored chunk (default: 32 MiB chunks)."}
+    )
+    flush_seconds: float = field(
+        default=60.0, metadata={"help": "Flush at least this often; a crash loses at most this much work."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Encode at most this many texts (dry run)."})
+    rank: int | None = field(  # else 0
+        default=None, metadata={"help": "This process's slice (default from torchrun/SLURM env)."}
+    )
+    world_size: int | None = field(
+        default=None, metadata={"help": "Number of slices (default from torchrun/SLURM env)."}
+    )
+    skip_bad: bool = field(default=False, metadata={"help": "Skip and count malformed records instead of stopping."})
+    title_join: str = field(
+        default="{title} {text}", metadata={"help": "How passage titles join their text (part of the key)."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Progress bar on stderr."})  # rank 0 only
 
     def __post_init__(self) -> None:
         if not self.data:

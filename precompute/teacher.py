@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from storage.errors import DdxError
-from storage.fs import default_cache_dir
+from storage.fs import atomic_open, default_cache_dir
 from storage.spec import POOLING_MODES, TeacherSpec
 
 __all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "expected_spec", "load_teacher", "weights_identity"]
@@ -52,18 +52,45 @@ _SKIP_HASH = {".md", ".txt", ".ini", ".png", ".jpg", ".gitattributes", ".lock"}
 class TeacherConfig:
     """How to load and run the teacher. ``None`` means: read it from the model (or the preset)."""
 
-    model: str  # hub id or local path of a sentence-transformers model
-    preset: str | None = None  # one of PRESETS; "gte-qwen2" is picked automatically for gte-Qwen2 models
-    query_prompt: str | None = None
-    passage_prompt: str | None = None
-    pooling: str | None = None  # replaces the model's pooling when set
-    normalize: bool | None = None  # adds/removes L2 normalization when set
-    max_seq_length: int | None = None
-    padding_side: str | None = None
-    dtype: str | None = None  # compute dtype; default bfloat16 on CUDA, float32 on CPU
-    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is present, else cpu
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    trust_remote_code: bool | None = None
+    # Each field's metadata is its ``ddx precompute-teacher`` option's help and choices (cli/precompute_cmd.py).
+    model: str = field(metadata={"help": "Teacher: hub id or local sentence-transformers folder."})
+    preset: str | None = field(  # "gte-qwen2" is picked automatically for gte-Qwen2 models
+        default=None,
+        metadata={
+            "help": "Named prompts/pooling for a known teacher (gte-Qwen2 models get 'gte-qwen2' automatically).",
+            "choices": tuple(PRESETS),
+        },
+    )
+    query_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt prepended to queries (default: the model's 'query' prompt)."}
+    )
+    passage_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt prepended to passages (default: the model's 'document' prompt)."}
+    )
+    pooling: str | None = field(  # replaces the model's pooling when set
+        default=None, metadata={"help": "Override the model's pooling.", "choices": POOLING_MODES}
+    )
+    normalize: bool | None = field(  # adds/removes L2 normalization when set
+        default=None, metadata={"help": "Force L2 normalization on or off."}
+    )
+    max_seq_length: int | None = field(default=None, metadata={"help": "Tokens kept per text (prompt included)."})
+    padding_side: str | None = field(
+        default=None, metadata={"help": "Override the tokenizer's padding side.", "choices": ("left", "right")}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compute dtype (default bfloat16 on GPU, float32 on CPU).",
+            "choices": ("float32", "bfloat16", "float16"),
+        },
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Torch device (default cuda:LOCAL_RANK when available, else cpu)."}
+    )
+    revision: str | None = field(  # branch, tag or commit
+        default=None, metadata={"help": "Hub revision of the teacher."}
+    )
+    trust_remote_code: bool | None = field(default=None, metadata={"help": "Allow the model's own code."})
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -150,11 +177,12 @@ def _hash_folder(path: Path) -> str:
                 h.update(block)
     digest = h.hexdigest()
     cache[entry] = digest
-    try:
+    try:  # temp file + rename: a reader sees the old cache or the new one; of two racing writers the last wins
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache))
+        with atomic_open(cache_file, "w", encoding="utf-8") as f:
+            f.write(json.dumps(cache))
     except OSError:
-        pass  # the cache only saves time
+        pass  # the cache only saves time (an entry lost to a race is hashed again next time)
     return digest
 
 

@@ -19,7 +19,6 @@ __all__ = [
     "KeySet",
     "content_key",
     "content_keys",
-    "key_from_hex",
     "key_hex",
     "key_slice",
     "role_code",
@@ -75,14 +74,6 @@ def _digests(role: str, texts: Sequence[str]) -> bytes:
 def key_hex(key: bytes | np.bytes_) -> str:
     """Hex form of one key (32 characters), padding the NULs that ``S16`` scalars drop."""
     return bytes(key).ljust(KEY_BYTES, b"\x00").hex()
-
-
-def key_from_hex(text: str) -> bytes:
-    """Inverse of :func:`key_hex`."""
-    raw = bytes.fromhex(text)
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"A key is {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits); got {text!r}.")
-    return raw
 
 
 def as_key_array(keys: Iterable[bytes] | np.ndarray) -> np.ndarray:
@@ -328,15 +319,6 @@ def _halves(keys: np.ndarray | Iterable[bytes]) -> tuple[np.ndarray, np.ndarray]
     """The two native-endian uint64 halves (first 8 bytes, last 8 bytes) of each key."""
     pairs = as_key_array(keys).view(np.uint64).reshape(-1, 2)
     return pairs[:, 0], pairs[:, 1]
-
-
-def sorted_contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Membership of ``keys`` in the sorted array ``sorted_keys`` by binary search."""
-    if len(sorted_keys) == 0 or len(keys) == 0:
-        return np.zeros(len(keys), dtype=bool)
-    pos = np.searchsorted(sorted_keys, keys)
-    pos[pos == len(sorted_keys)] = 0
-    return sorted_keys[pos] == keys
 
 
 def first_occurrence(keys: np.ndarray) -> np.ndarray:

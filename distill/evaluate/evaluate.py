@@ -27,49 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from distill.evaluate.config import MODES, EvalConfig
 from distill.evaluate.inputs import Encoders, EvalSet, SetVectors, load_eval_set, mode_inputs, set_vectors
-from distill.evaluate.metrics import MetricsResult, metrics_from_topk, trec_tie_priority, write_trec_run
+from distill.evaluate.metrics import MetricsResult, metrics_from_topk, trec_tie_priority
+from distill.evaluate.trec_run import write_trec_run
 from distill.model.run_file import check_run_store
 from distill.search.search import PassageSource, exact_search, faiss_search
 from precompute.sources import SourceOptions, parse_source
 from storage.errors import DdxError
+from storage.fs import atomic_open
 from storage.store import TeacherStore
 
 __all__ = ["MODES", "EvalConfig", "EvalResult", "SetHook", "evaluate_retrieval", "results_dir", "run_evaluation"]
-
-MODES = ("teacher", "student", "hybrid", "projected")
-SEARCHES = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """One evaluation: a model (run folder or plain sentence-transformer) on the data sets' split."""
-
-    model: str  # run folder of 'ddx train', or any SentenceTransformer folder/id (student mode only)
-    data: tuple[str, ...]  # source specs with qrels (beir:, msmarco:, hotpotqa:, ...)
-    store: str | None = None  # teacher store (needed for teacher and hybrid modes)
-    split: str = "test"
-    modes: tuple[str, ...] = MODES  # those that the model and store allow are run
-    k_values: tuple[int, ...] = (10, 100, 1000)
-    batch_size: int = 64  # student encode batch
-    chunk_size: int = 50_000  # passages per search step (bounds memory)
-    search: str = "exact"  # or faiss-flat / faiss-ivf / faiss-hnsw (pip install "ddx[faiss]")
-    device: str | None = None
-    strict: bool = False  # qrels naming unknown documents become an error
-    teacher: str | None = None  # run this teacher for texts the store lacks (writing them into the store)
-    save_run: str | None = None  # folder for TREC run files (one per data set and mode)
-    out: str | None = None  # where results JSON/CSV go (default: <model>/eval when model is a run)
-    title_join: str = "{title} {text}"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        unknown = set(self.modes) - set(MODES)
-        if unknown or not self.modes:
-            raise DdxError(f"EvalConfig.modes must be among {MODES}, got {self.modes}.")
-        if self.search not in SEARCHES:
-            raise DdxError(f"EvalConfig.search must be one of {SEARCHES}, got {self.search!r}.")
-        if not self.data:
-            raise DdxError("EvalConfig.data is empty: pass at least one --data SOURCE with qrels.")
 
 
 @dataclass
@@ -114,7 +83,6 @@ def _search(
         index=config.search.removeprefix("faiss-"),
         normalize=True,
         chunk_size=config.chunk_size,
-        tie_priority=priority,
     )
 
 
@@ -152,9 +120,7 @@ def _evaluate_set(
     for mode in modes:
         queries, passages = mode_inputs(mode, v, enc)
         scores, idx = _search(config, queries, passages, len(es.doc_ids), priority)
-        metrics = metrics_from_topk(
-            es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values, doc_priority=priority
-        )
+        metrics = metrics_from_topk(es.qrels, es.query_ids, es.doc_ids, idx, scores, k_values=config.k_values)
         searched[mode] = (scores, metrics)
         out.append(
             {
@@ -249,15 +215,18 @@ def results_dir(config: EvalConfig, *, is_run: bool) -> str | None:
 
 
 def _write_tables(result: EvalResult, out: Path, split: str) -> list[str]:
+    """The table as JSON and CSV in ``out``, each file written atomically (temp file + rename: ``atomic_open``)."""
     import csv
+    import io
     import json
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / f"results-{split}.json", out / f"results-{split}.csv"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2))
-    columns = list(dict.fromkeys(k for row in result.rows for k in row))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(result.rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in result.rows for k in row)))
+    writer.writeheader()
+    writer.writerows(result.rows)
+    for path, text in ((json_path, json.dumps(result.to_dict(), indent=2)), (csv_path, table.getvalue())):
+        with atomic_open(path) as f:
+            f.write(text.encode("utf-8"))
     return [str(json_path), str(csv_path)]

@@ -1,34 +1,66 @@
-"""TREC run files (``qid Q0 docid rank score tag``): written in trec_eval's order, read back exactly.
+"""TREC runs: ``{qid: {docid: score}}`` from top-k arrays, and run files (``qid Q0 docid rank score tag``).
 
-Rows are written in trec_eval order with ranks from 1, so the rank column agrees with how trec_eval
-reads the file, and each score as the exact decimal of its float32 value, so reading a run back gives
-the same ranking and the same metrics. Files are written atomically (temp file + rename).
+A run holds each score as its float32 value (trec_eval's C ``float``), so a run written and read back gives the
+same ranking and the same metrics. Ranking is trec_eval's (pytrec_eval applies it): score descending, then
+document id descending.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from distill.evaluate.trec_order import (
-    as_str_array,
-    check_topk,
-    doc_order,
-    priority_from_order,
-    trec_row_order,
-    unique_ids,
-)
 from precompute.sources.errors import BadSourceError
-from storage.errors import DdxError
+from storage.errors import DdxError, DimensionMismatchError
 from storage.fs import atomic_open
 
-__all__ = ["read_trec_run", "write_trec_run"]
+__all__ = ["read_trec_run", "topk_run", "write_trec_run"]
 
 _WHITESPACE = re.compile(r"\s")
+
+
+def topk_run(
+    query_ids: Sequence[str], doc_ids: Sequence[str] | np.ndarray, topk_indices: np.ndarray, topk_scores: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """The run top-k arrays describe: query ``query_ids[i]`` retrieved ``doc_ids[topk_indices[i, j]]``.
+
+    Negative indices are padding (FAISS's -1) and retrieve nothing; column order is irrelevant. Scores become
+    their float32 values.
+
+    Raises:
+        DimensionMismatchError: array shapes disagree with each other or with ``query_ids``.
+        DdxError: duplicate query ids, non-integer indices, an index past the corpus, a NaN score, or a document
+            retrieved twice in a row.
+    """
+    qids = [str(q) for q in query_ids]
+    if len(set(qids)) != len(qids):
+        raise DdxError(f"query_ids holds duplicate ids ({len(qids) - len(set(qids))} repeats); each must be unique.")
+    ids, idx, scores = np.asarray(doc_ids, dtype=str), np.asarray(topk_indices), np.asarray(topk_scores)
+    if idx.ndim != 2 or idx.shape != scores.shape or idx.shape[0] != len(qids):
+        raise DimensionMismatchError(
+            f"Expected topk_indices and topk_scores of shape [{len(qids)}, k] (one row per query id), "
+            f"got {idx.shape} and {scores.shape}."
+        )
+    if idx.dtype.kind not in "iu":
+        raise DdxError(f"topk_indices must be integers, got dtype {idx.dtype}.")
+    if idx.size and idx.max() >= len(ids):
+        raise DdxError(f"topk_indices holds {int(idx.max())}, past the {len(ids)} doc_ids. Pass the searched corpus.")
+    if np.isnan(scores[idx >= 0]).any():
+        raise DdxError("topk_scores holds NaN; trec_eval cannot rank it. Check the vectors for NaN/inf.")
+    run = {}
+    for qid, row, row_scores in zip(qids, idx, scores.astype(np.float32).astype(np.float64), strict=True):
+        keep = row >= 0
+        run[qid] = dict(zip(ids[row[keep]].tolist(), row_scores[keep].tolist(), strict=True))
+        if len(run[qid]) != keep.sum():
+            raise DdxError(
+                f"Query {qid!r} retrieves the same document twice (a repeated index or a duplicate doc id); "
+                "a run holds each document at most once."
+            )
+    return run
 
 
 def write_trec_run(
@@ -38,37 +70,32 @@ def write_trec_run(
     topk_indices: np.ndarray,
     topk_scores: np.ndarray,
     tag: str = "ddx",
-    *,
-    doc_priority: np.ndarray | None = None,
 ) -> Path:
-    """Write top-k results as a TREC run (``qid Q0 docid rank score tag``), atomically (temp file + rename).
+    """Write top-k results as a TREC run, atomically (temp file + rename), in trec_eval's order with ranks from 1.
 
-    Rows are written in trec_eval order with ranks from 1, so the rank column agrees with how trec_eval reads the
-    file. Scores are written as the exact decimal of their float32 value: ``read_trec_run`` gives back the same
-    ranking and the same metrics. Negative (padding) indices are skipped.
+    Scores are written as the exact decimal of their float32 value, so ``read_trec_run`` gives back the same
+    ranking and metrics. Negative (padding) indices are skipped.
 
     Args:
         path: output file; its folder must exist.
-        query_ids, doc_ids, topk_indices, topk_scores: as ``metrics_from_topk``.
+        query_ids, doc_ids, topk_indices, topk_scores: as ``topk_run``.
         tag: run name in the last column (no whitespace).
-        doc_priority: ``trec_tie_priority(doc_ids)`` if already computed.
 
     Returns:
         The path written.
 
     Raises:
-        DdxError: an id or the tag is empty or holds whitespace, or the arrays are inconsistent (see
-            ``metrics_from_topk``).
+        DdxError: an id or the tag is empty or holds whitespace, or the arrays are inconsistent (see ``topk_run``).
     """
-    qids = unique_ids(query_ids, "query_ids")
-    ids = as_str_array(doc_ids)
-    order = doc_order(ids, doc_priority)
-    idx, scores = check_topk(topk_indices, topk_scores, len(qids), len(ids))
-    rank = trec_row_order(idx, scores, priority_from_order(order))
-    idx, scores = np.take_along_axis(idx, rank, axis=1), np.take_along_axis(scores, rank, axis=1)
-    _check_no_whitespace([tag, *qids, *ids[np.unique(idx[idx >= 0])].tolist()], "tag and ids")
+    run = topk_run(query_ids, doc_ids, topk_indices, topk_scores)
+    names = {tag, *run, *(d for docs in run.values() for d in docs)}
+    bad = next((n for n in names if not n or _WHITESPACE.search(n)), None)
+    if bad is not None:
+        raise DdxError(f"tag and ids must be non-empty without whitespace for a TREC run file, got {bad!r}.")
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.writelines(_run_lines(qids, ids, idx, scores, tag))
+        for qid, docs in run.items():
+            ranked = sorted(docs.items(), key=lambda doc: (doc[1], doc[0]), reverse=True)  # trec_eval's order
+            f.writelines(f"{qid} Q0 {d} {rank} {s!r} {tag}\n" for rank, (d, s) in enumerate(ranked, 1))
     return Path(path)
 
 
@@ -97,24 +124,6 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
     except FileNotFoundError:
         raise BadSourceError(f"No TREC run file at '{path}'. Write one with write_trec_run first.") from None
     return run
-
-
-def _check_no_whitespace(names: list[str], what: str) -> None:
-    """TREC run columns are whitespace-separated, so no id or tag may be empty or contain whitespace."""
-    bad = next((n for n in names if not n or _WHITESPACE.search(n)), None)
-    if bad is not None:
-        raise DdxError(f"{what} must be non-empty without whitespace for a TREC run file, got {bad!r}.")
-
-
-def _run_lines(qids: list[str], ids: np.ndarray, idx: np.ndarray, scores: np.ndarray, tag: str) -> Iterable[str]:
-    """TREC run lines, ranks from 1; each score is ``repr`` of its float32 value, exact on reading back."""
-    for qid, row_idx, row_scores in zip(qids, idx, scores, strict=True):
-        valid = row_idx >= 0
-        docs = ids[row_idx[valid]].tolist()
-        values = row_scores[valid].astype(np.float64).tolist()
-        yield "".join(
-            f"{qid} Q0 {d} {rank} {s!r} {tag}\n" for rank, (d, s) in enumerate(zip(docs, values, strict=True), 1)
-        )
 
 
 def _parse_run_line(run: dict[str, dict[str, float]], line: str, where: str) -> None:

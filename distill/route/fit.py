@@ -22,8 +22,9 @@ import numpy as np
 
 from distill.evaluate.inputs import Encoders
 from distill.model.run_file import check_run_store, read_run
-from distill.route.router import KINDS, MLPSettings, Router, student_identity, train_router_model
-from distill.route.targets import TARGETS, RankOutcomes, difficulty_targets, rank_outcomes
+from distill.route.config import RouterConfig
+from distill.route.router import Router, student_identity, train_router_model
+from distill.route.targets import RankOutcomes, difficulty_targets, rank_outcomes
 from distill.train.data import Phase2Examples, Ragged, TextIndex, resolve_data
 from distill.train.mining import hard_negative_miner
 from precompute.sources import Source, SourceOptions, parse_source
@@ -32,69 +33,6 @@ from storage.keys import content_keys
 from storage.store import TeacherStore
 
 __all__ = ["FitTargets", "RouterConfig", "RouterFitResult", "fit_router", "fit_targets"]
-
-ROUTER_DIR = "router"
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouterConfig:
-    """One router fit. Data options mean what they mean for ``ddx train --phase 2``."""
-
-    store: str  # teacher store the run was trained against (read only)
-    model: str  # run folder of 'ddx train' (student + projection)
-    data: tuple[str, ...]  # sources with training examples (queries with judged positives)
-    out: str | None = None  # router folder (default: <model>/router)
-    split: str | None = "train"  # split(s) of examples; a split the student did not train on is best
-    hard_negatives: tuple[str, ...] = ()  # extra example files, as for train
-    mine_negatives: int = 0  # add K teacher-mined negatives per query (from stored vectors)
-    mine_margin: float = 0.95
-    pool_size: int = 50_000  # shared candidate passages every query is ranked against (besides its own)
-    target: str = "ndcg10"  # ndcg10 | rr10 | logp: the teacher's gain over the hybrid on this measure
-    kinds: tuple[str, ...] = KINDS  # encoder (student embedding) and/or retrieval (+ hybrid search scores)
-    temperature: float = 0.05  # τ of the logp target and of the retrieval router's score entropy
-    hidden: int = 256  # router MLP width: the input is a few hundred numbers, the data a few thousand queries
-    epochs: int = 200  # upper bound; the held-out split stops it (patience)
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    train_batch_size: int = 256
-    val_fraction: float = 0.1  # held-out queries that pick the epoch (by lift over random routing)
-    patience: int = 30
-    seed: int = 42
-    batch_size: int = 64  # student encode batch
-    allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
-    skip_bad: bool = False  # drop unknown ids and queries without positives instead of stopping
-    title_join: str = "{title} {text}"  # must match the precompute run's
-    device: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.data and not self.hard_negatives:
-            raise DdxError("RouterConfig.data is empty: pass at least one --data SOURCE with training examples.")
-        if self.target not in TARGETS:
-            raise DdxError(f"RouterConfig.target must be one of {TARGETS}, got {self.target!r}.")
-        if not self.kinds or set(self.kinds) - set(KINDS):
-            raise DdxError(f"RouterConfig.kinds must be among {KINDS}, got {self.kinds!r}.")
-        for name in ("pool_size", "hidden", "epochs", "train_batch_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise DdxError(f"RouterConfig.{name} must be positive, got {getattr(self, name)}.")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise DdxError(f"RouterConfig.val_fraction must be in [0, 1), got {self.val_fraction}.")
-
-    @property
-    def resolved_out(self) -> str:
-        return self.out or str(Path(self.model) / ROUTER_DIR)
-
-    def mlp_settings(self) -> MLPSettings:
-        return MLPSettings(
-            hidden=self.hidden,
-            epochs=self.epochs,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            batch_size=self.train_batch_size,
-            val_fraction=self.val_fraction,
-            patience=self.patience,
-            seed=self.seed,
-        )
 
 
 @dataclass

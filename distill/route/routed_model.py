@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ from sentence_transformers.base.modules import InputModule
 
 from distill.model.model import STUDENT_DIR
 from distill.model.projection import ProjectionLayer
-from distill.route.router import Router, RouterMLP, check_usage, student_identity, threshold_for_usage
+from distill.route.config import RouterExportConfig, check_usage
+from distill.route.router import Router, RouterMLP, student_identity, threshold_for_usage
 from precompute.teacher import TeacherConfig, expected_spec
 from storage.errors import DdxError, FingerprintMismatchError
 from storage.fs import replace_dir
@@ -301,26 +301,6 @@ def check_teacher_files(
             f"Teacher {teacher!r} does not match the store the router was fitted on ({lines}). "
             f"Pass the teacher that wrote the store ({spec.model!r})."
         )
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouterExportConfig:
-    """One export of a fitted router as a routed SentenceTransformer folder."""
-
-    router: str  # router folder of 'ddx router fit'
-    teacher: str  # the teacher that wrote the store (hub id or local folder): checked against the store's spec
-    out: str  # folder to write (replaced atomically if it exists)
-    teacher_usage: float | None = None  # fraction of the fit queries sent to the teacher (default 0.2)
-    threshold: float | None = None  # or a raw router-score threshold
-    model: str | None = None  # run folder (default: the one the router was fitted on)
-    revision: str | None = None  # teacher hub revision
-    trust_remote_code: bool | None = None  # for the teacher (gte-Qwen2 needs it)
-
-    def __post_init__(self) -> None:
-        if self.teacher_usage is not None and self.threshold is not None:
-            raise DdxError("Pass --teacher-usage or --threshold, not both.")
-        if self.teacher_usage is not None:
-            check_usage(self.teacher_usage)
 
 
 def export_routed(config: RouterExportConfig) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from torch import nn
 
 from distill.model.model import STUDENT_DIR
 from distill.model.projection import PROJECTION_FILE
+from distill.route.config import KINDS, MLPSettings, check_usage
 from precompute.teacher import weights_identity
 from storage.errors import DdxError, FingerprintMismatchError, FormatVersionError
 from storage.fs import replace_dir
@@ -53,7 +54,6 @@ __all__ = [
     "train_router_model",
 ]
 
-KINDS = ("encoder", "retrieval")
 ROUTER_FILE = "router.json"
 WEIGHTS_FILE = "router.pt"
 FORMAT_VERSION = 1
@@ -166,20 +166,6 @@ def lift_over_random(scores: np.ndarray, gains: np.ndarray, budgets: tuple[float
         if oracle - rand > 1e-12:
             values.append((float(gains[order[:m]].sum()) - rand) / (oracle - rand))
     return float(np.mean(values)) if values else float("nan")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MLPSettings:
-    """How a router MLP is trained (``RouterConfig`` carries the same fields)."""
-
-    hidden: int = 256
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 256
-    val_fraction: float = 0.1
-    patience: int = 30
-    seed: int = 42
 
 
 def train_router_model(features: np.ndarray, targets: np.ndarray, settings: MLPSettings) -> tuple[RouterMLP, dict]:
@@ -305,12 +291,6 @@ def threshold_for_usage(calibration: np.ndarray, usage: float) -> float:
     if m >= len(s):
         return float("-inf")
     return float(s[len(s) - m - 1])
-
-
-def check_usage(usage: float) -> None:
-    """Raise unless ``usage`` (a teacher-usage budget) is a number in [0, 1]."""
-    if isinstance(usage, bool) or not isinstance(usage, int | float) or not 0.0 <= float(usage) <= 1.0:
-        raise DdxError(f"Teacher usage must be a fraction in [0, 1] (0.2 = 20 % of queries), got {usage!r}.")
 
 
 def student_identity(run: str | os.PathLike[str]) -> str:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill.route.config import TARGETS
 from distill.train.data import Ragged
 from storage.errors import DdxError
 from storage.store import TeacherStore
 
 __all__ = ["TARGETS", "RankOutcomes", "difficulty_targets", "rank_outcomes"]
 
-TARGETS = ("ndcg10", "rr10", "logp")
 TOP_K = 10  # nDCG@10, RR@10, and the top scores the retrieval router sees
 SCORE_ELEMENTS = 1 << 26  # scores held per (query block × pool block)
 _PAD_GID = np.iinfo(np.int64).max  # sorts after every real store row

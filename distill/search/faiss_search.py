@@ -1,7 +1,7 @@
 """Top-k search with a FAISS CPU index (the optional ``faiss`` extra): exact ``flat``, or ``ivf``/``hnsw``.
 
-It reads passages through the same chunking as :func:`distill.search.search.exact_search` and returns rows in
-the same tie order, so the evaluator can switch between the two with one option.
+It reads passages through the same chunking as :func:`distill.search.search.exact_search` and returns the same
+arrays, so the evaluator can switch between the two with one option.
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ def faiss_search(
     nprobe: int = 32,
     hnsw_m: int = 32,
     ef_search: int = 256,
-    tie_priority: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product with a FAISS CPU index (the ``faiss`` extra): exact ``flat``, or ``ivf``/``hnsw``.
 
     The index is built from ``passages`` block by block (float32 copies: FAISS keeps every vector in RAM). ``ivf``
     trains its ``nlist`` centroids on the first block (``nlist`` clamped to that block's rows). Approximate
-    indexes may find fewer than k results: those slots hold index -1 and score -inf. Rows are returned in the
-    same tie order as ``exact_search``.
+    indexes may find fewer than k results: those slots hold index -1 and score -inf. Rows are best first; among
+    equal scores, both which documents make the top k and their order are FAISS's (``exact_search`` takes a
+    ``tie_priority``).
 
     Args:
-        queries, passages, k, normalize, chunk_size, tie_priority: as ``exact_search``.
+        queries, passages, k, normalize, chunk_size: as ``exact_search``.
         index: ``"flat"`` (exact), ``"ivf"`` (IndexIVFFlat) or ``"hnsw"`` (IndexHNSWFlat).
         nlist, nprobe: IVF lists and lists probed per query.
         hnsw_m, ef_search: HNSW graph degree and search beam.
@@ -81,18 +81,7 @@ def faiss_search(
         return np.zeros((q.shape[0], 0), dtype=np.float32), np.zeros((q.shape[0], 0), dtype=np.int64)
     _set_faiss_search_params(built, index, nprobe=nprobe, ef_search=ef_search)
     scores, idx = built.search(q, k_out)
-    return _order_numpy(scores, idx.astype(np.int64), tie_priority)
-
-
-def _order_numpy(scores: np.ndarray, idx: np.ndarray, prio: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``exact_search``'s row order (score, then tie priority, descending) for numpy results.
-
-    -1 (not found) slots get -inf and go last.
-    """
-    scores = np.where(idx >= 0, scores, -np.inf).astype(np.float32)
-    tie = -idx if prio is None else np.where(idx >= 0, np.asarray(prio)[np.maximum(idx, 0)], np.iinfo(np.int64).min)
-    order = np.lexsort((tie, scores), axis=-1)[:, ::-1]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    return np.where(idx >= 0, scores, -np.inf).astype(np.float32), idx.astype(np.int64)  # -1: not found, last
 
 
 def _import_faiss() -> Any:

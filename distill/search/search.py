@@ -21,12 +21,12 @@ falls back to ``topk``. The result is exact: nothing below the floor can enter t
 
 **Ties.** Exactly equal scores are ordered by a per-passage ``tie_priority`` (higher first), applied both at the
 k-th-place boundary (which of several tied passages make the top k) and in the returned order. The default,
-``-index``, prefers the earlier passage. For trec_eval-exact evaluation pass
-``distill.evaluate.metrics.trec_tie_priority(doc_ids)``: trec_eval ranks tied documents by id descending, so the
-returned top k is then exactly trec_eval's top k of the full ranking, in trec_eval's order, and ``metrics_from_topk``
-(which re-sorts rows by the same rule anyway) equals pytrec_eval on the complete run for every cut-off up to k.
-``torch.topk`` alone leaves tie order unspecified. Selecting k + 1 finds the rows where a tie straddles the k-th
-place at no extra cost (the (k+1)-th score equals the k-th); only those rows are re-selected by priority.
+``-index``, prefers the earlier passage. For evaluation pass ``distill.evaluate.metrics.trec_tie_priority(doc_ids)``:
+trec_eval ranks tied documents by id descending, so the returned top k is then exactly trec_eval's top k of the full
+ranking, and its metrics equal those of the complete run for every cut-off up to k (which tied documents make the
+top k is decided here; pytrec_eval only orders what it is given). ``torch.topk`` alone leaves tie order
+unspecified. Selecting k + 1 finds the rows where a tie straddles the k-th place at no extra cost (the (k+1)-th
+score equals the k-th); only those rows are re-selected by priority.
 
 Inputs are checked and chunked by :mod:`distill.search.search_inputs`; :func:`faiss_search` (the optional FAISS
 backend) lives in :mod:`distill.search.faiss_search` and is re-exported here.

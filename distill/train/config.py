@@ -7,81 +7,156 @@ sources against the store, builds the dataset and batch sampler, hands them to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from storage.errors import DdxError
 
-__all__ = ["INFONCE_SPACES", "TrainConfig", "infonce_spaces"]
+__all__ = ["INFONCE_SPACES", "MSE_REDUCTION", "TrainConfig", "infonce_spaces"]
 
 # The values of TrainConfig's choice fields; the three loss options are spelled as the losses' parameters.
 ProjectionInit = Literal["ridge", "random"]
-MseReduction = Literal["element", "vector"]
+MseReduction = Literal["vector", "element"]
 InfoNceSpace = str  # "projected", "hybrid", "student", or several joined with "+" (infonce_spaces)
-NegativesScope = Literal["own", "batch"]
+NegativesScope = Literal["batch", "own"]
+
+# Training's MSE: squared distance per vector, so the loss weights mean what they say (torch's "element" mean over
+# B·D makes the MSE ~1/D of the other terms; docs/DESIGN.md, "Losses"). The loss classes keep "element" as their
+# own default (distill.train.losses.LOSS_MSE_REDUCTION); training always passes this one.
+MSE_REDUCTION: MseReduction = "vector"
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """One training run. Defaults follow common distillation practice; each comment says why."""
+    """One training run. Defaults follow common distillation practice; each comment says why.
 
-    phase: int  # 1: match teacher vectors on diverse text; 2: contrastive with hard negatives
-    store: str  # teacher store (read only)
-    data: tuple[str, ...]  # source specs, as for precompute
-    out: str  # run folder
-    student: str | None = None  # student model (phase 1, or phase 2 without --init)
-    init: str | None = None  # run folder to start from (phase 2 starts from phase 1)
-    split: str | None = "train"  # split(s) of examples, comma-separated ("train,dev"); phase 1 leaves out queries
-    #                              judged only in other splits (no test leakage); None: every split
-    hard_negatives: tuple[str, ...] = ()  # extra example files (e.g. the ST MS MARCO hard-negatives jsonl)
-    mine_negatives: int = 0  # mine K negatives per query from the stored teacher vectors
-    mine_margin: float = 0.95  # mined negatives must score below margin × the weakest positive's score
-    num_negatives: int = 7  # hard negatives per query per step
+    Each field's ``metadata["help"]`` is its ``ddx train`` option's help (cli/train_cmd.py builds the options from
+    these fields: one default per knob).
+    """
+
+    phase: int = field(metadata={"help": "1: MSE+cosine on texts; 2: InfoNCE+MSE.", "min": 1, "max": 2})
+    store: str = field(metadata={"help": "Teacher store to read vectors from (never written)."})
+    data: tuple[str, ...] = field(metadata={"help": "Source, repeatable (as for precompute-teacher)."})
+    out: str = field(metadata={"help": "Run folder (student_base/, hybrid/, projection_layer.pt, ...)."})
+    student: str | None = field(default=None, metadata={"help": "Student sentence-transformer (hub id or folder)."})
+    init: str | None = field(
+        default=None, metadata={"help": "Start from this run folder (phase 2 starts from phase 1)."}
+    )
+    # Phase 1 leaves out queries judged only in other splits (no test leakage); None: every split.
+    split: str | None = field(
+        default="train", metadata={"help": "Split(s) of examples to train on, comma-separated (e.g. train,dev)."}
+    )
+    hard_negatives: tuple[str, ...] = field(
+        default=(), metadata={"help": "Extra example file(s), e.g. the ST MS MARCO hard-negatives jsonl."}
+    )
+    mine_negatives: int = field(
+        default=0, metadata={"help": "Mine K negatives per query from stored teacher vectors (no teacher run)."}
+    )
+    mine_margin: float = field(
+        default=0.95,
+        metadata={
+            "help": "Skip mined candidates scoring >= margin × the weakest positive (likely unjudged positives)."
+        },
+    )
+    num_negatives: int = field(default=7, metadata={"help": "Hard negatives per query per step."})
     epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 32  # per device; phase 2 also uses every other query's positive as a negative
-    lr: float = 2e-5  # student learning rate (pretrained weights: keep it small)
-    projection_lr: float | None = None  # default: 1e-4 after a ridge warm start, 1e-3 from random; phase 2: = lr
-    warmup: float = 0.1  # < 1: fraction of steps; >= 1: number of steps
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."}
+    )
+    # Phase 2 also uses every other query's positive as a negative.
+    batch_size: int = field(default=32, metadata={"help": "Examples per device per step."})
+    lr: float = field(default=2e-5, metadata={"help": "Student learning rate."})  # pretrained weights: keep it small
+    projection_lr: float | None = field(  # see resolved_projection_lr
+        default=None,
+        metadata={
+            "help": "Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, "
+            "the student's --lr in phase 2)."
+        },
+    )
+    warmup: float = field(default=0.1, metadata={"help": "< 1: fraction of steps; >= 1: steps."})
     weight_decay: float = 0.01
     seed: int = 42
-    bf16: bool = False
-    fp16: bool = False
-    grad_accum: int = 1
-    max_seq_length: int | None = None  # student tokens per text (default: the student's own)
-    projection_hidden: int | None = None  # default 2 × student_dim
-    projection_init: ProjectionInit = "ridge"  # new projections: "ridge" fits the output layer on stored
-    #                                            vectors; "random" starts from random weights
-    mse_weight: float | None = None  # default 0.4 (phase 1) / 0.2 (phase 2)
-    mse_reduction: MseReduction = "vector"  # squared distance per vector (weights then mean what they say;
-    #                                         torch's "element" mean over B·D makes MSE ~1/D of the other terms)
-    cos_weight: float = 0.6  # phase 1
-    infonce_weight: float = 0.8  # phase 2
-    temperature: float = 0.05  # InfoNCE softmax temperature on cosine similarities
-    # Where phase-2 InfoNCE runs: "projected" (projected student on both sides), "hybrid" (projected queries vs the
-    # stored teacher passages), "student", or several joined with "+", their terms averaged. The default trains both
-    # the projected passages and the queries' alignment with a teacher index (docs/DESIGN.md, "Losses").
-    infonce_space: InfoNceSpace = "projected+hybrid"
-    negatives_scope: NegativesScope = "batch"  # hard negatives shared across the batch ("batch") or per query ("own")
-    # Phase 2: sequences per forward of the cached (GradCache) step, which gives the full batch's gradient with the
-    # activations of this many sequences held at a time, for one more forward without a graph. 8 keeps MiniLM at 256
-    # tokens near 2.3 GB on CPU and mpnet at 512 tokens near 7 GB (fp32) on a GPU, where up to ~100 fits and runs
-    # faster (docs/DESIGN.md, "Phase-2 memory"); None or 0: the plain step, all 288 sequences' activations at once.
-    mini_batch_size: int | None = 8
-    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory, +30 %)
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision."})
+    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    max_seq_length: int | None = field(
+        default=None, metadata={"help": "Student tokens per text (default: the student's)."}
+    )
+    projection_hidden: int | None = field(
+        default=None, metadata={"help": "Projection hidden width (default 2 × student dim)."}
+    )
+    # "random" starts a new projection from random weights.
+    projection_init: ProjectionInit = field(
+        default="ridge",
+        metadata={"help": "New projections: fit the output layer by ridge regression on stored vectors first."},
+    )
+    mse_weight: float | None = field(  # see resolved_mse_weight
+        default=None, metadata={"help": "MSE weight (default 0.4 in phase 1, 0.2 in phase 2)."}
+    )
+    mse_reduction: MseReduction = field(
+        default=MSE_REDUCTION,
+        metadata={
+            "help": "vector: squared distance per vector; element: torch's mean over elements (~1/dim as large)."
+        },
+    )
+    cos_weight: float = field(default=0.6, metadata={"help": "Phase-1 cosine weight."})
+    infonce_weight: float = field(default=0.8, metadata={"help": "Phase-2 InfoNCE weight."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature."})  # on cosine similarities
+    # The default trains both the projected passages and the queries' alignment with a teacher index
+    # (docs/DESIGN.md, "Losses").
+    infonce_space: InfoNceSpace = field(
+        default="projected+hybrid",
+        metadata={
+            "help": "Where InfoNCE runs: projected student on both sides (projected), projected queries vs "
+            "teacher passages (hybrid), the student's own space (student), or several joined with '+' "
+            "(e.g. projected+hybrid: terms averaged)."
+        },
+    )
+    # Hard negatives shared across the batch ("batch") or scored per query only ("own").
+    negatives_scope: NegativesScope = "batch"
+    # The cached (GradCache) step gives the full batch's gradient with the activations of this many sequences held
+    # at a time, for one more forward without a graph. 8 keeps MiniLM at 256 tokens near 2.3 GB on CPU and mpnet at
+    # 512 tokens near 7 GB (fp32) on a GPU, where up to ~100 fits and runs faster (docs/DESIGN.md, "Phase-2
+    # memory"); None or 0: the plain step, all 288 sequences' activations at once.
+    mini_batch_size: int | None = field(
+        default=8,
+        metadata={
+            "help": "Phase 2: sequences per forward of the cached (GradCache) loss: memory is set by this, not by "
+            "batch × negatives × length; same gradient, ~1/3 more compute. 0: the plain step (all in one graph).",
+            "min": 0,
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the student's layer activations in backward: less memory, ~30 % more time."},
+    )
     length_grouping: bool = True  # batch similar lengths together (less padding)
-    allow_missing: bool = False  # drop examples lacking teacher vectors instead of stopping
-    skip_bad: bool = False  # drop unknown ids / queries without positives instead of stopping
-    expect_teacher: str | None = None  # refuse a store made by another teacher (model id or path)
-    title_join: str = "{title} {text}"  # must match the precompute run's
-    resume: bool = False  # continue from the newest complete checkpoint in out/checkpoints
-    num_workers: int = 2  # DataLoader workers
+    allow_missing: bool = field(
+        default=False, metadata={"help": "Drop examples lacking teacher vectors instead of stopping."}
+    )
+    skip_bad: bool = field(
+        default=False, metadata={"help": "Drop unknown ids and queries without positives instead of stopping."}
+    )
+    expect_teacher: str | None = field(  # model id or path
+        default=None, metadata={"help": "Refuse a store made by another teacher than this one."}
+    )
+    title_join: str = field(default="{title} {text}", metadata={"help": "Must match the precompute run's."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue from the newest complete checkpoint in OUT/checkpoints (damaged ones are skipped and set "
+            "aside)."
+        },
+    )
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2
-    token_cache: str | None = None  # token tables folder (default: $DDX_CACHE_DIR or ~/.cache/ddx)
-    device: str | None = None
-    progress: bool = True
+    token_cache: str | None = field(
+        default=None, metadata={"help": "Folder for token tables (default $DDX_CACHE_DIR or ~/.cache/ddx)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Torch device (default: CUDA when available)."})
+    progress: bool = field(default=True, metadata={"help": "Progress bar on stderr."})
 
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):
@@ -92,10 +167,12 @@ class TrainConfig:
             raise DdxError("Pass --student (a sentence-transformers model) or --init (a previous run folder).")
         if self.bf16 and self.fp16:
             raise DdxError("Choose one of --bf16 and --fp16.")
-        if self.projection_init not in ("ridge", "random"):
+        if self.projection_init not in get_args(ProjectionInit):
             raise DdxError(f"projection_init must be 'ridge' or 'random', got {self.projection_init!r}.")
-        if self.negatives_scope not in ("batch", "own"):
+        if self.negatives_scope not in get_args(NegativesScope):
             raise DdxError(f"negatives_scope must be 'batch' or 'own', got {self.negatives_scope!r}.")
+        if self.mse_reduction not in get_args(MseReduction):
+            raise DdxError(f"mse_reduction must be 'element' or 'vector', got {self.mse_reduction!r}.")
         infonce_spaces(self.infonce_space)  # DdxError naming the choices
         for name in ("batch_size", "grad_accum", "num_negatives"):
             if getattr(self, name) < (0 if name == "num_negatives" else 1):

@@ -9,16 +9,22 @@ in bf16.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.train.config import infonce_spaces
+from distill.train.config import MseReduction, infonce_spaces
 from storage.errors import DdxError, DimensionMismatchError
 
-__all__ = ["Phase1Loss", "Phase2Loss"]
+__all__ = ["LOSS_MSE_REDUCTION", "Phase1Loss", "Phase2Loss"]
+
+# The loss classes' own mse_reduction default: torch's mean over elements (F.mse_loss), the plain definition their
+# docstrings and tests state (Phase1Loss() is pinned to it by tests/distill/train/test_losses.py and the doctest
+# below). Training does not use it: it always passes TrainConfig.mse_reduction, whose default is
+# distill.train.config.MSE_REDUCTION ("vector"; docs/DESIGN.md, "Losses"). The choices are MseReduction's.
+LOSS_MSE_REDUCTION: MseReduction = "element"
 
 
 class Phase1Loss(nn.Module):
@@ -61,7 +67,7 @@ class Phase1Loss(nn.Module):
         *,
         mse_weight: float = 0.4,
         cos_weight: float = 0.6,
-        mse_reduction: Literal["element", "vector"] = "element",
+        mse_reduction: MseReduction = LOSS_MSE_REDUCTION,
     ) -> None:
         super().__init__()
         _check_weights(mse_weight=mse_weight, cos_weight=cos_weight)
@@ -166,7 +172,7 @@ class Phase2Loss(nn.Module):
         negatives: Literal["own", "batch"] = "batch",
         space: str = "projected",
         gather_across_ranks: bool = True,
-        mse_reduction: Literal["element", "vector"] = "element",
+        mse_reduction: MseReduction = LOSS_MSE_REDUCTION,
     ) -> None:
         super().__init__()
         _check_weights(infonce_weight=infonce_weight, mse_weight=mse_weight)
@@ -319,7 +325,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 def _check_reduction(reduction: str) -> str:
-    if reduction not in ("element", "vector"):
+    if reduction not in get_args(MseReduction):
         raise DdxError(f"mse_reduction must be 'element' or 'vector', got {reduction!r}.")
     return reduction
 

@@ -28,6 +28,28 @@ def _passage_blocks(store: TeacherStore, gids: np.ndarray) -> Iterator[np.ndarra
         yield store.get_rows(gids[s : s + STREAM_ROWS], dtype="float32")
 
 
+def _weakest_positive_scores(
+    positives: Ragged, rows: np.ndarray, queries: np.ndarray, texts: TextIndex, store: TeacherStore
+) -> np.ndarray:
+    """Per row, the lowest cosine of its query (``queries[i]``, row ``rows[i]``) with one of its positives.
+
+    The positives' vectors come from the store in one gather per :data:`STREAM_ROWS` of them (a gather per
+    query cost a store call per training query); +inf for a row without positives.
+    """
+    lengths = positives.lengths()[rows]
+    flat = np.concatenate([positives.row(int(r)) for r in rows]) if len(rows) else np.empty(0, np.int64)
+    owner = np.repeat(np.arange(len(rows)), lengths)
+    weakest = np.full(len(rows), np.inf, np.float32)
+    for s in range(0, len(flat), STREAM_ROWS):
+        vectors = store.get_rows(texts.gids[flat[s : s + STREAM_ROWS]], dtype="float32")
+        own = owner[s : s + STREAM_ROWS]
+        q = queries[own]
+        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        cos = np.einsum("ij,ij->i", vectors, q) / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+        np.minimum.at(weakest, own, cos)
+    return weakest
+
+
 def _mine_source(
     examples: Phase2Examples,
     rows: np.ndarray,
@@ -43,13 +65,11 @@ def _mine_source(
     most_pos = int(examples.positives.lengths()[rows].max())
     depth = min(len(corpus), k + most_pos + max(k, 20))
     scores, idx = exact_search(queries, lambda: _passage_blocks(store, texts.gids[corpus]), depth, normalize=True)
+    weakest = _weakest_positive_scores(examples.positives, rows, queries, texts, store)
     mined, skipped = [], 0
     for r, row in enumerate(rows):
         positives = examples.positives.row(int(row))
-        pos_vectors = store.get_rows(texts.gids[positives], dtype="float32")
-        q = queries[r] / max(float(np.linalg.norm(queries[r])), 1e-12)
-        pos_scores = pos_vectors @ q / np.maximum(np.linalg.norm(pos_vectors, axis=1), 1e-12)
-        limit = margin * float(pos_scores.min())
+        limit = margin * float(weakest[r])
         candidates = corpus[idx[r]]
         not_positive = ~np.isin(candidates, positives)
         ok = not_positive & (scores[r] < limit)

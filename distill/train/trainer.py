@@ -163,7 +163,7 @@ class DistillTrainer(Trainer):
         self._projection_lr = projection_lr
         if hasattr(batch_sampler, "set_epoch"):
             self.add_callback(SamplerEpochCallback(batch_sampler))
-        self._parts: dict[str, float] = {}
+        self._parts: dict[str, Tensor] = {}  # running sums on the loss's device: no host sync until logged
         self._parts_n = 0
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -182,7 +182,8 @@ class DistillTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """AdamW with the projection on its own learning rate (it starts from random weights)."""
+        """AdamW with the projection on its own learning rate: a new one starts from the ridge warm start (or from
+        random weights, ``projection_init="random"``), not pretrained like the student."""
         if self.optimizer is not None or self._projection_lr is None:
             return super().create_optimizer(model)
         target = model or self.model
@@ -238,14 +239,22 @@ class DistillTrainer(Trainer):
         return out["loss"].detach() * scale
 
     def _record_parts(self, out: dict[str, Tensor]) -> None:
+        """Add the step's loss parts to running float64 sums on their device; :meth:`log` reads them back.
+
+        float64 sums of the parts' exact values equal the Python-float sums once kept here, without a ``float()``
+        (a device-to-host sync) per part per step.
+        """
         for key, value in out.items():
             if key.startswith("loss_"):
-                self._parts[key] = self._parts.get(key, 0.0) + float(value)
+                part = value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64)  # mps: no f64
+                total = self._parts.get(key)
+                self._parts[key] = part if total is None else total + part
         self._parts_n += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._parts_n and "loss" in logs:
-            logs.update({k: round(v / self._parts_n, 6) for k, v in self._parts.items()})
+            sums = torch.stack(list(self._parts.values())).tolist()  # one device-to-host copy per log
+            logs.update({k: round(v / self._parts_n, 6) for k, v in zip(self._parts, sums, strict=True)})
             self._parts, self._parts_n = {}, 0
         super().log(logs, start_time)
 

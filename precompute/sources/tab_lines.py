@@ -24,7 +24,7 @@ import polars as pl
 
 from .reading import BOM
 
-__all__ = ["WHITESPACE", "LineRejects", "count_byte", "is_blank", "tab_fields"]
+__all__ = ["WHITESPACE", "LineRejects", "count_byte", "tab_fields"]
 
 WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())  # what str.strip() strips
 _BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in WHITESPACE) + "]*$"
@@ -48,11 +48,6 @@ class LineRejects:
 def count_byte(data: bytes, byte: bytes) -> int:
     """How many times ``byte`` occurs in ``data`` (numpy: twice as fast as ``bytes.count``)."""
     return int(np.count_nonzero(np.frombuffer(data, np.uint8) == byte[0]))
-
-
-def is_blank(column: pl.Series) -> pl.Series:
-    """Which strings are empty or whitespace only (``not s.strip()`` in Python)."""
-    return column.str.contains(_BLANK)
 
 
 def tab_fields(chunk: bytes, n_fields: int) -> list[pl.Series] | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import click
@@ -80,7 +82,7 @@ def test_help_is_fast_and_imports_no_torch() -> None:
         "from click.testing import CliRunner\n"
         "import cli.main\n"
         "paths = [[], ['precompute-teacher'], ['cache'], ['cache', 'ls'], ['cache', 'info'], ['cache', 'verify'],"
-        " ['cache', 'gc'], ['train'], ['evaluate'], ['demo']]\n"
+        " ['cache', 'gc'], ['train'], ['evaluate'], ['router'], ['demo']]\n"
         "assert all(CliRunner().invoke(cli.main.cli, [*p, '--help']).exit_code == 0 for p in paths)\n"
         "heavy = sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules)\n"
         "print(heavy)\n"
@@ -194,7 +196,14 @@ def test_bad_precompute_option_is_one_clean_line(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
-def test_version_and_unknown_command() -> None:
-    assert CliRunner().invoke(cli, ["--version"]).stdout.strip() == "ddx, version 0.1.0"
+def test_version_is_the_package_metadata_version() -> None:
+    """``ddx --version`` reads the installed distribution's version, which is pyproject.toml's (one source)."""
+    version = importlib.metadata.version("ddx")
+    assert CliRunner().invoke(cli, ["--version"]).stdout.strip() == f"ddx, version {version}"
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert version == pyproject["project"]["version"], "stale install: rerun 'pip install -e .'"
+
+
+def test_unknown_command() -> None:
     unknown = CliRunner().invoke(cli, ["precompute"])
     assert unknown.exit_code == 2 and "No such command 'precompute'" in unknown.stderr

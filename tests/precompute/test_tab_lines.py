@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from precompute.sources.reading import chunk_lines, iter_chunks
-from precompute.sources.tab_lines import WHITESPACE, LineRejects, count_byte, is_blank, tab_fields
+from precompute.sources.tab_lines import _BLANK, WHITESPACE, LineRejects, count_byte, tab_fields
 
 # Pieces of MS MARCO-like text, the awkward ones included: quotes, inner \r, \x85, NUL, a BOM mid-line,
 # non-breaking and other Unicode spaces, and \x1c (whitespace to str.isspace, not to Unicode).
@@ -69,6 +69,11 @@ def test_polars_fields_equal_the_reference_split(seed: int) -> None:
 )
 def test_chunks_that_are_not_plain_are_refused(chunk: bytes) -> None:
     assert tab_fields(chunk, 2) is None
+
+
+def is_blank(column: pl.Series) -> pl.Series:
+    """Which strings tab_fields takes for blank (its ``_BLANK`` pattern): must be ``not s.strip()``."""
+    return column.str.contains(_BLANK)
 
 
 def test_blank_means_what_str_strip_means() -> None:

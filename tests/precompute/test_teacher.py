@@ -129,6 +129,21 @@ def test_weights_identity_follows_the_files_not_the_path(tiny_bert: Path, tmp_pa
     assert weights_identity(str(moved))[1] != wid  # changed weights: another teacher
 
 
+def test_weights_id_cache_is_replaced_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights-id cache is rewritten by temp file and rename (a new inode), never truncated in place."""
+    monkeypatch.setenv("DDX_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights one")
+    first = weights_identity(str(model))[1]
+    cache = tmp_path / "cache" / "weights-ids.json"
+    inode = cache.stat().st_ino
+    (model / "model.safetensors").write_bytes(b"weights two")
+    assert weights_identity(str(model))[1] != first
+    assert cache.stat().st_ino != inode, "a reader could have met a torn cache file"
+    assert len(json.loads(cache.read_text())) == 2 and [p.name for p in cache.parent.iterdir()] == [cache.name]
+
+
 def test_weights_identity_errors(tiny_bert: Path, tmp_path: Path) -> None:
     with pytest.raises(DdxError, match=r"is a file; pass the model's folder"):
         weights_identity(str(tiny_bert / "modules.json"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill.evaluate.evaluate import EvalConfig, evaluate_retrieval
-from distill.evaluate.metrics import read_trec_run
+from distill.evaluate.trec_run import read_trec_run
 from precompute.sources.errors import BadSourceError
 from storage.errors import FingerprintMismatchError, MissingVectorsError
 from tests.distill.conftest import N_PASSAGES, TRAIN_QUERIES, copy_store

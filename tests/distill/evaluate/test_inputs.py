@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -51,3 +53,41 @@ def test_unknown_judged_documents(marco: Path) -> None:
     with pytest.warns(UserWarning, match="1 judged document ids are not in the corpus"):
         es = load_eval_set(parse_source(f"msmarco:{marco}"), "dev", strict=False)
     assert len(es.doc_ids) == 5
+
+
+class CountedId(str):
+    """A query id that counts how often it is hashed (every set or dict lookup and insert hashes it)."""
+
+    hashes = 0
+
+    def __hash__(self) -> int:
+        CountedId.hashes += 1
+        return str.__hash__(self)
+
+
+class ManyQueries:
+    """A source with ``n`` judged queries, every other one without a positive judgment, and a one-passage corpus."""
+
+    spec = name = "many"
+
+    def __init__(self, n: int) -> None:
+        self.ids = [CountedId(f"q{i}") for i in range(n)]
+
+    def qrels(self, split: str) -> dict[str, dict[str, int]]:
+        return {q: {"d0": i % 2} for i, q in enumerate(self.ids)}
+
+    def iter_texts(self, role: str) -> Iterator[SimpleNamespace]:
+        return (SimpleNamespace(id=q, text=f"text of {q}") for q in self.ids)
+
+    def iter_text_blocks(self, role: str) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(ids=["d0"], keys=lambda: content_keys("passage", ["zero"]))
+
+
+def test_query_selection_is_linear() -> None:
+    """Excluding the unjudged queries hashes each id a bounded number of times (a set rebuilt per query: n²/2)."""
+    n = 2_000
+    source = ManyQueries(n)
+    CountedId.hashes = 0
+    es = load_eval_set(source, "dev", strict=True)  # type: ignore[arg-type]
+    assert es.query_ids == source.ids[1::2]
+    assert CountedId.hashes <= 20 * n

@@ -1,4 +1,5 @@
-"""distill.evaluate.metrics against pytrec_eval (ties, graded qrels, missing and unjudged queries) and by hand."""
+"""distill.evaluate.metrics against pytrec_eval called directly (ties, graded qrels, missing and unjudged queries),
+and by hand; TREC run files."""
 
 from __future__ import annotations
 
@@ -8,15 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.evaluate.metrics import (
-    MetricsResult,
-    compute_metrics,
-    metric_names,
-    metrics_from_topk,
-    read_trec_run,
-    trec_tie_priority,
-    write_trec_run,
-)
+from distill.evaluate.metrics import MetricsResult, compute_metrics, metric_names, metrics_from_topk, trec_tie_priority
+from distill.evaluate.trec_run import read_trec_run, write_trec_run
 from precompute.sources.errors import BadSourceError
 from storage.errors import DdxError, DimensionMismatchError
 
@@ -202,8 +196,6 @@ def test_metrics_from_topk_equals_compute_metrics_and_pytrec(seed: int) -> None:
         slow.num_missing,
     )
     assert_matches_pytrec(fast, qrels, run)
-    priority = trec_tie_priority(docs)
-    assert metrics_from_topk(qrels, qids, docs, idx, scores, k_values=KS, doc_priority=priority) == fast
 
 
 def test_metrics_from_topk_ignores_column_order_and_uses_float32() -> None:
@@ -238,8 +230,8 @@ def test_metrics_from_topk_empty_corpus() -> None:
         ([[0.0, 1.0]], [[1.0, 1.0]], ["a", "b"], DdxError, "must be integers"),
         ([[0, 2]], [[1.0, 1.0]], ["a", "b"], DdxError, "past the 2 doc_ids"),
         ([[1, 1]], [[1.0, 0.5]], ["a", "b"], DdxError, "same document twice"),
+        ([[0, 1]], [[1.0, 0.5]], ["a", "a"], DdxError, "same document twice"),  # a duplicate doc id
         ([[0, 1]], [[np.nan, 0.5]], ["a", "b"], DdxError, "NaN"),
-        ([[0, 1]], [[1.0, 0.5]], ["a", "a"], DdxError, "1 duplicate ids"),
     ],
 )
 def test_metrics_from_topk_errors(idx: list, scores: list, doc_ids: list, error: type, match: str) -> None:
@@ -247,20 +239,38 @@ def test_metrics_from_topk_errors(idx: list, scores: list, doc_ids: list, error:
         metrics_from_topk({"q": {"a": 1}}, ["q"], doc_ids, np.array(idx), np.array(scores))
 
 
-def test_duplicate_query_ids_and_bad_priority() -> None:
-    idx, scores = np.array([[0], [1]]), np.ones((2, 1))
+def test_duplicate_query_ids() -> None:
     with pytest.raises(DdxError, match="query_ids holds duplicate ids"):
-        metrics_from_topk({}, ["q", "q"], ["a", "b"], idx, scores)
-    with pytest.raises(DdxError, match="does not order doc_ids"):
-        metrics_from_topk({}, ["q", "r"], ["a", "b"], idx, scores, doc_priority=np.array([1, 0]))
-    with pytest.raises(DdxError, match="2 entries for 3 doc_ids"):
-        metrics_from_topk({}, ["q", "r"], ["a", "b", "c"], idx, scores, doc_priority=np.array([0, 1]))
+        metrics_from_topk({}, ["q", "q"], ["a", "b"], np.array([[0], [1]]), np.ones((2, 1)))
 
 
 def test_trec_tie_priority() -> None:
     assert trec_tie_priority(["d9", "d10", "a"]).tolist() == [2, 1, 0]
-    with pytest.raises(DdxError, match="duplicate"):
+    with pytest.raises(DdxError, match="1 duplicate ids"):
         trec_tie_priority(["a", "b", "a"])
+
+
+def test_ties_across_the_cutoffs_agree_with_pytrec_eval_and_by_hand() -> None:
+    """12 documents tied at one score: trec_eval ranks them by id descending, so "z" is 1st and "d1" is 12th.
+
+    "d1" past rank 10 scores 0 for MRR@10 and Recall@10 but counts for Recall@12 and MAP; a tie rule other than
+    trec_eval's (here: ids ascending, or the order the run lists them) would put "d1" first.
+    """
+    docs = ["d1", *(f"d{i}" for i in range(2, 12)), "z"]  # "d1" < "d10" < "d11" < "d2" < ... < "d9" < "z"
+    qrels = {"q": {"d1": 1, "z": 2, "d10": 0}}
+    run = {"q": dict.fromkeys(docs, 0.5)}
+    result = compute_metrics(qrels, run, k_values=(1, 10, 12))
+    assert_matches_pytrec(result, qrels, run, ks=(1, 10, 12))
+    ideal = 2 + 1 / math.log2(3)
+    assert result.per_query["q"] == pytest.approx(
+        {"MRR@10": 1.0, "nDCG@1": 1.0, "nDCG@10": 2 / ideal, "nDCG@12": (2 + 1 / math.log2(13)) / ideal,
+         "Recall@1": 0.5, "Recall@10": 0.5, "Recall@12": 1.0, "MAP": (1 + 2 / 12) / 2}, abs=1e-12
+    )  # fmt: skip
+    idx, scores = np.arange(12)[None, ::-1], np.full((1, 12), 0.5)  # as arrays, listed "z" … "d1"
+    assert metrics_from_topk(qrels, ["q"], docs, idx, scores, k_values=(1, 10, 12)) == result
+    for others, mrr in ((9, 0.1), (10, 0.0)):  # the first relevant document at rank 10, then at rank 11
+        ranked = {"q": {**dict.fromkeys(docs[-others:], 0.5), "d1": 0.25}}
+        assert compute_metrics({"q": {"d1": 1}}, ranked).per_query["q"]["MRR@10"] == mrr
 
 
 # --- TREC run files -----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from distill.evaluate.metrics import compute_metrics, metrics_from_topk, trec_tie_priority
+from distill.evaluate.metrics import metrics_from_topk, trec_tie_priority
 from distill.search.search import exact_search, faiss_search
 from storage.errors import DdxError, DimensionMismatchError
 
@@ -130,7 +130,9 @@ def test_ties_follow_the_priority_rule(chunk_size: int, custom_priority: bool) -
 
 
 def test_trec_priority_makes_topk_equal_trec_eval_on_the_full_run() -> None:
-    """With trec_tie_priority the top k is trec_eval's top k of the whole ranking: metrics at cut-offs ≤ k agree."""
+    """With trec_tie_priority the top k is trec_eval's top k of the whole ranking: its metrics at cut-offs ≤ k equal
+    pytrec_eval's on the complete run. The default tie rule (earlier passage first) does not: ties straddle k."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
     rng = np.random.default_rng(7)
     docs = [f"d{i}" for i in rng.permutation(80)]
     q = rng.integers(0, 2, (12, 4)).astype(np.float32)
@@ -139,12 +141,15 @@ def test_trec_priority_makes_topk_equal_trec_eval_on_the_full_run() -> None:
     qrels = {qid: {d: int(rng.integers(0, 3)) for d in rng.choice(docs, 10, replace=False)} for qid in qids}
     full = q @ p.T
     full_run = {qid: dict(zip(docs, map(float, row), strict=True)) for qid, row in zip(qids, full, strict=True)}
-    reference = compute_metrics(qrels, full_run, k_values=(10, 20))
-    scores, idx = exact_search(q, p, 20, chunk_size=7, device="cpu", tie_priority=trec_tie_priority(docs))
-    fast = metrics_from_topk(qrels, qids, docs, idx, scores, k_values=(10, 20))
-    for qid in qids:
-        for name in ("MRR@10", "nDCG@10", "nDCG@20", "Recall@10", "Recall@20"):
-            assert fast.per_query[qid][name] == pytest.approx(reference.per_query[qid][name], abs=1e-12)
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10,20", "recall.10,20"})
+    reference = evaluator.evaluate(full_run)
+    names = {"nDCG@10": "ndcg_cut_10", "nDCG@20": "ndcg_cut_20", "Recall@10": "recall_10", "Recall@20": "recall_20"}
+    for priority, agrees in ((trec_tie_priority(docs), True), (None, False)):
+        scores, idx = exact_search(q, p, 20, chunk_size=7, device="cpu", tie_priority=priority)
+        fast = metrics_from_topk(qrels, qids, docs, idx, scores, k_values=(10, 20))
+        same = [fast.per_query[qid][ours] == pytest.approx(reference[qid][theirs], abs=1e-12)
+                for qid in qids for ours, theirs in names.items()]  # fmt: skip
+        assert all(same) if agrees else not all(same)
 
 
 class _MaxTensorSize(TorchFunctionMode):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from distill.train import mining
 from distill.train.data import Phase2Examples, Ragged, TextIndex
 from distill.train.mining import mine_hard_negatives
 from storage.keys import content_keys, role_code
@@ -101,8 +103,23 @@ def test_mined_negatives_never_repeat_given_ones_or_cross_data_sets(world) -> No
     assert "other" not in names and "pa" not in names and "near" not in names
 
 
-def test_against_brute_force_on_random_vectors(tmp_path: Path) -> None:
+class CountedStore:
+    """A store whose ``get_rows`` calls are counted."""
+
+    def __init__(self, store: TeacherStore) -> None:
+        self.store, self.calls = store, 0
+
+    def get_rows(self, gids: np.ndarray, **kw: Any) -> np.ndarray:
+        self.calls += 1
+        return self.store.get_rows(gids, **kw)
+
+
+@pytest.mark.parametrize("stream_rows", [mining.STREAM_ROWS, 5])
+def test_against_brute_force_on_random_vectors(tmp_path: Path, monkeypatch, stream_rows: int) -> None:
     """Many queries, random vectors: the mined lists equal a direct implementation of the rule.
+
+    The store is read in one gather for the queries and one per ``STREAM_ROWS`` passages and positives: not once a
+    query (5: one query's positives straddle two gathers).
 
     Positives sit near their query, as a teacher's do. (Mining searches the top ``k + positives + max(k, 20)``
     candidates only, so a query whose positive ranks below that depth gets no mined negatives: everything above
@@ -136,7 +153,11 @@ def test_against_brute_force_on_random_vectors(tmp_path: Path) -> None:
         Ragged.from_lists([[] for _ in range(n_q)]),
         np.zeros(n_q, np.int16),
     )
-    mined, report = mine_hard_negatives(examples, texts, store, k, margin=margin)
+    monkeypatch.setattr(mining, "STREAM_ROWS", stream_rows)
+    counted = CountedStore(store)
+    mined, report = mine_hard_negatives(examples, texts, counted, k, margin=margin)  # type: ignore[arg-type]
+    n_pos = sum(len(ps) for ps in positives)
+    assert counted.calls == 1 + -(-n_p // stream_rows) + -(-n_pos // stream_rows)
     assert report["queries"] == n_q and report["mined"] == n_q * k
     assert report["skipped_as_likely_positive"] >= n_q // 2, "every planted unjudged positive is skipped"
 
