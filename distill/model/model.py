@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from distill.model.projection import PROJECTION_FILE, ProjectionLayer
+from distill.model.projection import DEFAULT_TEACHER_DIM, PROJECTION_FILE, ProjectionLayer
 from storage.errors import DdxError, DimensionMismatchError
 from storage.fs import replace_dir
 
@@ -40,23 +40,40 @@ class StudentModelWithProjection(nn.Module):
     """A SentenceTransformer student and a :class:`ProjectionLayer`, trained and saved as one model.
 
     Args:
-        student: The student sentence-transformer (its last module produces ``sentence_embedding``).
-        projection: Maps the student's embedding dimension to the teacher's.
+        student: The student: a SentenceTransformer (its last module produces ``sentence_embedding``), or a
+            hub id / folder to load one from (as the reference system is called: ``StudentModelWithProjection(
+            "sentence-transformers/all-mpnet-base-v2")``).
+        projection: Maps the student's embedding dimension to the teacher's; ``None`` builds a fresh one from
+            the student's dimension to ``teacher_dim`` (hidden ``2 × student_dim``).
+        teacher_dim: Output size of a fresh projection (default 3584, gte-Qwen2-7B-instruct's); ignored with
+            ``projection``.
 
     Raises:
         DimensionMismatchError: If the student's embedding dimension is not ``projection.student_dim``.
 
     Example:
         >>> name = "sentence-transformers/all-mpnet-base-v2"
-        >>> model = StudentModelWithProjection.from_pretrained(name, teacher_dim=3584)  # doctest: +SKIP
+        >>> model = StudentModelWithProjection(name)  # doctest: +SKIP
         >>> out = model(model.tokenize(["what is a zebra?"]))  # doctest: +SKIP
         >>> out["student"].shape, out["projected"].shape  # doctest: +SKIP
         (torch.Size([1, 768]), torch.Size([1, 3584]))
     """
 
-    def __init__(self, student: SentenceTransformer, projection: ProjectionLayer) -> None:
+    def __init__(
+        self,
+        student: SentenceTransformer | str | os.PathLike[str],
+        projection: ProjectionLayer | None = None,
+        *,
+        teacher_dim: int = DEFAULT_TEACHER_DIM,
+    ) -> None:
         super().__init__()
+        if isinstance(student, str | os.PathLike):
+            from sentence_transformers import SentenceTransformer
+
+            student = SentenceTransformer(str(student))
         student_dim = _embedding_dim(student)
+        if projection is None:
+            projection = ProjectionLayer(student_dim=student_dim, teacher_dim=teacher_dim).to(student.device)
         if student_dim != projection.student_dim:
             raise DimensionMismatchError(
                 f"The student emits {student_dim}-d embeddings but the projection expects {projection.student_dim}-d "

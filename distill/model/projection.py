@@ -36,26 +36,54 @@ class ProjectionNotFoundError(DdxError, FileNotFoundError):
     """No ``projection_layer.pt`` where one was expected."""
 
 
+DEFAULT_STUDENT_DIM = 768  # all-mpnet-base-v2
+DEFAULT_TEACHER_DIM = 3584  # gte-Qwen2-7B-instruct
+
+
+def _one_of(name: str, value: int | None, alias: str, alias_value: int | None, default: int) -> int:
+    """The dimension given under either name (both: they must agree), else ``default``."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise DdxError(f"ProjectionLayer got {name}={value!r} and {alias}={alias_value!r}; pass one of them.")
+    given = value if value is not None else alias_value
+    return default if given is None else given
+
+
 class ProjectionLayer(nn.Module):
     """Two-layer MLP from student space to teacher space: Linear → GELU → LayerNorm → Linear.
 
+    Called as the reference system calls it — ``ProjectionLayer()`` is the documented 768 → 1536 → 3584 MLP
+    (all-mpnet-base-v2 into gte-Qwen2-7B-instruct's space), ``ProjectionLayer(768, 1536, 3584)`` is (input,
+    hidden, output), ``input_dim=``/``output_dim=`` name them — or by ddx's names ``student_dim=``/``teacher_dim=``.
+
     Args:
-        student_dim: Size of the student's sentence embedding (input).
-        teacher_dim: Size of the teacher's vectors (output).
-        hidden_dim: Width of the hidden layer; ``None`` means ``2 * student_dim``.
+        input_dim: Size of the student's sentence embedding (input); also ``student_dim``. Default 768.
+        hidden_dim: Width of the hidden layer; ``None`` means ``2 * input_dim``.
+        output_dim: Size of the teacher's vectors (output); also ``teacher_dim``. Default 3584.
 
     Raises:
-        DdxError: If a dimension is not a positive integer.
+        DdxError: If a dimension is not a positive integer, or one is given twice with two values.
 
     Example:
         >>> import torch
         >>> proj = ProjectionLayer(student_dim=4, teacher_dim=6)
         >>> proj(torch.randn(2, 4)).shape
         torch.Size([2, 6])
+        >>> ProjectionLayer().fc2.weight.shape, ProjectionLayer(8, 16, 32).hidden_dim
+        (torch.Size([3584, 1536]), 16)
     """
 
-    def __init__(self, *, student_dim: int, teacher_dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        input_dim: int | None = None,
+        hidden_dim: int | None = None,
+        output_dim: int | None = None,
+        *,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+    ) -> None:
         super().__init__()
+        student_dim = _one_of("input_dim", input_dim, "student_dim", student_dim, DEFAULT_STUDENT_DIM)
+        teacher_dim = _one_of("output_dim", output_dim, "teacher_dim", teacher_dim, DEFAULT_TEACHER_DIM)
         hidden_dim = 2 * student_dim if hidden_dim is None else hidden_dim
         for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("hidden_dim", hidden_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

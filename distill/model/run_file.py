@@ -6,6 +6,7 @@
       projection_layer.pt    projection weights and dims
       ddx_run.json           resolved config, store fingerprint and teacher spec, data report, final losses
       train_log.jsonl        every logged step (loss and its parts, learning rate)
+      train_loss.png         the loss and its parts against the step (with matplotlib)
       checkpoints/           HF checkpoints (optimizer, scheduler, RNG) with a ddx manifest each: --resume continues
                              from the newest complete one (distill.train.checkpoints), skipping damaged ones
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from distill.model.run_file import check_run_store, read_run, write_run
 from distill.train.config import TrainConfig
 from distill.train.data import PreparedData, resolve_data
+from distill.train.loss_plot import LOSS_PLOT, write_loss_plot
 from distill.train.mining import hard_negative_miner
 from distill.train.tokens import TokenTable
 from precompute.sources import Source, SourceOptions, parse_source
@@ -298,6 +299,8 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     result.report["seconds"] = round(time.perf_counter() - started, 2)
     if trainer.is_world_process_zero():
         model.save(out, teacher_normalize=store.spec.normalize)
+        note = write_loss_plot(out / "train_log.jsonl", out / LOSS_PLOT)
+        result.report["loss_plot"] = note or str(out / LOSS_PLOT)
         _write_run_file(out, config, store, tokens, result)
     return result
 

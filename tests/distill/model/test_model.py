@@ -150,3 +150,16 @@ def test_load_errors(saved: Path, tmp_path: Path) -> None:
 def test_unknown_prompt_name(model: StudentModelWithProjection) -> None:
     with pytest.raises(DdxError, match="Prompt name 'passage' is not one of the student's prompts"):
         model.tokenize(TEXTS, prompt_name="passage")
+
+
+def test_reference_call_forms(tiny_bert: Path) -> None:
+    """A model name or a SentenceTransformer, the projection built to the teacher's dimension when not given."""
+    from sentence_transformers import SentenceTransformer
+
+    by_name = StudentModelWithProjection(str(tiny_bert), teacher_dim=TEACHER_DIM)
+    assert (by_name.student_dim, by_name.teacher_dim) == (32, TEACHER_DIM)
+    assert StudentModelWithProjection(tiny_bert).teacher_dim == 3584  # the reference teacher's by default
+    student = SentenceTransformer(str(tiny_bert), device="cpu")
+    given = ProjectionLayer(student_dim=32, teacher_dim=8)
+    assert StudentModelWithProjection(student, given).projection is given
+    assert StudentModelWithProjection(student=student, projection=given).teacher_dim == 8

@@ -116,3 +116,18 @@ def test_sentence_transformer_modules_match(layer: ProjectionLayer, tmp_path: Pa
     reloaded = norm({"sentence_embedding": dense({"sentence_embedding": x})["sentence_embedding"]})
     expected = layer.norm(layer.act(layer.fc1(x)))
     torch.testing.assert_close(reloaded["sentence_embedding"], expected, rtol=0, atol=1e-6)
+
+
+def test_reference_call_forms() -> None:
+    """As users of the reference system write it: no arguments, positional (input, hidden, output), its names."""
+    default = ProjectionLayer()
+    assert (default.student_dim, default.hidden_dim, default.teacher_dim) == (768, 1536, 3584)
+    assert default.fc1.weight.shape == (1536, 768) and default.fc2.weight.shape == (3584, 1536)
+    positional = ProjectionLayer(768, 1536, 3584)
+    assert (positional.student_dim, positional.hidden_dim, positional.teacher_dim) == (768, 1536, 3584)
+    named = ProjectionLayer(input_dim=8, output_dim=12)
+    assert (named.student_dim, named.hidden_dim, named.teacher_dim) == (8, 16, 12)
+    assert ProjectionLayer(student_dim=8, teacher_dim=12).hidden_dim == 16  # ddx's own names still work
+    assert ProjectionLayer(8, student_dim=8).student_dim == 8  # the same value under both names is fine
+    with pytest.raises(DdxError, match="input_dim=8 and student_dim=9; pass one of them"):
+        ProjectionLayer(8, student_dim=9)

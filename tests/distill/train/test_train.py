@@ -52,6 +52,22 @@ def test_phase2_loss_falls(phase2_run: TrainedRun) -> None:
     assert report["mined"]["queries"] == TRAIN_QUERIES and report["mined"]["mined"] > 0
 
 
+def test_run_draws_its_loss_parts(phase2_run: TrainedRun, tmp_path: Path) -> None:
+    """train_loss.png beside train_log.jsonl: a real PNG with the total and every part; without matplotlib a note."""
+    from distill.train.loss_plot import loss_series, write_loss_plot
+
+    png = Path(phase2_run.out, "train_loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and phase2_run.result.report["loss_plot"] == str(png)
+    series = loss_series(Path(phase2_run.out, "train_log.jsonl"))
+    assert {"loss", "loss_infonce", "loss_mse"} <= set(series) and len(series["loss"][0]) == 24
+    log = tmp_path / "train_log.jsonl"
+    lines = ['{"step": 2, "loss": 2.0}', '{"step": 1, "loss": 3.0, "loss_mse": 1.0}', '{"step": 2, "loss": 1.5}']
+    lines.append('{"st')  # cut by a crash
+    log.write_text("\n".join(lines))
+    assert loss_series(log) == {"loss": ([1, 2], [3.0, 1.5]), "loss_mse": ([1], [1.0])}  # resumed step: last wins
+    assert "holds no logged loss" in (write_loss_plot(tmp_path / "none.jsonl", tmp_path / "x.png") or "")
+
+
 def test_student_base_reloads_as_plain_sentence_transformer(
     phase1_run: TrainedRun, corpus: Corpus, tiny_bert: Path
 ) -> None:
