@@ -85,7 +85,7 @@ class TeacherConfig:
         },
     )
     device: str | None = field(
-        default=None, metadata={"help": "Torch device (default cuda:LOCAL_RANK when available, else cpu)."}
+        default=None, metadata={"help": "Torch device (default cuda:LOCAL_RANK or SLURM_LOCALID, else cpu)."}
     )
     revision: str | None = field(  # branch, tag or commit
         default=None, metadata={"help": "Hub revision of the teacher."}
@@ -194,11 +194,17 @@ def _read_json(path: Path) -> dict[str, str]:
 
 
 def default_device() -> str:
+    """``cuda:<local rank>`` when CUDA is available, else ``cpu``.
+
+    The local rank is torchrun's ``LOCAL_RANK``, else SLURM's ``SLURM_LOCALID`` (``srun`` without torchrun),
+    modulo the GPUs this process sees: with ``--gpus-per-task=1`` each task sees one GPU, as ``cuda:0``.
+    """
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return f"cuda:{local % max(torch.cuda.device_count(), 1)}"
 
 
 def _device_and_dtype(cfg: TeacherConfig) -> tuple[str, str]:

@@ -245,3 +245,29 @@ def test_expected_spec_loads_no_weights(tiny_bert: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(SentenceTransformer, "__init__", refuse)
     assert expected_spec(TeacherConfig(model=str(tiny_bert), device="cpu"))["dim"] == 32
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "want"),
+    [
+        ({"LOCAL_RANK": "1"}, 2, "cuda:1"),
+        ({"SLURM_LOCALID": "1"}, 2, "cuda:1"),  # srun without torchrun
+        ({"LOCAL_RANK": "0", "SLURM_LOCALID": "1"}, 2, "cuda:0"),  # torchrun's own rank wins
+        ({"SLURM_LOCALID": "3"}, 1, "cuda:0"),  # --gpus-per-task=1: each task sees its GPU as cuda:0
+        ({}, 4, "cuda:0"),
+    ],
+)
+def test_default_device_follows_the_launcher(
+    env: dict[str, str], gpus: int, want: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from precompute.teacher import default_device
+
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert default_device() == want
