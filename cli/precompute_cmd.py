@@ -57,12 +57,11 @@ def precompute_teacher(model: str, store: str, data: tuple[str, ...], as_json: b
     teacher = TeacherConfig(model=model, **{k: options.pop(k) for k in teacher_keys})
     config = PrecomputeConfig(store=store, data=tuple(data), teacher=teacher, **options)
     summary = precompute(config)
-    if summary.rank != 0:
-        return
-    if as_json:
+    if as_json:  # every rank prints its own object (scripts collect them); rank 0's carries the job total
         echo_json(summary.to_dict())
         return
-    _print_summary(summary)
+    if summary.rank == 0:  # text: rank 0 only, with the job's total
+        _print_summary(summary)
 
 
 def _print_summary(summary: PrecomputeSummary) -> None:
@@ -74,7 +73,8 @@ def _print_summary(summary: PrecomputeSummary) -> None:
             + (f", {s['skipped_bad']} bad records skipped" if s["skipped_bad"] else "")
         )
     click.echo(
-        f"read {d['texts_read']:,} texts, {d['unique_texts']:,} distinct; {d['already_stored']:,} already "
+        (f"rank {d['rank']} of {d['world_size']}: " if d["world_size"] > 1 else "")
+        + f"read {d['texts_read']:,} texts, {d['unique_texts']:,} distinct; {d['already_stored']:,} already "
         f"stored; encoded {d['encoded']:,} in {d['seconds']:.1f}s ({d['texts_per_s']:,.1f} texts/s, "
         f"{d['tokens_per_s']:,.0f} tokens/s, padding {100 * d['padding_waste']:.1f}%)"
     )
@@ -82,3 +82,10 @@ def _print_summary(summary: PrecomputeSummary) -> None:
         click.echo("nothing to encode: every text is already in the store (the teacher did not run)")
     for s in d["salvaged"]:
         click.echo(f"resumed: kept {s['rows']:,} rows of interrupted segment {s['segment']}")
+    if (job := d["job_total"]) is not None:
+        click.echo(
+            f"job {job['job']}: {len(job['ranks_reported'])} of {job['world_size']} ranks reported; encoded "
+            f"{job['encoded']:,} texts in {job['seconds']:.1f}s ({job['texts_per_s']:,.1f} texts/s), "
+            f"{len(job['segments'])} segment(s)"
+            + ("" if job["complete"] else f"; PARTIAL: ranks {job['missing_ranks']} did not report in time")
+        )

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from precompute.batching import padding_waste, token_budget_batches
+from precompute.job_report import job_id, job_total, record_rank
 from precompute.sources import Source, SourceOptions, TextRecord, parse_source
 from precompute.sources.errors import BadSourceError
 from precompute.teacher import TeacherConfig, TeacherEncoder, expected_spec, load_teacher
@@ -91,6 +92,13 @@ class PrecomputeConfig:
         default="{title} {text}", metadata={"help": "How passage titles join their text (part of the key)."}
     )
     progress: bool = field(default=True, metadata={"help": "Progress bar on stderr."})  # rank 0 only
+    job_id: str | None = field(
+        default=None,
+        metadata={"help": "Id under which ranks report to <store>/runs/ (default: torchrun's or SLURM's job id)."},
+    )
+    report_wait: float = field(
+        default=600.0, metadata={"help": "Seconds rank 0 waits for the other ranks' reports to total the job."}
+    )
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -126,6 +134,8 @@ class PrecomputeSummary:
     salvaged: list[dict[str, Any]] = field(default_factory=list)
     segment: str | None = None
     seconds: float = 0.0
+    job: str | None = None  # the id the ranks report under (<store>/runs/<job>/)
+    job_total: dict[str, Any] | None = None  # rank 0 of a multi-rank job: every rank added up (job_report)
 
     @property
     def padding_waste(self) -> float:
@@ -185,7 +195,22 @@ def precompute(
         _encode(sources, store, encoder, todo, config, rank, world, summary)
     summary.forward_calls = encoder.forward_calls - calls_before
     summary.seconds = round(time.perf_counter() - started, 3)
+    if world > 1:
+        _report_job(store, config, summary)
     return summary
+
+
+def _report_job(store: TeacherStore, config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
+    """Record this rank's summary in the store; rank 0 then totals the job (:mod:`precompute.job_report`)."""
+    summary.job = job_id(config.job_id, store.url, config.data, summary.world_size)
+    try:
+        record_rank(store.loc, summary.job, summary.to_dict())
+    except OSError as exc:  # a read-only store that needed nothing encoded: the run itself succeeded
+        print(f"rank {summary.rank}: summary not recorded in {store.url}/runs ({exc})", file=sys.stderr)
+    if summary.rank == 0:
+        summary.job_total = job_total(
+            store.loc, summary.job, summary.world_size, config.report_wait, quiet=not config.progress
+        )
 
 
 def _load_teacher(config: PrecomputeConfig) -> TeacherEncoder:

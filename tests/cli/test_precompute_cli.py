@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from precompute.sources import parse_source
+from storage import verify_store
 from storage.keys import content_keys
 from storage.store import TeacherStore
 from tests.precompute.test_pipeline import (
@@ -95,12 +96,34 @@ def test_options_reach_the_library(tiny_bert: Path, tmp_path: Path) -> None:
     assert store.index.roles.tolist() == [0] * 7  # passages only
 
 
-def test_only_rank_zero_prints_a_summary(tiny_bert: Path, tmp_path: Path) -> None:
+def test_every_rank_reports_and_rank_zero_totals_the_job(tiny_bert: Path, tmp_path: Path) -> None:
+    """Rank 1 prints its own JSON (it printed nothing); rank 0's text and JSON add up the job, not its slice."""
     folder = write_beir(tmp_path / "beir", tiny_corpus(20, seed=63))
-    rank1 = invoke(*precompute_args(tiny_bert, tmp_path / "s", folder), "--rank", "1", "--world-size", "2", "--json")
-    assert rank1.exit_code == 0 and rank1.stdout == ""
-    [segment] = TeacherStore.open(tmp_path / "s").segments
-    assert "-r1of2-" in segment.seg_id and 0 < segment.rows < 20
+    args = (*precompute_args(tiny_bert, tmp_path / "s", folder), "--world-size", "2", "--job-id", "j1")
+    rank1 = invoke(*args, "--rank", "1", "--json")
+    assert rank1.exit_code == 0, rank1.output
+    one = json.loads(rank1.stdout)
+    assert (one["rank"], one["job"], one["job_total"]) == (1, "j1", None) and 0 < one["encoded"] < 20
+    rank0 = invoke(*args, "--rank", "0", "--json")
+    zero = json.loads(rank0.stdout)
+    job = zero["job_total"]
+    assert (
+        job["complete"] and job["ranks_reported"] == [0, 1] and job["encoded"] == 20 == one["encoded"] + zero["encoded"]
+    )
+    assert len(job["segments"]) == 2 and all("of2-" in s for s in job["segments"])
+    text = invoke(*args, "--rank", "0").stdout  # a rerun: nothing to encode, the job's reports still add up
+    assert "rank 0 of 2: read" in text and "job j1: 2 of 2 ranks reported" in text
+    [segment] = [s for s in TeacherStore.open(tmp_path / "s").segments if "-r1of2-" in s.seg_id]
+    assert 0 < segment.rows < 20
+    assert verify_store(tmp_path / "s").ok  # the runs/ reports are not store damage
+
+
+def test_a_rank_that_never_reports_makes_the_total_partial(tiny_bert: Path, tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "beir", tiny_corpus(12, seed=64))
+    args = (*precompute_args(tiny_bert, tmp_path / "s", folder), "--world-size", "3", "--job-id", "j2")
+    result = invoke(*args, "--rank", "0", "--report-wait", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "job j2: 1 of 3 ranks reported" in result.stdout and "PARTIAL: ranks [1, 2] did not report" in result.stdout
 
 
 def test_cli_values_equal_a_direct_encode(tiny_bert: Path, tmp_path: Path) -> None:
