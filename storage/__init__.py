@@ -8,6 +8,7 @@ from storage.errors import (
     FormatVersionError,
     IntegrityError,
     MissingVectorsError,
+    RemoteStoreError,
     StoreExistsError,
     StoreNotFoundError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "IntegrityError",
     "KeySet",
     "MissingVectorsError",
+    "RemoteStoreError",
     "StoreExistsError",
     "StoreNotFoundError",
     "TeacherSpec",

@@ -10,26 +10,33 @@ taking the claim (COMMIT present? still there?): another process may have finish
 so a salvager killed mid-way never blocks the next one, which finishes the job (each salvage step is
 safe to repeat). The claim is a file of its own, not the writer's ``.lock``: a probe can then tell a
 live writer from a salvage in progress. *Object stores*: a ``.claim`` object made by a conditional
-create (:meth:`Location.create_exclusive`), presumed dead after ``STALE_CLAIM_S``.
+create (:meth:`Location.create_exclusive`: ``If-None-Match: *`` on S3), rewritten with the time by a
+timer thread while held (:class:`storage.heartbeat.Beat`) and presumed left by a dead process once
+``stale_after`` old (:func:`storage.heartbeat.stale_after`). A stale claim is broken by exactly one
+process: the one that conditionally creates ``.claim.break-<token of the stale claim>``; it removes the
+stale claim (if it still is the one it judged stale) and creates its own, conditionally again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from storage.fs import Location
+from storage.heartbeat import Beat, beat_interval, stale_after
 from storage.segment_format import SEGMENTS
 
-__all__ = ["CLAIM", "STALE_CLAIM_S", "claim_held", "flock_held", "segment_claim"]
+__all__ = ["CLAIM", "claim_held", "flock_held", "segment_claim"]
 
 CLAIM = ".claim"
-STALE_CLAIM_S = 15 * 60  # a remote claim this old is presumed left by a dead process
 
 
 @contextmanager
@@ -50,12 +57,12 @@ def segment_claim(loc: Location, seg_id: str) -> Iterator[bool]:
             if fd is not None:
                 os.close(fd)
         return
-    taken = _take_remote(loc, seg_id)
+    held = _take_remote(loc, seg_id)
     try:
-        yield taken
+        yield held is not None
     finally:
-        if taken:
-            loc.remove(SEGMENTS, seg_id, CLAIM)
+        if held is not None:
+            held.release()
 
 
 def claim_held(loc: Location, seg_id: str) -> bool:
@@ -63,7 +70,7 @@ def claim_held(loc: Location, seg_id: str) -> bool:
     path = loc.local_path(SEGMENTS, seg_id, CLAIM)
     if path is not None:
         return bool(flock_held(path))
-    return _remote_claim_age(loc, seg_id) < STALE_CLAIM_S
+    return _age(_read_claim(loc, seg_id)) < stale_after(loc)
 
 
 def flock_held(path: Path) -> bool | None:
@@ -104,23 +111,75 @@ def _take_local(path: Path) -> int | None:
     return None
 
 
-def _take_remote(loc: Location, seg_id: str) -> bool:
+class _RemoteClaim:
+    """A claim object this process created: beaten by a timer thread while held, removed on release."""
+
+    def __init__(self, loc: Location, seg_id: str, token: str, breaker: str | None) -> None:
+        self.loc, self.seg_id, self.token, self.breaker = loc, seg_id, token, breaker
+        stale = stale_after(loc)
+        what = f"Claim on segment {seg_id!r} of store {loc.url!r}"
+        self.beat = Beat(self._refresh, interval=beat_interval(stale), stale=stale, what=what).start()
+
+    def _refresh(self) -> None:
+        """Rewrite the claim with the time, while it is still ours (another may have broken it as stale)."""
+        if (_read_claim(self.loc, self.seg_id) or {}).get("token") == self.token:
+            self.loc.write_atomic(_payload(self.token), SEGMENTS, self.seg_id, CLAIM)
+
+    def release(self) -> None:
+        self.beat.stop()
+        with contextlib.suppress(FileNotFoundError):
+            if (_read_claim(self.loc, self.seg_id) or {}).get("token") == self.token:
+                self.loc.remove(SEGMENTS, self.seg_id, CLAIM)
+        if self.breaker is not None:
+            self.loc.remove(SEGMENTS, self.seg_id, self.breaker)
+
+
+def _payload(token: str) -> bytes:
+    return json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "token": token}).encode()
+
+
+def _take_remote(loc: Location, seg_id: str) -> _RemoteClaim | None:
+    """The claim, created conditionally (or broken when its holder is presumed dead); None when held elsewhere."""
     if not loc.isdir(SEGMENTS, seg_id):  # a claim object would bring a removed segment's prefix back
-        return False
-    payload = json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}).encode()
-    if loc.create_exclusive(payload, SEGMENTS, seg_id, CLAIM):
-        return True
-    if _remote_claim_age(loc, seg_id) < STALE_CLAIM_S:
-        return False
-    # Its holder died. Two processes breaking one stale claim at once can both win here; object-store
-    # recovery (issue 13) replaces this with a generation-conditional overwrite.
-    loc.remove(SEGMENTS, seg_id, CLAIM)
-    return loc.create_exclusive(payload, SEGMENTS, seg_id, CLAIM)
+        return None
+    token = uuid.uuid4().hex
+    if loc.create_exclusive(_payload(token), SEGMENTS, seg_id, CLAIM):
+        return _RemoteClaim(loc, seg_id, token, None)
+    stale = _read_claim(loc, seg_id)
+    if stale is None:  # released (or unreadable) since: one more try, as the first
+        return (
+            _RemoteClaim(loc, seg_id, token, None)
+            if loc.create_exclusive(_payload(token), SEGMENTS, seg_id, CLAIM)
+            else None
+        )
+    if _age(stale) < stale_after(loc):
+        return None
+    # Its holder is presumed dead. Of all processes that judged this claim stale, exactly one creates its breaker.
+    stale_token = str(stale.get("token") or stale.get("time"))
+    breaker = f"{CLAIM}.break-{''.join(c for c in stale_token if c.isalnum() or c in '._-')[:64]}"
+    if not loc.create_exclusive(_payload(token), SEGMENTS, seg_id, breaker):
+        return None
+    current = _read_claim(loc, seg_id)
+    if current is not None and current.get("token") == stale.get("token") and current.get("time") == stale.get("time"):
+        loc.remove(SEGMENTS, seg_id, CLAIM)
+    if loc.create_exclusive(_payload(token), SEGMENTS, seg_id, CLAIM):
+        return _RemoteClaim(loc, seg_id, token, breaker)
+    loc.remove(SEGMENTS, seg_id, breaker)
+    return None
 
 
-def _remote_claim_age(loc: Location, seg_id: str) -> float:
-    """Seconds since the claim object was written; infinity when there is none (or it is unreadable)."""
+def _read_claim(loc: Location, seg_id: str) -> dict[str, Any] | None:
+    """The claim object's content; None when there is none (or it is unreadable)."""
     try:
-        return time.time() - float(json.loads(loc.read_bytes(SEGMENTS, seg_id, CLAIM))["time"])
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        doc = json.loads(loc.read_bytes(SEGMENTS, seg_id, CLAIM))
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _age(claim: dict[str, Any] | None) -> float:
+    """Seconds since the claim was last written; infinity when there is none (or its time is unreadable)."""
+    try:
+        return time.time() - float(claim["time"])  # type: ignore[index]
+    except (KeyError, ValueError, TypeError):
         return float("inf")

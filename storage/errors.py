@@ -14,6 +14,7 @@ __all__ = [
     "FormatVersionError",
     "IntegrityError",
     "MissingVectorsError",
+    "RemoteStoreError",
     "StoreExistsError",
     "StoreNotFoundError",
 ]
@@ -64,3 +65,9 @@ class MissingVectorsError(DdxError, KeyError):
 
 class DiskFullError(DdxError, OSError):
     """The disk filled while writing; committed segments stay readable and a rerun resumes."""
+
+
+class RemoteStoreError(DdxError, OSError):
+    """An object store (S3, GCS, ...) could not be reached, or refused the credentials: one line naming the URL and
+    the fix, raised from :class:`storage.fs.Location` instead of the client library's traceback (kept as its cause).
+    """

@@ -1,32 +1,48 @@
 """Where a store lives: a local directory or any fsspec URL, with the few file operations the store needs.
 
-Every write is atomic: local files go through a temp file, fsync and ``os.replace``; object stores
-(S3, GCS) make each PUT atomic by themselves. Reads of vectors do not come through here: local
-chunk files are memory-mapped directly (see ``SegmentReader`` in ``segment.py``).
+:meth:`Location.write_atomic` is atomic: a local file goes through a temp file, fsync and ``os.replace``;
+an object store (S3, GCS) makes each PUT atomic by itself. Two operations here are not: a local
+:meth:`Location.create_exclusive` creates the file and then writes it (a reader can meet it empty or short),
+and :func:`replace_dir` swaps a folder in by two renames (between them the folder is absent). Vector
+chunks neither come nor go through here: zarr writes them, a row counts once the index part naming
+it is written (``segment_writer.py``), and local chunk files are memory-mapped directly
+(``SegmentReader`` in ``segment_reader.py``).
 
-:func:`atomic_path` and :func:`atomic_open` are the one temp-file-and-rename recipe for every local
-file ddx writes (store metadata, run files, projection weights, token tables, TREC runs), and
-:func:`default_cache_dir` the one answer to where ddx caches (token tables, unpacked models).
+:func:`atomic_path` and :func:`atomic_open` are the temp-file-and-rename recipe for the local files ddx
+writes whole (store metadata, run files, projection weights, token tables, TREC runs, checkpoint
+manifests, the weights-id cache); files appended to (``train_log.jsonl``) or written by libraries
+(zarr chunks, the Trainer's checkpoints) do not use it. :func:`default_cache_dir` is the one answer to
+where ddx caches (token tables, unpacked models).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
+import socket
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import DiskFullError
+from storage.errors import DdxError, DiskFullError, RemoteStoreError
 
-__all__ = ["Location", "atomic_open", "atomic_path", "default_cache_dir", "replace_dir"]
+__all__ = [
+    "Location",
+    "atomic_open",
+    "atomic_path",
+    "default_cache_dir",
+    "parse_storage_options",
+    "remote_error",
+    "replace_dir",
+]
 
 _warned_no_exclusive: set[str] = set()  # filesystem protocols already warned about, once a process
 
@@ -98,8 +114,165 @@ def atomic_open(
         os.fsync(f.fileno())
 
 
+# Names (anywhere in an exception's class hierarchy or its chain of causes) that mean the endpoint could not be
+# reached, or that the credentials were missing or refused: botocore/aiobotocore (S3), aiohttp, google-auth (GCS).
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ProxyConnectionError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "TransportError",
+}
+_NO_CREDENTIALS = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "NoAuthTokenError",
+    "DefaultCredentialsError",
+    "RefreshError",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def parse_storage_options(value: str | Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """fsspec storage options from what a user typed: a JSON object, or ``key=value`` pairs (comma-separated or
+    one per item); dotted keys nest (``client_kwargs.region_name=eu-west-1``), values are read as JSON when they
+    parse (``true``, ``5``) and as text otherwise. A mapping (a config file's) is taken as it is.
+
+    Raises:
+        DdxError: not a JSON object and not ``key=value`` pairs (the message shows both forms).
+
+    Example:
+        >>> parse_storage_options("endpoint_url=http://127.0.0.1:9000,anon=false,client_kwargs.region_name=us-east-1")
+        {'endpoint_url': 'http://127.0.0.1:9000', 'anon': False, 'client_kwargs': {'region_name': 'us-east-1'}}
+        >>> parse_storage_options('{"key": "k", "secret": "s"}')
+        {'key': 'k', 'secret': 's'}
+    """
+    import json
+
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    items = [value] if isinstance(value, str) else list(value)
+    out: dict[str, Any] = {}
+    for item in items:
+        text = item.strip()
+        if not text:
+            continue
+        if text.startswith("{"):
+            try:
+                doc = json.loads(text)
+            except ValueError as exc:
+                raise DdxError(f"--storage-options {text!r} is not valid JSON ({exc}).") from exc
+            if not isinstance(doc, dict):
+                raise DdxError(f"--storage-options {text!r} must be a JSON object.")
+            out.update(doc)
+            continue
+        for pair in text.split(","):
+            key, sep, raw = pair.partition("=")
+            if not sep or not key.strip():
+                raise DdxError(
+                    f"--storage-options {pair!r} is not key=value; pass key=value pairs "
+                    '(endpoint_url=http://host:9000,key=...) or a JSON object (\'{"endpoint_url": "..."}\').'
+                )
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw
+            *parents, leaf = key.strip().split(".")
+            node = out
+            for name in parents:
+                node = node.setdefault(name, {})
+                if not isinstance(node, dict):
+                    raise DdxError(f"--storage-options {key!r}: {name!r} is set to a value, not options.")
+            node[leaf] = parsed
+    return out
+
+
+def remote_error(url: str, exc: BaseException) -> RemoteStoreError | None:
+    """A one-line :class:`RemoteStoreError` for a network or credential failure talking to ``url``; None otherwise.
+
+    Missing files (``FileNotFoundError``) and ddx's own errors are not network failures: None.
+
+    Example:
+        >>> remote_error("s3://b/x", ConnectionRefusedError(111, "Connection refused"))  # doctest: +ELLIPSIS
+        RemoteStoreError('s3://b/x: cannot reach the endpoint (ConnectionRefusedError: ...
+    """
+    if isinstance(exc, (DdxError, FileNotFoundError, FileExistsError)):
+        return None
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        names = {c.__name__ for c in type(e).__mro__}
+        detail = f"{type(e).__name__}: {_first_line(e)}"
+        if names & _NO_CREDENTIALS:
+            return RemoteStoreError(
+                f"{url}: no valid credentials ({detail}); pass them with --storage-options (e.g. key=... secret=...) "
+                "or the provider's environment variables / config file."
+            )
+        if names & _UNREACHABLE or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
+            return RemoteStoreError(
+                f"{url}: cannot reach the endpoint ({detail}); check --storage-options endpoint_url "
+                "(or AWS_ENDPOINT_URL), the network, and the credentials."
+            )
+    denied = next((e for e in chain if isinstance(e, PermissionError)), None)
+    if denied is not None:
+        return RemoteStoreError(
+            f"{url}: access denied ({type(denied).__name__}: {_first_line(denied)}); check the credentials "
+            "(--storage-options) and the bucket's permissions."
+        )
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:200]
+
+
+def _remote_errors(method: _F) -> _F:
+    """Turn a network or credential failure of a remote Location's operation into a one-line RemoteStoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self: Location, *args: Any, **kwargs: Any) -> Any:
+        if self.is_local:
+            return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            error = remote_error(self.url, exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Location:
     """A root directory (local path or fsspec URL) and atomic operations below it.
+
+    Every listing and existence check reads the store as it is now: remote filesystems are opened with
+    fsspec's listing cache off (``use_listings_cache=False``), since other processes commit, salvage and
+    remove segments while this one runs (a cached listing hid their commits: issue 13). The filesystem is
+    opened anew in a forked child (fsspec's async filesystems are not fork-safe), so DataLoader workers can
+    read a remote store. Network and credential failures of remote operations are :class:`RemoteStoreError`.
+
+    Args:
+        url: local path or fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``memory://...``).
+        storage_options: passed to fsspec (and zarr) for remote URLs: ``endpoint_url``, ``key``, ``secret``,
+            ``client_kwargs``, ... (s3fs/gcsfs keyword arguments).
+        stale_after: seconds after which a remote writer's heartbeat or a remote claim counts as left by a
+            dead process (None: :data:`storage.heartbeat.STALE_AFTER_S`, or ``$DDX_STALE_AFTER``).
 
     Example:
         >>> loc = Location("/tmp/store")
@@ -107,11 +280,40 @@ class Location:
         '/tmp/store/segments/a'
     """
 
-    def __init__(self, url: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        stale_after: float | None = None,
+    ) -> None:
         self.url = os.fspath(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
-        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self.stale_after = stale_after
+        self._fs: Any = None
+        self._fs_pid = -1
+        fs, root = self._open_fs()
+        self.is_local = isinstance(fs, LocalFileSystem)
         self.root = str(Path(root).absolute()) if self.is_local else root.rstrip("/")
+
+    def _fs_options(self) -> dict[str, Any]:
+        opts = dict(self.storage_options)
+        protocol = fsspec.core.split_protocol(self.url)[0]
+        if protocol not in (None, "file", "local") and "::" not in self.url:
+            opts.setdefault("use_listings_cache", False)  # another process's commit must show at once
+        return opts
+
+    def _open_fs(self) -> tuple[Any, str]:
+        fs, root = fsspec.core.url_to_fs(self.url, **self._fs_options())
+        self._fs, self._fs_pid = fs, os.getpid()
+        return fs, root
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (opened again after a fork)."""
+        if self._fs_pid != os.getpid():
+            self._open_fs()
+        return self._fs
 
     def join(self, *parts: str) -> str:
         """Path of ``parts`` below the root, in the filesystem's own form."""
@@ -121,15 +323,19 @@ class Location:
         """A local ``Path`` for memory-mapping, or None for remote stores."""
         return Path(self.join(*parts)) if self.is_local else None
 
+    @_remote_errors
     def exists(self, *parts: str) -> bool:
         return bool(self.fs.exists(self.join(*parts)))
 
+    @_remote_errors
     def isdir(self, *parts: str) -> bool:
         return bool(self.fs.isdir(self.join(*parts)))
 
+    @_remote_errors
     def isfile(self, *parts: str) -> bool:
         return bool(self.fs.isfile(self.join(*parts)))
 
+    @_remote_errors
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries directly below ``parts``; [] when it does not exist."""
         try:
@@ -138,9 +344,11 @@ class Location:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing)
 
+    @_remote_errors
     def read_bytes(self, *parts: str) -> bytes:
         return bytes(self.fs.cat_file(self.join(*parts)))
 
+    @_remote_errors
     def write_atomic(self, data: bytes, *parts: str) -> None:
         """Write ``data`` so readers see the old file or the new one, never a torn one.
 
@@ -172,9 +380,11 @@ class Location:
         finally:
             os.close(fd)
 
+    @_remote_errors
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.join(*parts), exist_ok=True)
 
+    @_remote_errors
     def remove(self, *parts: str) -> None:
         """Remove a file or a whole directory tree; no error if absent or if another process removes it too.
 
@@ -192,6 +402,7 @@ class Location:
             if self.fs.exists(path):  # another process removed part of the tree meanwhile: remove the rest
                 self.fs.rm(path, recursive=True)
 
+    @_remote_errors
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
         """Create a file holding ``data`` only if nothing is there yet; False when it already exists.
 
@@ -236,6 +447,7 @@ class Location:
         self.fs.pipe_file(path, data)
         return self.fs.cat_file(path) == data
 
+    @_remote_errors
     def size(self, *parts: str) -> int:
         """Total bytes of a file or of every file below a directory."""
         path = self.join(*parts)
@@ -244,13 +456,44 @@ class Location:
         except FileNotFoundError:  # absent, or removed by another process while we counted
             return 0
 
+    @_remote_errors
+    def read_ranges(self, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        """Bytes ``start:end`` of each (path below the root, start, end), fetched concurrently where the
+        filesystem can (``cat_ranges``: one ranged GET each on S3/GCS).
+
+        Raises:
+            FileNotFoundError: a file is missing.
+        """
+        if not ranges:
+            return []
+        paths = [self.join(p) for p, _, _ in ranges]
+        got = self.fs.cat_ranges(paths, [s for _, s, _ in ranges], [e for _, _, e in ranges], on_error="return")
+        for item in got:
+            if isinstance(item, BaseException):
+                raise item
+        return [bytes(b) for b in got]
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn network and credential failures inside the block into :class:`RemoteStoreError` (remote only).
+
+        For work that reaches the store through another library (zarr's array writes and reads).
+        """
+        try:
+            yield
+        except Exception as exc:
+            error = None if self.is_local else remote_error(self.url, exc)
+            if error is None:
+                raise
+            raise error from exc
+
     def zarr_store(self):  # -> zarr.abc.store.Store
-        """A zarr v3 store over the root (LocalStore for paths, FsspecStore for URLs)."""
+        """A zarr v3 store over the root (LocalStore for paths, FsspecStore for URLs, with the storage options)."""
         from zarr.storage import FsspecStore, LocalStore
 
         if self.is_local:
             return LocalStore(self.root)
-        return FsspecStore.from_url(self.url)
+        return FsspecStore.from_url(self.url, storage_options=self._fs_options())
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"

@@ -7,7 +7,9 @@ the duplicates are counted, never an error: both rows hold the same teacher's ve
 
 ``RowGather`` serves random rows. Local format-2 chunks are read with one ``preadv`` a row straight into
 the output, in file and offset order, from descriptors kept in a bounded LRU (:mod:`storage.chunk_files`):
-no read-ahead and no maps, so a store larger than RAM reads about the bytes it returns. Otherwise rows
+no read-ahead and no maps, so a store larger than RAM reads about the bytes it returns. Remote format-2
+chunks are read by byte range, adjacent rows merged, behind a bounded LRU of rows
+(:mod:`storage.remote_rows`): a process holds at most its cache, not the chunks it touched. Otherwise rows
 come from chunk memory maps (format-1 chunks, remote stores, ``gather_mode="mmap"``): a batch inside one chunk is one
 ``np.take(..., mode="clip", out=...)`` (the default ``mode="raise"`` is ~2× slower). Otherwise long rows
 (teacher vectors) are copied one memcpy a row straight into request order, and short rows are grouped
@@ -29,6 +31,7 @@ import numpy as np
 
 from storage.chunk_files import ChunkFiles
 from storage.keys import KEY_DTYPE, as_key_array
+from storage.remote_rows import RangeReader
 from storage.segment_format import check_rows, row_crcs
 
 __all__ = ["KeyIndex", "RowChecks", "RowGather"]
@@ -144,6 +147,8 @@ class RowGather:
         files: open chunk files for ``pread`` gathers, with ``preadable`` marking the chunks they serve
             (the rest, and every batch touching one of the rest, go through ``chunk_loader``).
         short_read: builds the exception for chunk ``i`` ending before row ``row``.
+        ranges: byte-range reads of remote chunk files, with ``rangeable`` marking the chunks it serves
+            (rows of the rest go through ``chunk_loader``).
     """
 
     def __init__(
@@ -157,8 +162,12 @@ class RowGather:
         files: ChunkFiles | None = None,
         preadable: np.ndarray | None = None,
         short_read: Callable[[int, int], Exception] | None = None,
+        ranges: RangeReader | None = None,
+        rangeable: np.ndarray | None = None,
     ) -> None:
         self.files, self._short_read = files, short_read
+        self.ranges = ranges
+        self.rangeable = np.zeros(len(chunk_starts), bool) if rangeable is None or ranges is None else rangeable
         self._cold = True  # whether the last pread batch came from disk (see _pread_rows)
         self.preadable = np.zeros(len(chunk_starts), bool) if preadable is None or files is None else preadable
         self.chunk_starts = np.asarray(chunk_starts, dtype=np.int64)
@@ -188,6 +197,8 @@ class RowGather:
         dst = out if direct else np.empty((n, self.dim), dtype=self.dtype)  # rows as stored, checked, then cast
         if self.files is not None and self.preadable[ci].all():
             self._pread_rows(ci, local, dst)
+        elif self.ranges is not None and self.rangeable[ci].any():
+            self._range_rows(ci, local, dst)
         elif ci[0] == ci[-1] and (ci == ci[0]).all():
             np.take(self._chunk(int(ci[0])), local, axis=0, mode="clip", out=dst)
         elif self.dim * self.dtype.itemsize >= ROW_COPY_MIN_BYTES:
@@ -199,6 +210,19 @@ class RowGather:
         if dst is not out:
             out[...] = dst
         return out
+
+    def _range_rows(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
+        """Remote rows by byte range (:class:`RangeReader`); rows of other chunks (format 1) from their chunk."""
+        assert self.ranges is not None
+        sel = self.rangeable[ci]
+        if sel.all():
+            self.ranges.read(ci, local, dst)
+            return
+        for mask, fill in ((sel, self.ranges.read), (~sel, self._copy_rows)):
+            idx = np.flatnonzero(mask)
+            buf = np.empty((len(idx), self.dim), dtype=self.dtype)
+            fill(ci[idx], local[idx], buf)
+            dst[idx] = buf
 
     def _copy_rows(self, ci: np.ndarray, local: np.ndarray, dst: np.ndarray) -> None:
         """One memcpy a row from its chunk straight into ``dst``, in request order (one copy in all)."""

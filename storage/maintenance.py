@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from storage.keys import ROLES
-from storage.segment import SEGMENTS, SegmentReader, claim_and_salvage, indexed_rows
+from storage.segment import SEGMENTS, SegmentReader, claim_and_salvage, indexed_rows, segment_state
 from storage.segment_format import role_counts
 from storage.store import TeacherStore
 from storage.verify import VerifyReport, verify_store
@@ -64,7 +65,9 @@ def _segment_info(store: TeacherStore, seg: SegmentReader) -> dict[str, Any]:
     }
 
 
-def gc_store(store: TeacherStore, *, dry_run: bool = False) -> list[dict[str, Any]]:
+def gc_store(
+    store: TeacherStore, *, dry_run: bool = False, force: bool | Collection[str] = False
+) -> list[dict[str, Any]]:
     """Clean up after crashed runs without ever deleting a row that could be kept.
 
     An abandoned segment whose index describes rows is salvaged (committed, as the next precompute
@@ -73,11 +76,19 @@ def gc_store(store: TeacherStore, *, dry_run: bool = False) -> list[dict[str, An
     a damaged one (reported, for a person to look at). Leftovers of an interrupted removal (hidden
     ``*.removing`` copies, see :meth:`Location.remove`) are deleted too.
 
+    ``force`` (``ddx cache gc --force``): segments whose writer is known dead but still counts as alive
+    (a remote writer's heartbeat is younger than ``stale_after``) are treated as abandoned: ``True`` for
+    every uncommitted segment, or a collection of segment ids. A local writer's flock is still obeyed (the
+    kernel holds it only for a live process). Forcing a writer that is in fact alive loses what it writes after.
+
     Returns one entry per segment acted on (with ``dry_run``: that would be): ``id``, ``bytes`` and
     ``action`` — 'removed'; 'salvaged' with the ``rows`` kept; or 'damaged' with ``detail`` (left in place).
     """
     done: list[dict[str, Any]] = []
     for seg_id, state in store.uncommitted_segments():
+        forced = force is True or (not isinstance(force, bool) and seg_id in force)
+        if forced and state == "active":
+            state = segment_state(store.loc, seg_id, force=True)  # 'active' still when a local flock is held
         if state != "abandoned":
             continue
         entry: dict[str, Any] = {"id": seg_id, "bytes": store.loc.size(SEGMENTS, seg_id)}
@@ -86,7 +97,7 @@ def gc_store(store: TeacherStore, *, dry_run: bool = False) -> list[dict[str, An
             action = {None: "damaged", 0: "removed"}.get(rows, "salvaged")
             done.append({**entry, "action": action, "rows": rows or 0})
             continue
-        result = claim_and_salvage(store.loc, seg_id)
+        result = claim_and_salvage(store.loc, seg_id, force=forced)
         if result.outcome in ("removed", "salvaged", "damaged"):
             done.append({**entry, "action": result.outcome, "rows": result.rows, "detail": result.detail})
     for parts in _interrupted_removals(store):

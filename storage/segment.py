@@ -2,7 +2,8 @@
 
 A reader reads the chunk files of a local store directly (plain layout, see :mod:`storage.segment_format`)
 and reads through zarr otherwise. An uncommitted segment is *active* while its writer holds the lock
-(local) or beats its heartbeat (remote), else *abandoned*: :func:`claim_and_salvage` commits the rows
+(local) or beats its heartbeat (remote: a timer thread every few seconds, presumed dead after
+``stale_after``, see :mod:`storage.heartbeat`), else *abandoned*: :func:`claim_and_salvage` commits the rows
 its index describes, under the segment's claim (:mod:`storage.claim`), so that of any number of
 processes recovering it exactly one acts. The writer lives in :mod:`storage.segment_writer`; its names
 are re-exported here, so ``storage.segment`` stays the one import path for segments.
@@ -21,6 +22,7 @@ import numpy as np
 
 from storage.claim import claim_held, flock_held, segment_claim
 from storage.fs import Location
+from storage.heartbeat import stale_after
 from storage.segment_format import (
     SEGMENTS,
     IndexColumns,
@@ -48,35 +50,43 @@ __all__ = [
     "segment_state",
 ]
 
-STALE_HEARTBEAT_S = 15 * 60  # a remote writer silent this long is presumed dead
 
-
-def segment_state(loc: Location, seg_id: str) -> str:
+def segment_state(loc: Location, seg_id: str, *, force: bool = False) -> str:
     """'committed', 'active' (a live writer holds it), 'salvaging' (a process holds its claim),
-    'abandoned' (its writer died; free to claim) or 'gone' (no such segment, or removed meanwhile)."""
+    'abandoned' (its writer died; free to claim) or 'gone' (no such segment, or removed meanwhile).
+
+    Every answer is read fresh from the store (no listing cache: :class:`storage.fs.Location`). A remote
+    writer is alive while its heartbeat is younger than ``stale_after`` (:func:`storage.heartbeat.stale_after`).
+    ``force`` presumes a remote writer dead whatever its heartbeat says (a writer known dead: ``ddx cache gc
+    --force``); a local writer's flock is still obeyed, since the kernel holds it only for a live process.
+    """
     if loc.exists(SEGMENTS, seg_id, "COMMIT"):
         return "committed"
     if not loc.isdir(SEGMENTS, seg_id):
         return "gone"
-    if _writer_alive(loc, seg_id):
+    if _writer_alive(loc, seg_id, force=force):
         return "active"
     return "salvaging" if claim_held(loc, seg_id) else "abandoned"
 
 
-def _writer_alive(loc: Location, seg_id: str) -> bool:
-    """The writer's flock is held (local), or its heartbeat is fresh (remote)."""
+def _writer_alive(loc: Location, seg_id: str, *, force: bool = False) -> bool:
+    """The writer's flock is held (local), or its heartbeat is fresh and not marked closed (remote)."""
     lock = loc.local_path(SEGMENTS, seg_id, ".lock")
     if lock is not None:
         held = flock_held(lock)
-        return _just_created(seg_id) if held is None else held
+        return (not force and _just_created(loc, seg_id)) if held is None else held
+    if force:
+        return False
     try:
-        beat = json.loads(loc.read_bytes(SEGMENTS, seg_id, "HEARTBEAT"))["time"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return _just_created(seg_id)
-    return bool(time.time() - beat < STALE_HEARTBEAT_S)
+        beat = json.loads(loc.read_bytes(SEGMENTS, seg_id, "HEARTBEAT"))
+        if beat.get("closed"):
+            return False  # its writer aborted and said so
+        return bool(time.time() - float(beat["time"]) < stale_after(loc))
+    except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError):
+        return _just_created(loc, seg_id)
 
 
-def _just_created(seg_id: str) -> bool:
+def _just_created(loc: Location, seg_id: str) -> bool:
     """True when the id's UTC stamp is younger than the heartbeat timeout.
 
     A writer creates its segment's group before it takes the lock and writes the first heartbeat;
@@ -86,7 +96,7 @@ def _just_created(seg_id: str) -> bool:
         started = calendar.timegm(time.strptime(seg_id[:15], "%Y%m%dT%H%M%S"))
     except ValueError:
         return False
-    return time.time() - started < STALE_HEARTBEAT_S
+    return time.time() - started < max(stale_after(loc), 2.0)  # the stamp has 1 s resolution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +115,7 @@ class SalvageResult:
     detail: str = ""
 
 
-def claim_and_salvage(loc: Location, seg_id: str) -> SalvageResult:
+def claim_and_salvage(loc: Location, seg_id: str, *, force: bool = False) -> SalvageResult:
     """Salvage an abandoned segment under its claim: exactly one of any number of racing processes acts.
 
     The rows its index describes (``index.parquet`` when the segment lost only its COMMIT, else its
@@ -115,12 +125,16 @@ def claim_and_salvage(loc: Location, seg_id: str) -> SalvageResult:
     verified is left untouched ('damaged') for a person to look at, and precompute encodes its texts
     again. Every step is safe to repeat, so when a salvager dies mid-way the next one finishes.
 
+    ``force`` treats the segment's remote writer as dead whatever its heartbeat says (for a writer known
+    dead, when waiting out ``stale_after`` is not wanted: ``ddx cache gc --force``); the claim, the checks
+    and the outcome are the same. Forcing a writer that is in fact alive loses the rows it writes after.
+
     Example:
         >>> claim_and_salvage(store.loc, seg_id)  # doctest: +SKIP
         SalvageResult(segment='2024...', outcome='salvaged', rows=120, detail='')
     """
     with segment_claim(loc, seg_id) as mine:
-        state = segment_state(loc, seg_id)  # re-checked under the claim: another process may have finished
+        state = segment_state(loc, seg_id, force=force)  # re-checked under the claim: another process may have finished
         if state in ("committed", "gone"):
             return SalvageResult(seg_id, "done")
         if state == "active":
@@ -130,12 +144,12 @@ def claim_and_salvage(loc: Location, seg_id: str) -> SalvageResult:
         return _salvage_claimed(loc, seg_id)
 
 
-def salvage_segment(loc: Location, seg_id: str) -> int:
+def salvage_segment(loc: Location, seg_id: str, *, force: bool = False) -> int:
     """Rows this call committed of an abandoned segment (0: it held nothing, or another process acted).
 
     The older interface of :func:`claim_and_salvage`, which says what happened.
     """
-    return claim_and_salvage(loc, seg_id).rows
+    return claim_and_salvage(loc, seg_id, force=force).rows
 
 
 def _salvage_claimed(loc: Location, seg_id: str) -> SalvageResult:

@@ -26,7 +26,7 @@ import google_crc32c
 import numpy as np
 
 from storage.errors import FormatVersionError, IntegrityError
-from storage.fs import Location
+from storage.fs import Location, remote_error
 from storage.metadata import (
     FORMAT_VERSION,
     Damage,
@@ -200,6 +200,8 @@ class SegmentReader:
             out = np.zeros((self.chunk_rows, self.dim), dtype=self.dtype)
             out[: stop - i * self.chunk_rows] = self._array[i * self.chunk_rows : stop]
         except Exception as exc:  # zarr raises several types for damaged or missing chunks
+            if (network := None if self.loc.is_local else remote_error(self.loc.url, exc)) is not None:
+                raise network from exc  # not damage: the store could not be reached
             raise self.damage(f"cannot be read ({type(exc).__name__}: {exc})", *chunk_file(self.seg_id, i)[2:]) from exc
         return out
 
@@ -297,6 +299,11 @@ class SegmentReader:
     def preadable(self) -> bool:
         """Rows can be read straight from the chunk files at fixed offsets (local, plain layout, row checksums)."""
         return self.plain and self.loc.is_local and self.has_row_checksums
+
+    @property
+    def rangeable(self) -> bool:
+        """Rows can be fetched by byte range from the remote chunk objects (remote, plain layout, row checksums)."""
+        return self.plain and not self.loc.is_local and self.has_row_checksums
 
     def _crc_problem(self, i: int, data: np.ndarray, *, trailer: bool) -> str | None:
         return self.crc_problem(i, int(google_crc32c.value(data[:-4])), data, trailer=trailer)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from storage.errors import DiskFullError
 from storage.fs import Location
+from storage.heartbeat import Beat, beat_interval, stale_after
 from storage.keys import KEY_DTYPE
 from storage.segment_format import (
     SEGMENTS,
@@ -60,6 +62,8 @@ class SegmentWriter:
         self._crcs: dict[int, int] = {}
         self._last_flush = time.monotonic()
         self._lock_fd: int | None = None
+        self._beat: Beat | None = None  # remote stores: the heartbeat thread (local ones hold an flock instead)
+        self._beat_lock = threading.Lock()  # one heartbeat write at a time: its row count never goes back
         self.committed = False
 
     @classmethod
@@ -87,6 +91,7 @@ class SegmentWriter:
             writer = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds)
             writer._take_lock()
             writer._heartbeat()
+            writer._start_beat()
         except OSError as exc:
             if writer is not None:
                 writer._release()
@@ -145,13 +150,16 @@ class SegmentWriter:
         return self.rows_flushed - self._buf_flushed
 
     def _flush_chunk(self, *, complete: bool) -> None:
+        if self._beat is not None:
+            self._beat.check()  # raises once beats have failed for stale_after: others may be salvaging this segment
         chunk = self._chunk_start // self.chunk_rows
         end = self._chunk_start + self._buf_n
         try:
-            if end > self._array.shape[0]:
-                self._array.resize((end, self.dim))
-            block = self._buf_vectors if complete else self._buf_vectors[: self._buf_n]
-            self._array[self._chunk_start : end] = block
+            with self.loc.errors():
+                if end > self._array.shape[0]:
+                    self._array.resize((end, self.dim))
+                block = self._buf_vectors if complete else self._buf_vectors[: self._buf_n]
+                self._array[self._chunk_start : end] = block
             self._crcs[chunk] = chunk_crc(self._padded_buffer())
             part = IndexColumns.concat(self._buf_index)
             sub = part.take(part.rows >= self.rows_flushed)
@@ -176,9 +184,13 @@ class SegmentWriter:
         if self.committed:
             return self.rows_flushed
         self.flush()
+        if self._beat is not None:
+            self._beat.check()
+            self._beat.stop()  # COMMIT ends the segment's life: no heartbeat may follow it
         crcs = [self._crcs[i] for i in range(n_chunks(self.rows_flushed, self.chunk_rows))]
-        if self._array.shape[0] != self.rows_flushed:
-            self._array.resize((self.rows_flushed, self.dim))
+        with self.loc.errors():
+            if self._array.shape[0] != self.rows_flushed:
+                self._array.resize((self.rows_flushed, self.dim))
         try:  # index.parquet is streamed from the parts (index=None): memory stays flat whatever the rows
             write_commit(self.loc, self.seg_id, None, crcs, self.chunk_rows, self._array, salvaged=False)
         except OSError as exc:
@@ -188,8 +200,16 @@ class SegmentWriter:
         return self.rows_flushed
 
     def abort(self) -> None:
-        """Stop writing; the segment stays uncommitted and the next run salvages or gc removes it."""
+        """Stop writing; the segment stays uncommitted and the next run salvages or gc removes it.
+
+        A remote writer's last heartbeat says it closed, so the next run salvages at once instead of
+        waiting out ``stale_after`` (best effort: an abort is often an error path, the network's included).
+        """
+        beating = self._beat is not None and self._beat.running
         self._release()
+        if beating and not self.committed:
+            with contextlib.suppress(Exception):
+                self._heartbeat(closed=True)
 
     def __enter__(self) -> SegmentWriter:
         return self
@@ -213,23 +233,36 @@ class SegmentWriter:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
 
     def _release(self) -> None:
+        if self._beat is not None:
+            self._beat.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _heartbeat(self) -> None:
-        payload = json.dumps({"time": time.time(), "rows": self.rows_flushed}).encode()
-        try:
-            self.loc.write_atomic(payload, SEGMENTS, self.seg_id, "HEARTBEAT")
-        except OSError as exc:
-            raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
+    def _heartbeat(self, *, closed: bool = False) -> None:
+        """Write HEARTBEAT: the time and the rows flushed (``closed``: this writer stopped for good)."""
+        with self._beat_lock:
+            doc: dict[str, Any] = {"time": time.time(), "rows": self.rows_flushed, "pid": os.getpid()}
+            if closed:
+                doc["closed"] = True
+            try:
+                self.loc.write_atomic(json.dumps(doc).encode(), SEGMENTS, self.seg_id, "HEARTBEAT")
+            except OSError as exc:
+                raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
+        if self._beat is not None:
+            self._beat.ok()
+
+    def _start_beat(self) -> None:
+        """Remote stores: beat from a daemon thread every few seconds until commit or abort (local: the flock)."""
+        if self.loc.is_local:
+            return
+        stale = stale_after(self.loc)
+        what = f"Segment {self.seg_id!r} of store {self.loc.url!r}"
+        self._beat = Beat(self._heartbeat, interval=beat_interval(stale), stale=stale, what=what).start()
 
 
 def _create_array(loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_rows: int, rank: int, world: int) -> Any:
     """The segment's group (attributes name the writer) and its empty (0, dim) vector array."""
-    import zarr
-    from zarr.codecs import BytesCodec, Crc32cCodec
-
     writer: dict[str, str | int | float] = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -237,6 +270,16 @@ def _create_array(loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_row
         "world_size": world,
         "started": time.time(),
     }
+    with loc.errors():
+        return _create_group_array(loc, seg_id, dim=dim, dtype=dtype, chunk_rows=chunk_rows, writer=writer)
+
+
+def _create_group_array(
+    loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_rows: int, writer: dict[str, str | int | float]
+) -> Any:
+    import zarr
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
     group = zarr.open_group(
         store=loc.zarr_store(),
         path=f"{SEGMENTS}/{seg_id}",

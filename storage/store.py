@@ -21,7 +21,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from storage.fs import Location
 from storage.index import KeyIndex, RowChecks, RowGather
 from storage.keys import ROLES, as_key_array, key_hex
 from storage.metadata import FORMAT_VERSION, STORAGE_DTYPES, Damage, read_root_attrs, sealed
-from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, salvage_segment, segment_state
+from storage.remote_rows import REMOTE_CACHE_BYTES, RangeReader
+from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, claim_and_salvage, segment_state
 from storage.segment_format import IndexColumns, check_rows, chunk_file, key_seeds, row_crcs
 from storage.spec import TeacherSpec
 
@@ -65,8 +66,10 @@ class TeacherStore:
     Use :meth:`create`, :meth:`open` or :meth:`open_or_create`; the constructor is internal.
     """
 
-    def __init__(self, loc: Location, attrs: dict[str, Any]) -> None:
+    def __init__(self, loc: Location, attrs: dict[str, Any], *, cache_bytes: int | None = None) -> None:
         self.loc = loc
+        # remote stores: bytes of gathered rows kept (an LRU) by this process; rows are fetched by byte range
+        self.cache_bytes = REMOTE_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
         self.spec = TeacherSpec.from_dict(attrs["teacher_spec"])
         self.dtype: str = attrs["storage_dtype"]
         self.format_version: int = attrs["format_version"]
@@ -81,18 +84,30 @@ class TeacherStore:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, url: str | os.PathLike[str], spec: TeacherSpec, *, dtype: str = "float16") -> TeacherStore:
+    def create(
+        cls,
+        url: str | os.PathLike[str],
+        spec: TeacherSpec,
+        *,
+        dtype: str = "float16",
+        storage_options: Mapping[str, Any] | None = None,
+        stale_after: float | None = None,
+        cache_bytes: int | None = None,
+    ) -> TeacherStore:
         """Create an empty store for ``spec``.
+
+        On an object store the root metadata is created conditionally (``If-None-Match``), so of several
+        processes creating one store at once exactly one succeeds; the others get ``StoreExistsError``.
+        ``storage_options``, ``stale_after`` and ``cache_bytes`` are as for :meth:`open`.
 
         Raises:
             StoreExistsError: something is already at ``url``.
             ValueError: ``dtype`` is not float16 or float32.
+            RemoteStoreError: the object store cannot be reached, or refuses the credentials.
         """
-        import zarr
-
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"Store dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
-        loc = Location(url)
+        loc = Location(url, storage_options, stale_after=stale_after)
         if loc.isfile():
             raise StoreNotFoundError(f"{loc.url!r} is a file, not a store directory. Choose another --store path.")
         if loc.exists() and loc.listdir():
@@ -110,20 +125,33 @@ class TeacherStore:
             if loc.is_local:
                 _create_local(Path(loc.root), attrs)
             else:
-                try:
-                    zarr.open_group(store=loc.zarr_store(), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
-                except zarr.errors.ContainsGroupError as exc:
-                    raise StoreExistsError(f"{loc.url!r} was created by another process just now; open it.") from exc
+                _create_remote(loc, attrs)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
             message = f"Disk full while creating store {loc.url!r}: nothing was written. Free space and rerun."
             raise DiskFullError(message) from exc
-        return cls(loc, attrs)
+        return cls(loc, attrs, cache_bytes=cache_bytes)
 
     @classmethod
-    def open(cls, url: str | os.PathLike[str], spec: TeacherSpec | None = None) -> TeacherStore:
+    def open(
+        cls,
+        url: str | os.PathLike[str],
+        spec: TeacherSpec | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        stale_after: float | None = None,
+        cache_bytes: int | None = None,
+    ) -> TeacherStore:
         """Open an existing store; when ``spec`` is given it must match the stored one.
+
+        Args:
+            url: local path or fsspec URL (``s3://bucket/prefix``, ``gs://...``).
+            spec: the teacher spec the store must have been made by.
+            storage_options: fsspec options for a remote URL (``endpoint_url``, ``key``, ``secret``, ...).
+            stale_after: seconds after which a remote writer's heartbeat (or a salvage claim) counts as left by
+                a dead process (None: 60 s or ``$DDX_STALE_AFTER``; see :mod:`storage.heartbeat`).
+            cache_bytes: remote stores: bytes of gathered rows this process keeps (LRU; default 128 MiB).
 
         Raises:
             StoreNotFoundError: no store at ``url`` (or it is a file).
@@ -131,20 +159,35 @@ class TeacherStore:
             IntegrityError: the root zarr.json, or a committed segment's COMMIT or vectors/zarr.json, is
                 damaged (the message names the file and the repair).
             FingerprintMismatchError, DimensionMismatchError: ``spec`` differs from the store's.
+            RemoteStoreError: the object store cannot be reached, or refuses the credentials.
         """
-        loc = Location(url)
+        loc = Location(url, storage_options, stale_after=stale_after)
         attrs = read_root_attrs(loc)
-        store = cls(loc, attrs)
+        store = cls(loc, attrs, cache_bytes=cache_bytes)
         if spec is not None:
             store.spec.check_matches(spec, loc.url)
         return store
 
     @classmethod
-    def open_or_create(cls, url: str | os.PathLike[str], spec: TeacherSpec, *, dtype: str = "float16") -> TeacherStore:
-        """Open the store at ``url`` checking ``spec``, or create it when nothing is there."""
-        loc = Location(url)
+    def open_or_create(
+        cls,
+        url: str | os.PathLike[str],
+        spec: TeacherSpec,
+        *,
+        dtype: str = "float16",
+        storage_options: Mapping[str, Any] | None = None,
+        stale_after: float | None = None,
+        cache_bytes: int | None = None,
+    ) -> TeacherStore:
+        """Open the store at ``url`` checking ``spec``, or create it when nothing is there (options as :meth:`open`)."""
+        opts: dict[str, Any] = {
+            "storage_options": storage_options,
+            "stale_after": stale_after,
+            "cache_bytes": cache_bytes,
+        }
+        loc = Location(url, storage_options)
         if loc.isdir() and loc.exists("zarr.json"):
-            store = cls.open(url, spec)
+            store = cls.open(url, spec, **opts)
             if store.dtype != dtype:
                 import warnings
 
@@ -153,20 +196,25 @@ class TeacherStore:
                 )
             return store
         try:
-            return cls.create(url, spec, dtype=dtype)
+            return cls.create(url, spec, dtype=dtype, **opts)
         except StoreExistsError:
             if loc.exists("zarr.json"):  # another process (a torchrun rank) created it first
-                return cls.open(url, spec)
+                return cls.open(url, spec, **opts)
             raise
 
     # -- segments and index --------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Reload the list of committed segments (another writer may have committed since)."""
+        """Reload the list of committed segments (another writer may have committed since).
+
+        Reads the store as it is now, also on object stores (no listing cache: :class:`storage.fs.Location`).
+        """
         for seg in self._segments:
             seg.close()
         if self._gather is not None and self._gather.files is not None:
             self._gather.files.close()
+        if self._gather is not None and self._gather.ranges is not None:
+            self._gather.ranges.clear()
         ids = [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
         self._segments = [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in ids]
         self._rows = sum(s.rows for s in self._segments)  # get_rows checks bounds against it every batch
@@ -273,6 +321,12 @@ class TeacherStore:
             starts, refs = self._chunks()
             preadable = np.array([seg.preadable for seg, _ in refs], dtype=bool)
             use_pread = self.gather_mode == "pread" and bool(preadable.any())
+            rangeable = np.array([seg.rangeable for seg, _ in refs], dtype=bool)
+            ranges = None
+            if rangeable.any():
+                files = ["/".join(chunk_file(seg.seg_id, c)) for seg, c in refs]
+                row_bytes = self.dim * np.dtype(self.dtype).itemsize
+                ranges = RangeReader(self.loc, files, row_bytes, self.cache_bytes, short_read=self._short_range)
             self._gather = RowGather(
                 starts,
                 lambda i: _load_checked(*refs[i]),
@@ -281,11 +335,17 @@ class TeacherStore:
                 self._row_checks(refs),
                 files=ChunkFiles(lambda i: refs[i][0].open_chunk(refs[i][1])) if use_pread else None,
                 preadable=preadable,
+                ranges=ranges,
+                rangeable=rangeable,
                 short_read=lambda i, row: refs[i][0].damage(
                     f"ends before row {row} (it shrank while open)", *chunk_file(refs[i][0].seg_id, refs[i][1])[2:]
                 ),
             )
         return self._gather
+
+    def _short_range(self, i: int, row: int, missing: bool) -> IntegrityError:
+        seg, c = self._chunks()[1][i]
+        return seg.damage("is missing" if missing else f"ends before row {row}", *chunk_file(seg.seg_id, c)[2:])
 
     def _chunks(self) -> tuple[np.ndarray, list[tuple[SegmentReader, int]]]:
         """Global start row of every chunk, and its (segment, chunk number)."""
@@ -372,9 +432,18 @@ class TeacherStore:
             flush_seconds=flush_seconds,
         )
 
-    def salvage(self) -> list[tuple[str, int]]:
-        """Commit the flushed rows of every abandoned segment; returns (segment, rows kept)."""
-        done = [(s, salvage_segment(self.loc, s)) for s, state in self.uncommitted_segments() if state == "abandoned"]
+    def salvage(self, *, force: bool = False) -> list[tuple[str, int]]:
+        """Commit the flushed rows of every abandoned segment; returns (segment, rows kept).
+
+        ``force`` also salvages segments whose remote writer still looks alive (a writer known dead;
+        see :func:`storage.segment.claim_and_salvage`).
+        """
+        done = []
+        for seg_id, state in self.uncommitted_segments():
+            if state == "abandoned" or (force and state == "active"):
+                result = claim_and_salvage(self.loc, seg_id, force=force)
+                if state == "abandoned" or result.outcome in ("salvaged", "removed"):  # not a live local writer
+                    done.append((seg_id, result.rows))
         if done:
             self.refresh()
         return done
@@ -410,15 +479,34 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
         raise
 
 
+def _create_remote(loc: Location, attrs: dict[str, Any]) -> None:
+    """Create the store's metadata on an object store; the root zarr.json last and conditionally.
+
+    ``segments/zarr.json`` (the same bytes whoever writes it) comes first, so a reader never finds a root
+    without its segments group; the root is then created with a conditional PUT (:meth:`Location.create_exclusive`),
+    so of several processes creating one store at once exactly one wins and the others get StoreExistsError
+    (zarr's own ``mode="w-"`` checks, then writes: two processes could both pass).
+    """
+    import zarr
+    from zarr.storage import MemoryStore
+
+    files: dict[str, Any] = {}  # the metadata zarr writes, as it would write it (key -> Buffer)
+    zarr.open_group(store=MemoryStore(files), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+    root, group = (files[k].to_bytes() for k in ("zarr.json", f"{SEGMENTS}/zarr.json"))
+    loc.write_atomic(group, SEGMENTS, "zarr.json")
+    if not loc.create_exclusive(root, "zarr.json"):
+        raise StoreExistsError(f"{loc.url!r} was created by another process just now; open it.")
+
+
 def _scan_chunks(seg: SegmentReader, *, verify: bool) -> Iterator[tuple[int, np.ndarray]]:
     """(chunk number, its rows incl. padding) for every chunk, each file read once, nothing left mapped.
 
-    Local plain chunks come from :meth:`SegmentReader.read_chunks` (one sequential read each, the next
-    one read while this one is checked, a few reused buffers: RSS stays flat whatever the store size);
-    format-1 chunks are checked whole against COMMIT on those bytes. Other layouts (remote, or a
-    non-plain format-1 array) go through :meth:`SegmentReader.chunk`.
+    Plain chunks, local or remote, come from :meth:`SegmentReader.read_chunks` (one read of the whole file
+    each, the next one read while this one is checked, nothing kept: RSS stays flat whatever the store
+    size); format-1 chunks are checked whole against COMMIT on those bytes. A non-plain format-1 array
+    goes through :meth:`SegmentReader.chunk` (zarr).
     """
-    if not (seg.plain and seg.loc.is_local):
+    if not seg.plain:
         for c in range(seg.n_chunks):
             if verify and not seg.has_row_checksums:
                 seg.check_chunk(c)

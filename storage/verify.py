@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +82,10 @@ class VerifyReport:
         self.problems.extend(str(d) for d in items)
 
 
-def verify_store(store: TeacherStore | str | os.PathLike[str]) -> VerifyReport:
-    """Check every file of the store at ``store`` (an open store or its path/URL).
+def verify_store(
+    store: TeacherStore | str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> VerifyReport:
+    """Check every file of the store at ``store`` (an open store or its path/URL; ``storage_options`` for a URL).
 
     Raises:
         StoreNotFoundError: nothing there is a ddx store (no zarr.json and no segments/).
@@ -93,7 +96,7 @@ def verify_store(store: TeacherStore | str | os.PathLike[str]) -> VerifyReport:
         >>> report.ok, report.problems[:1]          # doctest: +SKIP
         (False, ['segments/2024.../vectors/c/3/0: chunk 3 checksum mismatch: ...'])
     """
-    loc = store.loc if isinstance(store, TeacherStore) else Location(store)
+    loc = store.loc if isinstance(store, TeacherStore) else Location(store, storage_options)
     report = VerifyReport()
     dim, dtype = _verify_root(loc, report)
     keys = []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.storage.s3 import s3, s3_server  # noqa: F401 - the moto S3 fixtures, for every test folder
 from tests.tiny_models import build_tiny_bert, build_tiny_qwen2
 
 # Offline before any test module imports datasets / huggingface_hub (they read these flags once, at import).

@@ -240,14 +240,13 @@ def test_a_held_claim_makes_others_wait_then_see_the_result(tmp_path: Path) -> N
 
 def test_claims_on_an_object_store(monkeypatch: pytest.MonkeyPatch) -> None:
     """memory:// stands in for S3/GCS: the claim is an object made by a conditional create."""
-    import storage.segment as segment
 
     store = TeacherStore.create(f"memory://ddx-claim-{os.getpid()}", make_spec(DIM))
     _, keys = all_texts()
     w = store.writer(chunk_rows=CHUNK, flush_seconds=3600)
     w.append(keys[:20], vectors_for(keys[:20], DIM), np.zeros(20, np.uint8), np.ones(20, np.int32))
     w.flush()
-    monkeypatch.setattr(segment, "STALE_HEARTBEAT_S", -1.0)  # its writer is presumed dead
+    w.abort()  # its writer stops: its last heartbeat says so
     try:
         with segment_claim(store.loc, w.seg_id) as mine:
             assert mine and store.uncommitted_segments() == [(w.seg_id, "salvaging")]

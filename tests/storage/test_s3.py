@@ -1,0 +1,414 @@
+"""The store on a real S3 API (moto's server on 127.0.0.1, ``tests/storage/s3.py``), the way a cluster uses it.
+
+Round trips with explicit storage options; another process's commit seen at once (no listing cache);
+a SIGKILLed writer whose heartbeat thread stops is salvaged within the configured ``stale_after``;
+``gc --force`` for a writer known dead; a stale claim broken by exactly one process; atomic store
+creation; gathers as byte ranges behind a bounded cache, every row still checked; network and
+credential failures as one-line errors. Concurrent salvagers on S3: ``test_s3_concurrent_salvage.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import IntegrityError, StoreExistsError, TeacherStore, gc_store, verify_store
+from storage.claim import CLAIM, segment_claim
+from storage.errors import RemoteStoreError
+from storage.fs import Location
+from storage.heartbeat import beat_interval
+from storage.segment import claim_and_salvage, segment_state
+from tests.storage.rows import make_rows, make_spec, write_rows
+from tests.storage.s3 import S3
+
+DIM = 16
+REPO = Path(__file__).resolve().parents[2]
+STALE = 3.0  # seconds: the killed-writer test waits about this long
+
+
+def open_store(s3: S3, url: str, **kw: object) -> TeacherStore:
+    return TeacherStore.open(url, storage_options=s3.storage_options, **kw)  # type: ignore[arg-type]
+
+
+def test_round_trip_with_storage_options(s3_server: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS environment at all: everything (zarr's writes included) goes through the storage options."""
+    for name in s3_server.env:
+        monkeypatch.delenv(name, raising=False)
+    url, opts = s3_server.url(), s3_server.storage_options
+    store = TeacherStore.create(url, make_spec(DIM), storage_options=opts)
+    rows = make_rows(37, DIM)
+    write_rows(store, rows, batches=(5, 11))
+    write_rows(store, make_rows(6, DIM, prefix="second"))
+    store = TeacherStore.open(url, make_spec(DIM), storage_options=opts)
+    assert len(store.segments) == 2 and len(store) == 43 and store.rows == 43
+    perm = np.random.default_rng(0).permutation(37)
+    np.testing.assert_array_equal(store.get(rows.keys[perm]), rows.vectors[perm])
+    gids = store.locate(rows.keys)
+    np.testing.assert_array_equal(store.get_rows(gids[::-1], dtype="float32"), rows.vectors[::-1].astype(np.float32))
+    scanned = dict(zip(*(np.concatenate(x) for x in zip(*store.iter_batches(batch_size=8), strict=True)), strict=True))
+    assert len(scanned) == 43
+    np.testing.assert_array_equal(np.stack([scanned[k] for k in rows.keys]), rows.vectors)
+    report = verify_store(store)
+    assert report.ok and (report.segments, report.rows) == (2, 43), report.problems
+    assert gc_store(store) == [] and len(TeacherStore.open(url, storage_options=opts)) == 43
+
+
+def test_gc_salvages_and_removes_on_s3(s3: S3) -> None:
+    url = s3.url()
+    store = TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    rows = make_rows(10, DIM)
+    kept = store.writer(chunk_rows=4, flush_seconds=3600)
+    kept.append(*rows[:6].args())
+    kept.flush()
+    kept.abort()  # a writer that stopped says so in its last heartbeat: abandoned at once
+    empty = store.writer(chunk_rows=4, flush_seconds=3600)
+    empty.append(*rows[6:9].args())  # buffered only: nothing indexed
+    empty.abort()
+    assert dict(store.uncommitted_segments()) == {kept.seg_id: "abandoned", empty.seg_id: "abandoned"}
+    done = {d["id"]: (d["action"], d["rows"]) for d in gc_store(store)}
+    assert done == {kept.seg_id: ("salvaged", 6), empty.seg_id: ("removed", 0)}
+    assert not store.loc.exists("segments", empty.seg_id)
+    np.testing.assert_array_equal(store.get(rows.keys[:6]), rows.vectors[:6])
+    assert verify_store(store).ok and store.uncommitted_segments() == []
+
+
+# -- fresh listings ----------------------------------------------------------------------------------------------
+
+
+def test_another_filesystems_commit_is_seen_at_once(s3: S3) -> None:
+    """Two independent s3fs clients (as two processes have): refresh, uncommitted_segments and segment_state
+    of one see what the other wrote since. A client with fsspec's listing cache on does not (the bug)."""
+    url = s3.url()
+    TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    reader = open_store(s3, url)
+    other_opts = {**s3.storage_options, "skip_instance_cache": True}
+    other = TeacherStore.open(url, storage_options=other_opts)
+    assert reader.loc.fs is not other.loc.fs
+    cached = s3.filesystem()  # a plain s3fs client, listing cache on
+    prefix = url.removeprefix("s3://")
+    assert cached.ls(f"{prefix}/segments", detail=False) == [f"{prefix}/segments/zarr.json"]
+
+    rows = make_rows(9, DIM)
+    w = other.writer(chunk_rows=4, flush_seconds=3600)
+    w.append(*rows.args())
+    w.flush()
+    assert reader.uncommitted_segments() == [(w.seg_id, "active")]
+    assert segment_state(reader.loc, w.seg_id) == "active"
+    w.commit()
+    assert segment_state(reader.loc, w.seg_id) == "committed" and reader.uncommitted_segments() == []
+    assert reader.segments == []
+    reader.refresh()
+    assert [s.seg_id for s in reader.segments] == [w.seg_id]
+    np.testing.assert_array_equal(reader.get(rows.keys), rows.vectors)
+    assert len(cached.ls(f"{prefix}/segments", detail=False)) == 1  # the stale listing ddx used to trust
+
+
+# -- heartbeats, killed writers, force -----------------------------------------------------------------------------
+
+# Appends 11 of 13 rows into 4-row chunks, flushes 10 of them, then hangs (its heartbeat thread beating) until killed.
+CHILD = """
+import sys, time
+from storage import TeacherStore
+from tests.storage.rows import make_rows
+store = TeacherStore.open(sys.argv[1], stale_after=float(sys.argv[2]))
+rows = make_rows(13, 16, prefix="killed")
+w = store.writer(chunk_rows=4, flush_seconds=3600)
+w.append(*rows[:10].args())
+w.flush()
+w.append(*rows[10:11].args())  # never flushed (rows 11, 12 never even appended)
+print(w.rows_flushed, w.seg_id, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_writer_is_salvaged_within_stale_after(s3: S3) -> None:
+    """A live writer stays 'active' for longer than stale_after on its thread's beats alone; once SIGKILLed, the
+    next run salvages its flushed rows within stale_after (+ one beat), then writes the rest: every key once."""
+    url = s3.url()
+    TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, url, str(STALE)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line, proc.stderr.read()  # type: ignore[union-attr]
+        flushed, seg_id = int(line.split()[0]), line.split()[1]
+        store = open_store(s3, url, stale_after=STALE)
+        time.sleep(STALE * 1.5)  # no flush since: only the heartbeat thread keeps it alive
+        assert store.uncommitted_segments() == [(seg_id, "active")]
+        assert gc_store(store) == [] and store.salvage() == []
+        beat = json.loads(store.loc.read_bytes("segments", seg_id, "HEARTBEAT"))
+        assert time.time() - beat["time"] < STALE and beat["rows"] == flushed == 10
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    killed = time.monotonic()
+    while not (done := store.salvage()):
+        assert time.monotonic() - killed < STALE + 10, store.uncommitted_segments()
+        time.sleep(0.1)
+    waited = time.monotonic() - killed
+    assert done == [(seg_id, 10)]
+    assert waited < STALE + beat_interval(STALE) + 3.0, waited  # stale, then one salvage (~0.5 s on moto)
+    rows = make_rows(13, DIM, prefix="killed")
+    missing = ~store.contains(rows.keys)
+    assert missing.tolist() == [False] * 10 + [True] * 3
+    write_rows(store, rows[missing])  # the rerun encodes only what the killed run had not flushed
+    store = open_store(s3, url)
+    np.testing.assert_array_equal(store.get(rows.keys), rows.vectors)
+    assert store.rows == 13 and store.index.duplicates == 0 and verify_store(store).ok
+
+
+def test_gc_force_salvages_a_writer_known_dead(s3: S3) -> None:
+    """A writer dead but beating a moment ago ('active' for up to stale_after): force salvages it now."""
+    url = s3.url()
+    store = TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    rows = make_rows(7, DIM)
+    w = store.writer(chunk_rows=4, flush_seconds=3600)
+    w.append(*rows.args())
+    w.flush()
+    assert w._beat is not None
+    w._beat.stop()  # as if killed: nothing marks it closed, its last beat is fresh
+    assert store.uncommitted_segments() == [(w.seg_id, "active")]
+    assert gc_store(store) == [] and gc_store(store, force=["some-other-id"]) == []
+    assert claim_and_salvage(store.loc, w.seg_id).outcome == "active"
+    dry = gc_store(store, dry_run=True, force=[w.seg_id])
+    assert [(d["id"], d["action"], d["rows"]) for d in dry] == [(w.seg_id, "salvaged", 7)]
+    assert [(d["id"], d["action"], d["rows"]) for d in gc_store(store, force=True)] == [(w.seg_id, "salvaged", 7)]
+    np.testing.assert_array_equal(store.get(rows.keys), rows.vectors)
+    assert verify_store(store).ok
+
+
+def test_a_failing_heartbeat_surfaces_at_the_next_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One failed beat warns; beats failing for stale_after stop the writer (others may be salvaging it)."""
+    store = TeacherStore.create(f"memory://ddx-beat-{os.getpid()}", make_spec(DIM), stale_after=1.2)
+    try:
+        rows = make_rows(12, DIM)
+        w = store.writer(chunk_rows=4, flush_seconds=3600)
+        assert w._beat is not None and w._beat.interval == pytest.approx(0.2)
+        time.sleep(0.7)
+        assert w._beat.beats >= 2  # beating on its own, no flush needed
+        write = Location.write_atomic
+        failing = threading.Event()
+
+        def flaky(self: Location, data: bytes, *parts: str) -> None:
+            if parts[-1] == "HEARTBEAT" and failing.is_set():
+                raise ConnectionResetError("connection reset by peer")
+            write(self, data, *parts)
+
+        monkeypatch.setattr(Location, "write_atomic", flaky)
+        failing.set()
+        time.sleep(0.45)  # a beat or two fail
+        failing.clear()
+        time.sleep(0.5)  # and then get through again
+        with pytest.warns(UserWarning, match="a heartbeat failed"):
+            w.append(*rows[:4].args())  # a full chunk: flushed
+        failing.set()
+        time.sleep(1.6)  # no beat for longer than stale_after
+        with pytest.raises(RemoteStoreError, match="no heartbeat could be written for"):
+            w.append(*rows[4:8].args())
+        w.abort()
+    finally:
+        monkeypatch.undo()
+        store.loc.remove()
+
+
+# -- claims and creation under races -------------------------------------------------------------------------------
+
+
+def race_threads(n: int, fn) -> list[object]:  # type: ignore[no-untyped-def]
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_a_stale_claim_is_broken_by_exactly_one(s3: S3) -> None:
+    url = s3.url()
+    store = TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options, stale_after=STALE)
+    w = store.writer(chunk_rows=4, flush_seconds=3600)
+    w.append(*make_rows(5, DIM).args())
+    w.flush()
+    w.abort()
+    dead = {"time": time.time() - 3 * STALE, "host": "gone", "pid": 1, "token": "deadbeef"}
+    store.loc.write_atomic(json.dumps(dead).encode(), "segments", w.seg_id, CLAIM)  # its salvager was killed
+    assert segment_state(store.loc, w.seg_id) == "abandoned"  # a stale claim holds nothing
+    held = threading.Event()
+    release = threading.Event()
+
+    def take() -> bool:
+        with segment_claim(store.loc, w.seg_id) as mine:
+            if mine:
+                held.set()
+                release.wait(10)
+            return mine
+
+    for trial in range(3):
+        held.clear()
+        release.clear()
+        store.loc.write_atomic(json.dumps({**dead, "token": f"dead{trial}"}).encode(), "segments", w.seg_id, CLAIM)
+        outs: list[list[bool]] = [[] for _ in range(6)]
+        threads = [threading.Thread(target=lambda out=out: out.append(take())) for out in outs]
+        for t in threads:
+            t.start()
+        assert held.wait(20)
+        time.sleep(0.3)  # the others have all tried by now
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert sorted(out[0] for out in outs) == [False] * 5 + [True], f"trial {trial}: {outs}"
+        assert not store.loc.exists("segments", w.seg_id, CLAIM)
+        assert [n for n in store.loc.listdir("segments", w.seg_id) if n.startswith(".claim")] == []  # no breaker left
+    assert claim_and_salvage(store.loc, w.seg_id).rows == 5
+
+
+def test_a_live_salvagers_claim_stays_fresh(s3: S3) -> None:
+    """A claim is beaten while held: a salvage longer than stale_after is not broken into."""
+    store = TeacherStore.create(s3.url(), make_spec(DIM), storage_options=s3.storage_options, stale_after=1.0)
+    w = store.writer(chunk_rows=4, flush_seconds=3600)
+    w.append(*make_rows(5, DIM).args())
+    w.flush()
+    w.abort()
+    with segment_claim(store.loc, w.seg_id) as mine:
+        assert mine
+        time.sleep(1.6)
+        assert segment_state(store.loc, w.seg_id) == "salvaging"
+        assert claim_and_salvage(store.loc, w.seg_id).outcome == "busy"
+    assert claim_and_salvage(store.loc, w.seg_id).rows == 5
+
+
+def test_store_creation_is_atomic(s3: S3) -> None:
+    """Racing creators of one S3 store: exactly one creates it, the others are told it exists; open_or_create
+    from all of them gives every one the same store."""
+    for trial in range(3):
+        url = s3.url(f"create{trial}")
+        results = race_threads(
+            6, lambda url=url: TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+        )
+        made = [r for r in results if isinstance(r, TeacherStore)]
+        assert len(made) == 1, results
+        assert all(isinstance(r, StoreExistsError) for r in results if r not in made), results
+    url = s3.url("open-or-create")
+    results = race_threads(
+        6, lambda: TeacherStore.open_or_create(url, make_spec(DIM), storage_options=s3.storage_options)
+    )
+    assert all(isinstance(r, TeacherStore) for r in results), results
+    assert verify_store(open_store(s3, url)).ok
+
+
+# -- byte-range gathers --------------------------------------------------------------------------------------------
+
+
+def test_gathers_are_byte_ranges_behind_a_bounded_cache(s3: S3) -> None:
+    url = s3.url()
+    store = TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    rows = make_rows(64, DIM)
+    write_rows(store, rows, chunk_rows=16)
+    row_bytes = DIM * 2
+    store = open_store(s3, url, cache_bytes=10 * row_bytes)
+    gids = store.locate(rows.keys)
+    by_row = np.argsort(gids)  # fixture row i sits at global row gids[i]
+    batch = gids[by_row[[3, 4, 5, 6, 20, 40, 41, 63]]]
+    np.testing.assert_array_equal(store.get_rows(batch), rows.vectors[by_row[[3, 4, 5, 6, 20, 40, 41, 63]]])
+    ranges = store._row_gather().ranges
+    assert ranges is not None
+    assert (ranges.requests, ranges.bytes_fetched) == (4, 8 * row_bytes)  # rows 3-6, 20, 40-41, 63: adjacent merged
+    store.get_rows(batch[:3])
+    assert ranges.requests == 4 and ranges.hits == 3  # cached
+    for _ in range(5):  # random batches: never more than 10 rows kept
+        pick = np.random.default_rng(_).choice(64, 24)
+        np.testing.assert_array_equal(store.get_rows(gids[pick]), rows.vectors[pick])
+        assert ranges.cached_bytes <= 10 * row_bytes
+    assert store.segments[0]._maps == {}  # no whole chunk was read
+
+
+def test_a_damaged_remote_row_is_refused(s3: S3) -> None:
+    url = s3.url()
+    store = TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    rows = make_rows(20, DIM)
+    write_rows(store, rows, chunk_rows=8)
+    seg = store.loc.listdir("segments")[0]
+    chunk = bytearray(store.loc.read_bytes("segments", seg, "vectors", "c", "1", "0"))
+    chunk[3 * DIM * 2 + 1] ^= 0xFF  # row 11 (chunk 1, row 3)
+    store.loc.write_atomic(bytes(chunk), "segments", seg, "vectors", "c", "1", "0")
+    store = open_store(s3, url)
+    gids = store.locate(rows.keys)
+    ok = gids != 11
+    np.testing.assert_array_equal(store.get_rows(gids[ok]), rows.vectors[ok])
+    with pytest.raises(IntegrityError, match=r"row 11 \(chunk 1.*does not match its CRC32C"):
+        store.get_rows(gids[~ok])
+    store.loc.remove("segments", seg, "vectors", "c", "2", "0")
+    store = open_store(s3, url)  # row 17 was cached by the gather above
+    with pytest.raises(IntegrityError, match=r"vectors/c/2/0 is damaged: is missing"):
+        store.get_rows(np.array([17]))
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_endpoint_is_one_line(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    opts = {**s3.storage_options, "endpoint_url": f"http://127.0.0.1:{port}"}
+    opts["config_kwargs"] = {"connect_timeout": 1, "retries": {"max_attempts": 1}}
+    url = s3.url()
+    calls = (lambda: TeacherStore.open(url, storage_options=opts), lambda: verify_store(url, storage_options=opts))
+    for call in calls:
+        with pytest.raises(RemoteStoreError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"{url}: cannot reach the endpoint (") and "\n" not in message, message
+        assert "--storage-options endpoint_url" in message
+
+
+def test_missing_credentials_are_one_line(s3: S3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    url = s3.url()
+    opts = {"endpoint_url": s3.endpoint_url, "skip_instance_cache": True}
+    with pytest.raises(
+        RemoteStoreError, match=rf"^{url}: no valid credentials \(NoCredentialsError: .*--storage-options"
+    ):
+        TeacherStore.create(url, make_spec(DIM), storage_options=opts)
+
+
+def test_force_obeys_a_local_writers_flock(tmp_path: Path) -> None:
+    """A local writer's flock is held only by a live process: force does not salvage under it."""
+    store = TeacherStore.create(tmp_path / "store", make_spec(DIM))
+    w = store.writer(chunk_rows=4, flush_seconds=3600)
+    w.append(*make_rows(5, DIM).args())
+    w.flush()
+    assert store.salvage(force=True) == [] and gc_store(store, force=True) == []
+    assert store.uncommitted_segments() == [(w.seg_id, "active")]
+    w.abort()
+    assert store.salvage(force=True) == [(w.seg_id, 5)]  # the flush wrote the partial chunk too
