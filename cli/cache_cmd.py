@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import click
 
-from cli.options import echo_json, library_errors
+from cli.options import echo_json, library_errors, store_access_options
 
 STORE = click.argument("store")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
@@ -45,6 +45,7 @@ def _size(n: float) -> str:
 
 @cache.command("ls")
 @STORE
+@store_access_options
 @AS_JSON
 @DUPLICATES
 @library_errors
@@ -83,6 +84,7 @@ def ls(store: str, as_json: bool, duplicates: bool) -> None:
 
 @cache.command("info")
 @STORE
+@store_access_options
 @AS_JSON
 @DUPLICATES
 @library_errors
@@ -116,6 +118,7 @@ def info(store: str, as_json: bool, duplicates: bool) -> None:
 
 @cache.command("verify")
 @STORE
+@store_access_options
 @AS_JSON
 @library_errors
 def verify(store: str, as_json: bool) -> None:
@@ -145,19 +148,32 @@ def verify(store: str, as_json: bool) -> None:
 
 @cache.command("gc")
 @STORE
+@store_access_options
 @click.option("--dry-run", is_flag=True, help="Only list what would be salvaged or removed.")
+@click.option(
+    "--force",
+    "force",
+    multiple=True,
+    metavar="[SEGMENT]",
+    is_flag=False,
+    flag_value="*",
+    help="Treat these segments' writers (no value: every uncommitted segment's) as dead though a remote "
+    "heartbeat is recent: for a writer known killed. A local writer's lock is still obeyed.",
+)
 @AS_JSON
 @library_errors
-def gc(store: str, dry_run: bool, as_json: bool) -> None:
+def gc(store: str, dry_run: bool, force: tuple[str, ...], as_json: bool) -> None:
     """Salvage crashed runs' rows, remove their empty leftovers (running writers and committed data are kept).
 
     \b
     Example:
         ddx cache gc stores/gte7b --dry-run
+        ddx cache gc s3://bucket/gte7b --force          # the job that wrote it was killed a minute ago
     """
     from storage.maintenance import gc_store
 
-    done = gc_store(_open(store), dry_run=dry_run)
+    forced: bool | set[str] = True if "*" in force else set(force)
+    done = gc_store(_open(store), dry_run=dry_run, force=forced or False)
     removed = [d for d in done if d["action"] == "removed"]
     salvaged = [d for d in done if d["action"] == "salvaged"]
     damaged = [d for d in done if d["action"] == "damaged"]

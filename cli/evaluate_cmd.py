@@ -7,13 +7,22 @@ from typing import Any
 
 import click
 
-from cli.options import CommaList, ConfigCommand, config_option, echo_json, field_options, library_errors
+from cli.options import (
+    CommaList,
+    ConfigCommand,
+    config_option,
+    echo_json,
+    field_options,
+    library_errors,
+    store_access_options,
+)
 
 COLUMNS = ("MRR@10", "nDCG@10", "Recall@10", "Recall@100", "Recall@1000", "MAP")
 
 
 @click.command("evaluate", cls=ConfigCommand)
 @config_option
+@store_access_options
 @field_options(  # one option per EvalConfig field: its default, help and choices
     "distill.evaluate.config:EvalConfig",
     modes={"type": CommaList()},

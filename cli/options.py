@@ -17,11 +17,12 @@ import errno
 import functools
 import importlib
 import json
+import os
 import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -202,6 +203,8 @@ def _apply_config(ctx: click.Context, param: click.Parameter, value: str | None)
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise click.BadParameter(f"{value}: unknown option(s) {unknown} for 'ddx {ctx.info_name}'.", param=param)
+    if isinstance(values.get("storage_options"), Mapping):  # a mapping in the file, one JSON option on the line
+        values["storage_options"] = [json.dumps(values["storage_options"])]
     ctx.default_map = {**(ctx.default_map or {}), **{names[k]: v for k, v in values.items()}}
     return value
 
@@ -215,6 +218,46 @@ def _config_names(command: click.Command) -> dict[str, str]:
         names[p.name] = p.name
         names.update({o[2:].replace("-", "_"): p.name for o in getattr(p, "opts", []) if o.startswith("--")})
     return names
+
+
+def store_access_options(func: F) -> F:
+    """``--storage-options`` and ``--stale-after`` for a command that opens a store.
+
+    They set this process's defaults (``$DDX_STORAGE_OPTIONS``, ``$DDX_STALE_AFTER``), which every store opened
+    afterwards uses — DataLoader workers and other child processes included — so the library calls need no
+    new arguments. A config file may give ``storage_options`` as a mapping.
+    """
+    func = click.option(
+        "--storage-options",
+        multiple=True,
+        expose_value=False,
+        callback=_set_storage_options,
+        metavar="JSON|KEY=VALUE",
+        help="fsspec options of an s3://, gs://, ... store (endpoint_url, key, secret, client_kwargs.region_name, "
+        "...): a JSON object or key=value pairs, repeatable.",
+    )(func)
+    return click.option(
+        "--stale-after",
+        type=click.FloatRange(min=0, min_open=True),
+        expose_value=False,
+        callback=_set_env("DDX_STALE_AFTER"),
+        help="Seconds of heartbeat silence after which a remote writer is presumed dead and salvaged [default: 60].",
+    )(func)
+
+
+def _set_storage_options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    from storage.fs import STORAGE_OPTIONS_ENV, parse_storage_options
+
+    if value:
+        os.environ[STORAGE_OPTIONS_ENV] = json.dumps(parse_storage_options(list(value)))
+
+
+def _set_env(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            os.environ[name] = str(value)
+
+    return callback
 
 
 def config_option(func: F) -> F:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.options import ConfigCommand, config_option, echo_json, field_options, library_errors
+from cli.options import ConfigCommand, config_option, echo_json, field_options, library_errors, store_access_options
 
 if TYPE_CHECKING:  # the pipeline imports numpy and the store; load it only when the command runs
     from precompute.pipeline import PrecomputeSummary
@@ -22,6 +22,7 @@ def _roles(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 
 @click.command("precompute-teacher", cls=ConfigCommand)
 @config_option
+@store_access_options
 @field_options(TEACHER, "model", model={"decls": ["--teacher"]})
 @field_options(PIPELINE, "store", "data")
 @field_options(TEACHER, skip=("model",))

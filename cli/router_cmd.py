@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from cli.options import CommaList, ConfigCommand, config_option, echo_json, field_options, library_errors
+from cli.options import (
+    CommaList,
+    ConfigCommand,
+    config_option,
+    echo_json,
+    field_options,
+    library_errors,
+    store_access_options,
+)
 
 
 @click.group("router")
@@ -23,6 +31,7 @@ def router() -> None:
 
 @router.command("fit", cls=ConfigCommand)
 @config_option
+@store_access_options
 @field_options(  # one option per RouterConfig field
     "distill.route.config:RouterConfig",
     skip=("temperature", "train_batch_size", "patience"),  # internal knobs of the fit

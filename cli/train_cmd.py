@@ -6,11 +6,12 @@ from typing import Any
 
 import click
 
-from cli.options import ConfigCommand, config_option, echo_json, field_options, library_errors
+from cli.options import ConfigCommand, config_option, echo_json, field_options, library_errors, store_access_options
 
 
 @click.command("train", cls=ConfigCommand)
 @config_option
+@store_access_options
 @field_options(  # one option per TrainConfig field: its default, help and choices
     "distill.train.config:TrainConfig",
     data={"required": False},  # --hard-negatives may stand in for it

@@ -141,6 +141,9 @@ _NO_CREDENTIALS = {
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+STORAGE_OPTIONS_ENV = "DDX_STORAGE_OPTIONS"  # JSON; the default storage options of every Location made without any
+
+
 def parse_storage_options(value: str | Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """fsspec storage options from what a user typed: a JSON object, or ``key=value`` pairs (comma-separated or
     one per item); dotted keys nest (``client_kwargs.region_name=eu-west-1``), values are read as JSON when they
@@ -288,7 +291,9 @@ class Location:
         stale_after: float | None = None,
     ) -> None:
         self.url = os.fspath(url)
-        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        if storage_options is None:  # the command line's --storage-options, for this process and its workers
+            storage_options = parse_storage_options(os.environ.get(STORAGE_OPTIONS_ENV) or None)
+        self.storage_options: dict[str, Any] = dict(storage_options)
         self.stale_after = stale_after
         self._fs: Any = None
         self._fs_pid = -1
