@@ -1,4 +1,4 @@
-"""Every command documents an Example; ``ddx --help`` is fast and torch-free; config files; clean errors."""
+"""Every command documents an Example; ``ddx --help`` is torch-free; config files; clean errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -75,30 +74,27 @@ def test_help_ends_with_an_example(path: tuple[str, ...]) -> None:
     assert "\n\n" not in example.strip("\n")  # nothing after the example but Options (and Commands)
 
 
-def test_help_is_fast_and_imports_no_torch() -> None:
+def test_help_imports_no_torch() -> None:
+    """No ``--help`` page, nor ``import cli.main``, loads torch, transformers or sentence-transformers: they load
+    when a command runs. (How fast that makes ``ddx --help`` is measured, not tested: bench/cli_startup.py.)"""
     code = (
-        "import sys, time\n"
-        "t = time.perf_counter()\n"
-        "from click.testing import CliRunner\n"
+        "import json, sys\n"
         "import cli.main\n"
-        "paths = [[], ['precompute-teacher'], ['cache'], ['cache', 'ls'], ['cache', 'info'], ['cache', 'verify'],"
-        " ['cache', 'gc'], ['train'], ['evaluate'], ['router'], ['demo']]\n"
-        "assert all(CliRunner().invoke(cli.main.cli, [*p, '--help']).exit_code == 0 for p in paths)\n"
-        "heavy = sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules)\n"
-        "print(heavy)\n"
+        "heavy = ('torch', 'sentence_transformers', 'transformers')\n"
+        "on_import = sorted(m for m in heavy if m in sys.modules)\n"
+        "from click.testing import CliRunner\n"
+        "paths = json.loads(sys.argv[1])\n"
+        "codes = [CliRunner().invoke(cli.main.cli, [*p, '--help']).exit_code for p in paths]\n"
+        "print(json.dumps([on_import, sorted(m for m in heavy if m in sys.modules), codes]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    paths = [list(p) for p in all_commands()]
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(paths)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"  # no help page imports torch, sentence-transformers or transformers
-    best = min(_timed([DDX, "--help"]) for _ in range(3))  # best of 3: the machine is shared
-    assert best < 1.0, f"'ddx --help' took {best:.2f} s"
-
-
-def _timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "Example:" in proc.stdout
-    return time.perf_counter() - t0
+    on_import, after_help, codes = json.loads(proc.stdout)
+    assert codes == [0] * len(paths)
+    assert on_import == [] and after_help == [], (on_import, after_help)
+    entry_point = subprocess.run([DDX, "--help"], capture_output=True, text=True, timeout=60)  # the installed script
+    assert entry_point.returncode == 0 and "Example:" in entry_point.stdout, entry_point.stderr
 
 
 # -- config files --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,80 @@ from precompute.sources.ledger import IdLedger, unique_records
 from precompute.sources.registry import split_spec
 
 
-def test_public_api_resolves() -> None:
-    assert all(hasattr(sources, name) for name in sources.__all__)
-    assert set(SOURCE_KINDS) == {"beir", "msmarco", "hotpotqa", "nq", "hf", "jsonl", "parquet", "csv", "tsv"}
-    assert all(cls.kind == kind for kind, cls in SOURCE_KINDS.items())
+def test_star_import_exports_exactly_the_public_api() -> None:
+    namespace: dict = {}
+    exec("from precompute.sources import *", namespace)  # raises if a name in __all__ does not resolve
+    assert set(namespace) - {"__builtins__"} == set(sources.__all__)
+    assert namespace["parse_source"] is parse_source and namespace["SOURCE_KINDS"] is SOURCE_KINDS
+
+
+TWO_PASSAGES = [("1", "alpha"), ("2", "beta")]
+
+
+def _table_rows() -> list[dict[str, str]]:
+    return [{"_id": i, "text": t} for i, t in TWO_PASSAGES]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _text(path: Path, content: str) -> Path:
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _beir(tmp: Path) -> Path:
+    (tmp / "beir").mkdir()
+    _write_jsonl(tmp / "beir" / "corpus.jsonl", [{**r, "title": ""} for r in _table_rows()])
+    return tmp / "beir"
+
+
+def _parquet(tmp: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(_table_rows()), tmp / "corpus.parquet")
+    return tmp / "corpus.parquet"
+
+
+def _hotpotqa(tmp: Path) -> Path:
+    from tests.precompute.test_sources_hotpotqa import HF_ROW
+
+    return _write_jsonl(tmp / "dev.jsonl", [HF_ROW])
+
+
+# kind -> (writes a small input under tmp and returns its location, the (id, text, role) records it must yield;
+# None: the format has its own ids and roles, checked in its own test module: here both roles must come back)
+LOCATIONS = {
+    "beir": (_beir, TWO_PASSAGES),
+    "msmarco": (lambda tmp: _text(tmp / "collection.tsv", "1\talpha\n2\tbeta\n"), TWO_PASSAGES),
+    "hotpotqa": (_hotpotqa, None),
+    "nq": (lambda tmp: Path(__file__).parent / "source_fixtures" / "nq", None),
+    "hf": (lambda tmp: _write_jsonl(tmp / "corpus.jsonl", _table_rows()), TWO_PASSAGES),
+    "jsonl": (lambda tmp: _write_jsonl(tmp / "corpus.jsonl", _table_rows()), TWO_PASSAGES),
+    "parquet": (_parquet, TWO_PASSAGES),
+    "csv": (lambda tmp: _text(tmp / "corpus.csv", '_id,text\n1,alpha\n2,"beta"\n'), TWO_PASSAGES),
+    "tsv": (lambda tmp: _text(tmp / "corpus.tsv", "_id\ttext\n1\talpha\n2\tbeta\n"), TWO_PASSAGES),
+}
+
+
+def test_every_registered_kind_has_a_case_here() -> None:
+    assert set(SOURCE_KINDS) == set(LOCATIONS)
+
+
+@pytest.mark.parametrize("kind", list(LOCATIONS))
+def test_each_kind_opens_its_own_reader(kind: str, tmp_path: Path) -> None:
+    """``parse_source("KIND:LOCATION")`` dispatches to the registered class, which reads the location."""
+    write, expected = LOCATIONS[kind]
+    source = parse_source(f"{kind}:{write(tmp_path)}")
+    assert type(source) is SOURCE_KINDS[kind] and source.kind == kind
+    records = [(r.id, r.text, r.role) for r in source.iter_texts()]
+    if expected is None:
+        assert {role for _, _, role in records} == {"query", "passage"}, records
+    else:
+        assert records == [(i, t, "passage") for i, t in expected]
 
 
 def test_real_sources_open_by_spec(shared_data: Path) -> None:
