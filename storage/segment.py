@@ -45,6 +45,7 @@ __all__ = [
     "claim_and_salvage",
     "indexed_rows",
     "new_segment_id",
+    "read_heartbeat",
     "read_index_bytes",
     "salvage_segment",
     "segment_state",
@@ -84,6 +85,18 @@ def _writer_alive(loc: Location, seg_id: str, *, force: bool = False) -> bool:
         return bool(time.time() - float(beat["time"]) < stale_after(loc))
     except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError):
         return _just_created(loc, seg_id)
+
+
+def read_heartbeat(loc: Location, seg_id: str) -> dict[str, Any] | None:
+    """A remote writer's last HEARTBEAT (``time`` on the writer's clock, ``rows`` flushed, ``pid``, ``closed``
+    once it aborted), read fresh; None when there is none (a local segment, a writer not yet beating, a
+    segment removed meanwhile) or it cannot be parsed. Two reads that differ mean the writer beat in between.
+    """
+    try:
+        beat = json.loads(loc.read_bytes(SEGMENTS, seg_id, "HEARTBEAT"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return beat if isinstance(beat, dict) else None
 
 
 def _just_created(loc: Location, seg_id: str) -> bool:

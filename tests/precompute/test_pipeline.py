@@ -263,7 +263,7 @@ def test_two_ranks_write_disjoint_segments_covering_every_key(bert: TeacherEncod
     folder = write_beir(tmp_path / "beir", texts[:40], texts[40:])
     keys = np.concatenate([content_keys("passage", texts[:40]), content_keys("query", texts[40:])])
     keys = np.unique(keys)
-    r0 = run(tmp_path / "s", folder, bert, rank=0, world_size=2)
+    r0 = run(tmp_path / "s", folder, bert, rank=0, world_size=2, report_wait=0)
     r1 = run(tmp_path / "s", folder, bert, rank=1, world_size=2)
     mine0 = key_slice(keys, 0, 2)
     assert (r0.encoded, r0.other_ranks) == (int(mine0.sum()), int((~mine0).sum()))
@@ -277,7 +277,7 @@ def test_two_ranks_write_disjoint_segments_covering_every_key(bert: TeacherEncod
     assert key_slice(k0, 0, 2).all() and key_slice(k1, 1, 2).all()
     assert len(np.intersect1d(k0, k1)) == 0
     assert np.array_equal(np.sort(np.concatenate([k0, k1])), keys)  # every key exactly once
-    assert run(tmp_path / "s", folder, bert, rank=0, world_size=2).encoded == 0
+    assert run(tmp_path / "s", folder, bert, rank=0, world_size=2, report_wait=0).encoded == 0
 
 
 def test_resolve_rank(monkeypatch: pytest.MonkeyPatch) -> None:
