@@ -10,30 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "EvalConfig",
-    "Phase1Dataset",
-    "Phase1Loss",
-    "Phase2Dataset",
-    "Phase2Loss",
-    "ProjectionLayer",
-    "RoutedEncoder",
-    "Router",
-    "RouterConfig",
-    "RouterExportConfig",
-    "StudentModelWithProjection",
-    "TokenTable",
-    "TrainConfig",
-    "evaluate_retrieval",
-    "export_routed",
-    "fit_router",
-    "phase1_collate_fn",
-    "phase2_collate_fn",
-    "train",
-    "train_phase1",
-    "train_phase2",
-]
-
+# Each public name → the module that defines it; with ``train`` (below), the API's ``__all__``.
 _WHERE = {
     "ProjectionLayer": "distill.model.projection",
     "StudentModelWithProjection": "distill.model.model",
@@ -56,6 +33,7 @@ _WHERE = {
     "RouterExportConfig": "distill.route.routed_model",
     "export_routed": "distill.route.routed_model",
 }
+__all__ = sorted([*_WHERE, "train"])
 
 
 def __getattr__(name: str) -> Any:

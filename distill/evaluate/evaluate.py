@@ -33,6 +33,7 @@ from distill.evaluate.metrics import MetricsResult, metrics_from_topk, trec_tie_
 from distill.evaluate.trec_run import write_trec_run
 from distill.model.run_file import check_run_store
 from distill.search.search import PassageSource, exact_search, faiss_search
+from distill.search.search_inputs import unit_rows
 from precompute.sources import SourceOptions, parse_source
 from storage.errors import DdxError
 from storage.fs import atomic_open
@@ -161,9 +162,7 @@ def _cosine(mode: str, v: SetVectors, enc: Encoders) -> float | None:
 
 
 def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return float((a * b).sum(axis=1).mean())
+    return float((unit_rows(a) * unit_rows(b)).sum(axis=1).mean())
 
 
 def _add_retained(rows: list[dict[str, Any]]) -> None:

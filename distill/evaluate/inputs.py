@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +20,7 @@ import numpy as np
 
 from distill.model.run_file import RUN_FILE, read_run
 from distill.search.search import PassageSource
+from distill.search.search_inputs import store_blocks
 from precompute.pipeline import PrecomputeConfig, missing_vectors_command, precompute
 from precompute.sources import Source
 from precompute.sources.errors import BadSourceError
@@ -240,7 +241,7 @@ def mode_inputs(mode: str, v: SetVectors, enc: Encoders) -> tuple[np.ndarray, Pa
         return v.projected_queries(), lambda: enc.project_blocks(v.d_s)
     store, rows_q, rows_d = v.teacher()
     queries = store.get_rows(rows_q, dtype="float32") if mode == "teacher" else v.projected_queries()
-    return queries, _store_blocks(store, rows_d)
+    return queries, store_blocks(store, rows_d)
 
 
 def _teacher_rows(store: TeacherStore, es: EvalSet, teacher: str | None, title_join: str) -> tuple[np.ndarray, ...]:
@@ -249,7 +250,14 @@ def _teacher_rows(store: TeacherStore, es: EvalSet, teacher: str | None, title_j
     q_rows, d_rows = store.locate(q_keys), store.locate(d_keys)
     missing = int((q_rows < 0).sum() + (d_rows < 0).sum())
     if missing and teacher:
-        _encode_missing(store, es, teacher, title_join)
+        config = PrecomputeConfig(
+            store=store.url,
+            data=(es.source.spec,),
+            teacher=TeacherConfig.for_spec(teacher, store.spec),
+            title_join=title_join,
+        )
+        precompute(config, sources=[es.source])
+        store.refresh()
         q_rows, d_rows = store.locate(q_keys), store.locate(d_keys)
     elif missing:
         raise MissingVectorsError(
@@ -258,16 +266,3 @@ def _teacher_rows(store: TeacherStore, es: EvalSet, teacher: str | None, title_j
             f"{missing_vectors_command(store, [es.source.spec])}\nor pass --teacher MODEL to encode them now."
         )
     return q_rows, d_rows
-
-
-def _encode_missing(store: TeacherStore, es: EvalSet, teacher: str, title_join: str) -> None:
-    cfg = TeacherConfig.for_spec(teacher, store.spec)
-    precompute(
-        PrecomputeConfig(store=store.url, data=(es.source.spec,), teacher=cfg, title_join=title_join),
-        sources=[es.source],
-    )
-    store.refresh()
-
-
-def _store_blocks(store: TeacherStore, rows: np.ndarray, size: int = 65_536) -> Callable[[], Iterator[np.ndarray]]:
-    return lambda: (store.get_rows(rows[s : s + size], dtype="float32") for s in range(0, len(rows), size))

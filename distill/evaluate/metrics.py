@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pytrec_eval
@@ -54,13 +53,6 @@ class MetricsResult:
     num_evaluated: int
     num_unjudged: int
     num_missing: int
-
-    def to_dict(self, *, per_query: bool = True) -> dict[str, Any]:
-        """Plain dict for JSON; ``per_query=False`` leaves the (large) per-query table out."""
-        out = asdict(self)
-        if not per_query:
-            del out["per_query"]
-        return out
 
 
 def metric_names(k_values: Iterable[int] = (10, 100, 1000)) -> list[str]:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.sources.errors import BadSourceError
 from storage.errors import DdxError, DimensionMismatchError
 from storage.fs import atomic_open
 
-__all__ = ["read_trec_run", "topk_run", "write_trec_run"]
+__all__ = ["topk_run", "write_trec_run"]
 
 _WHITESPACE = re.compile(r"\s")
 
@@ -73,8 +72,8 @@ def write_trec_run(
 ) -> Path:
     """Write top-k results as a TREC run, atomically (temp file + rename), in trec_eval's order with ranks from 1.
 
-    Scores are written as the exact decimal of their float32 value, so ``read_trec_run`` gives back the same
-    ranking and metrics. Negative (padding) indices are skipped.
+    Scores are written as the exact decimal of their float32 value, so reading the file back (trec_eval,
+    ``pytrec_eval.parse_run``) gives the same ranking and metrics. Negative (padding) indices are skipped.
 
     Args:
         path: output file; its folder must exist.
@@ -97,46 +96,3 @@ def write_trec_run(
             ranked = sorted(docs.items(), key=lambda doc: (doc[1], doc[0]), reverse=True)  # trec_eval's order
             f.writelines(f"{qid} Q0 {d} {rank} {s!r} {tag}\n" for rank, (d, s) in enumerate(ranked, 1))
     return Path(path)
-
-
-def read_trec_run(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
-    """Read a 6-column TREC run into ``{qid: {docid: score}}`` (the rank column is ignored, as trec_eval does).
-
-    Args:
-        path: run file; blank lines are skipped, columns split on any whitespace.
-
-    Returns:
-        The run, queries in file order.
-
-    Raises:
-        BadSourceError: the file is missing, a line has not 6 columns or a non-numeric score, or a document
-            appears twice for one query; the message names file and line.
-
-    Example:
-        >>> run = read_trec_run("runs/dev.trec")  # doctest: +SKIP
-    """
-    run: dict[str, dict[str, float]] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    _parse_run_line(run, line, f"{path}:{line_no}")
-    except FileNotFoundError:
-        raise BadSourceError(f"No TREC run file at '{path}'. Write one with write_trec_run first.") from None
-    return run
-
-
-def _parse_run_line(run: dict[str, dict[str, float]], line: str, where: str) -> None:
-    """Add one ``qid Q0 docid rank score tag`` line to ``run``."""
-    cols = line.split()
-    if len(cols) != 6:
-        raise BadSourceError(f"{where}: expected 6 columns 'qid Q0 docid rank score tag', got {len(cols)}: {line!r}")
-    qid, doc, score = cols[0], cols[2], cols[4]
-    try:
-        value = float(score)
-    except ValueError:
-        raise BadSourceError(f"{where}: score {score!r} is not a number.") from None
-    docs = run.setdefault(qid, {})
-    if doc in docs:
-        raise BadSourceError(f"{where}: document {doc!r} appears twice for query {qid!r}; trec_eval rejects that.")
-    docs[doc] = value

@@ -16,7 +16,7 @@ A saved run folder holds three things, written in this order (the projection fil
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -253,8 +253,9 @@ class StudentModelWithProjection(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / PROJECTION_FILE).unlink(missing_ok=True)
-        _write_dir(out / STUDENT_DIR, self.student.save)
-        _write_dir(out / HYBRID_DIR, self.to_hybrid(teacher_normalize=teacher_normalize).save)
+        replace_dir(out / STUDENT_DIR, lambda tmp: self.student.save(str(tmp)))
+        hybrid = self.to_hybrid(teacher_normalize=teacher_normalize)
+        replace_dir(out / HYBRID_DIR, lambda tmp: hybrid.save(str(tmp)))
         self.projection.save(out)
         return out
 
@@ -304,8 +305,3 @@ def _resolve_prompt(student: SentenceTransformer, prompt_name: str | None) -> st
     if name not in student.prompts:
         raise DdxError(f"Prompt name {name!r} is not one of the student's prompts {sorted(student.prompts)}.")
     return student.prompts[name]
-
-
-def _write_dir(target: Path, write: Callable[[str], None]) -> None:
-    """Have ``write`` fill a temporary sibling folder, then swap it in for ``target``."""
-    replace_dir(target, lambda tmp: write(str(tmp)))

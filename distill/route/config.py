@@ -6,9 +6,10 @@ Kept apart from the modules that do the work (they import torch and sentence-tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from distill.train.config import option
 from storage.errors import DdxError
 
 __all__ = ["KINDS", "ROUTER_DIR", "TARGETS", "MLPSettings", "RouterConfig", "RouterExportConfig", "check_usage"]
@@ -41,58 +42,39 @@ class RouterConfig:
     # Each field's metadata is its ``ddx router fit`` option's help and choices (cli/router_cmd.py).
     store: str = field(metadata={"help": "Teacher store the run was trained against (read only)."})
     model: str = field(metadata={"help": "Run folder of 'ddx train' (student + projection)."})
-    data: tuple[str, ...] = field(  # queries with judged positives
-        metadata={"help": "Source with training examples, repeatable (as for train)."}
-    )
-    out: str | None = field(default=None, metadata={"help": "Router folder (default: MODEL/router)."})
-    split: str | None = field(
-        default="train",
-        metadata={"help": "Split(s) of examples; one the student did not train on gives truer targets."},
-    )
-    hard_negatives: tuple[str, ...] = field(default=(), metadata={"help": "Extra example file(s), as for train."})
-    mine_negatives: int = field(default=0, metadata={"help": "Mine K negatives per query (stored)."})
+    data: tuple[str, ...] = field(metadata={"help": "Source with training examples, repeatable (as for train)."})
+    out: str | None = option(None, "Router folder (default: MODEL/router).")
+    split: str | None = option("train", "Split(s) of examples; one the student did not train on gives truer targets.")
+    hard_negatives: tuple[str, ...] = option((), "Extra example file(s), as for train.")
+    mine_negatives: int = option(0, "Mine K negatives per query (stored).")
     mine_margin: float = 0.95
-    pool_size: int = field(
-        default=50_000,
-        metadata={
-            "help": "Shared candidate passages every fit query is ranked against, besides its own positives and "
-            "negatives."
-        },
+    pool_size: int = option(
+        50_000, "Shared candidate passages every fit query is ranked against, besides its own positives and negatives."
     )
-    target: str = field(
-        default="ndcg10",
-        metadata={
-            "help": "The teacher's gain over the hybrid per query: nDCG@10, reciprocal rank@10, or InfoNCE "
-            "log-likelihood.",
-            "choices": TARGETS,
-        },
+    target: str = option(
+        "ndcg10",
+        "The teacher's gain over the hybrid per query: nDCG@10, reciprocal rank@10, or InfoNCE log-likelihood.",
+        choices=TARGETS,
     )
-    kinds: tuple[str, ...] = field(
-        default=KINDS,
-        metadata={"help": "Routers to fit: encoder (student embedding), retrieval (+ the hybrid search's top scores)."},
+    kinds: tuple[str, ...] = option(
+        KINDS, "Routers to fit: encoder (student embedding), retrieval (+ the hybrid search's top scores)."
     )
     temperature: float = 0.05  # τ of the logp target and of the retrieval router's score entropy
     # Router MLP width: the input is a few hundred numbers, the data a few thousand queries.
-    hidden: int = field(default=MLPSettings.hidden, metadata={"help": "Router MLP width."})
-    epochs: int = field(  # the held-out split stops it (patience)
-        default=MLPSettings.epochs, metadata={"help": "Upper bound; a held-out 10 % stops it."}
-    )
+    hidden: int = option(MLPSettings.hidden, "Router MLP width.")
+    epochs: int = option(MLPSettings.epochs, "Upper bound; a held-out 10 % stops it.")
     lr: float = MLPSettings.lr
     weight_decay: float = MLPSettings.weight_decay
     train_batch_size: int = MLPSettings.batch_size
     val_fraction: float = MLPSettings.val_fraction  # held-out queries that pick the epoch (lift over random)
     patience: int = MLPSettings.patience
     seed: int = MLPSettings.seed
-    batch_size: int = field(default=64, metadata={"help": "Student encode batch."})
-    allow_missing: bool = field(
-        default=False, metadata={"help": "Drop examples lacking teacher vectors instead of stopping."}
-    )
-    skip_bad: bool = field(
-        default=False, metadata={"help": "Drop unknown ids and queries without positives instead of stopping."}
-    )
-    title_join: str = field(default="{title} {text}", metadata={"help": "Must match the precompute run's."})
-    device: str | None = field(default=None, metadata={"help": "Torch device (default: CUDA when available)."})
-    progress: bool = field(default=True, metadata={"help": "Encode progress bars on stderr."})
+    batch_size: int = option(64, "Student encode batch.")
+    allow_missing: bool = option(False, "Drop examples lacking teacher vectors instead of stopping.")
+    skip_bad: bool = option(False, "Drop unknown ids and queries without positives instead of stopping.")
+    title_join: str = option("{title} {text}", "Must match the precompute run's.")
+    device: str | None = option(None, "Torch device (default: CUDA when available).")
+    progress: bool = option(True, "Encode progress bars on stderr.")
 
     def __post_init__(self) -> None:
         if not self.data and not self.hard_negatives:
@@ -112,16 +94,9 @@ class RouterConfig:
         return self.out or str(Path(self.model) / ROUTER_DIR)
 
     def mlp_settings(self) -> MLPSettings:
-        return MLPSettings(
-            hidden=self.hidden,
-            epochs=self.epochs,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            batch_size=self.train_batch_size,
-            val_fraction=self.val_fraction,
-            patience=self.patience,
-            seed=self.seed,
-        )
+        """This fit's :class:`MLPSettings` (the same fields; the MLP's ``batch_size`` is ``train_batch_size``)."""
+        names = [f.name for f in fields(MLPSettings)]
+        return MLPSettings(**{n: getattr(self, "train_batch_size" if n == "batch_size" else n) for n in names})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,25 +105,13 @@ class RouterExportConfig:
 
     # Each field's metadata is its ``ddx router export`` option's help (cli/router_cmd.py).
     router: str  # router folder of 'ddx router fit' (the command's argument)
-    teacher: str = field(  # checked against the store's spec
-        metadata={"help": "The teacher that wrote the store (hub id or folder); checked."}
-    )
-    out: str = field(  # replaced atomically if it exists
-        metadata={"help": "Folder for the routed SentenceTransformer."}
-    )
-    teacher_usage: float | None = field(
-        default=None, metadata={"help": "Fraction of the fit queries sent to the teacher [default: 0.2]."}
-    )
-    threshold: float | None = field(
-        default=None, metadata={"help": "Or a raw router-score threshold (score above: teacher)."}
-    )
-    model: str | None = field(
-        default=None, metadata={"help": "Run folder (default: the run the router was fitted on)."}
-    )
-    revision: str | None = field(default=None, metadata={"help": "Teacher hub revision."})
-    trust_remote_code: bool | None = field(  # gte-Qwen2 needs it
-        default=None, metadata={"help": "For the teacher's own code."}
-    )
+    teacher: str = field(metadata={"help": "The teacher that wrote the store (hub id or folder); checked."})
+    out: str = field(metadata={"help": "Folder for the routed SentenceTransformer."})  # replaced atomically
+    teacher_usage: float | None = option(None, "Fraction of the fit queries sent to the teacher [default: 0.2].")
+    threshold: float | None = option(None, "Or a raw router-score threshold (score above: teacher).")
+    model: str | None = option(None, "Run folder (default: the run the router was fitted on).")
+    revision: str | None = option(None, "Teacher hub revision.")
+    trust_remote_code: bool | None = option(None, "For the teacher's own code.")  # gte-Qwen2 needs it
 
     def __post_init__(self) -> None:
         if self.teacher_usage is not None and self.threshold is not None:

@@ -25,9 +25,9 @@ from distill.model.run_file import check_run_store, read_run
 from distill.route.config import RouterConfig
 from distill.route.router import Router, student_identity, train_router_model
 from distill.route.targets import RankOutcomes, difficulty_targets, rank_outcomes
-from distill.train.data import Phase2Examples, Ragged, TextIndex, resolve_data
+from distill.train.data import Phase2Examples, Ragged, TextIndex, batched, parse_sources, resolve_data
 from distill.train.mining import hard_negative_miner
-from precompute.sources import Source, SourceOptions, parse_source
+from precompute.sources import Source
 from storage.errors import DdxError
 from storage.keys import content_keys
 from storage.store import TeacherStore
@@ -68,7 +68,7 @@ def fit_targets(config: RouterConfig, store: TeacherStore) -> FitTargets:
 
     Raises: as :func:`fit_router`.
     """
-    sources = _sources(config)
+    sources = parse_sources(config.data, config.hard_negatives, skip_bad=config.skip_bad, title_join=config.title_join)
     data = resolve_data(
         sources,
         store,
@@ -133,12 +133,6 @@ def fit_router(config: RouterConfig) -> RouterFitResult:
     return RouterFitResult(out, len(t.gains), len(t.pool), config.target, report)
 
 
-def _sources(config: RouterConfig) -> list[Source]:
-    options = SourceOptions(skip_bad=config.skip_bad, title_join=config.title_join)
-    extra = [s if ":" in s.split("/")[0] else f"msmarco:{s}" for s in config.hard_negatives]
-    return [parse_source(s, options) for s in (*config.data, *extra)]
-
-
 def _one_per_query(ex: Phase2Examples) -> Phase2Examples:
     """Examples merged per query (a triples file lists one query many times): positives and negatives joined."""
     groups: dict[int, list[int]] = {}
@@ -162,13 +156,8 @@ def query_texts(sources: list[Source], keys: np.ndarray) -> list[str]:
     wanted = keys[order]
     found: list[str | None] = [None] * len(keys)
     for source in sources:
-        block: list[str] = []
-        for rec in source.iter_texts("query"):
-            block.append(rec.text)
-            if len(block) == 8192:
-                _match(block, wanted, order, found)
-                block = []
-        _match(block, wanted, order, found)
+        for block in batched((rec.text for rec in source.iter_texts("query")), 8192):
+            _match(block, wanted, order, found)
     missing = sum(t is None for t in found)
     if missing:
         raise DdxError(f"{missing} fit queries were not found again in the sources; did a data file change? Rerun.")
@@ -176,7 +165,7 @@ def query_texts(sources: list[Source], keys: np.ndarray) -> list[str]:
 
 
 def _match(block: list[str], wanted: np.ndarray, order: np.ndarray, found: list[str | None]) -> None:
-    if not block or not len(wanted):
+    if not len(wanted):
         return
     k = content_keys("query", block)
     at = np.minimum(np.searchsorted(wanted, k), len(wanted) - 1)

@@ -89,11 +89,8 @@ class RoutedEncoder(InputModule):
     ) -> None:
         super().__init__()
         self.student, self.projection, self.router = student, projection, router.eval()
-        self.teacher, self.teacher_revision, self.teacher_trust_remote_code = (
-            teacher,
-            teacher_revision,
-            teacher_trust_remote_code,
-        )
+        self.teacher, self.teacher_revision = teacher, teacher_revision
+        self.teacher_trust_remote_code = teacher_trust_remote_code
         self.spec = TeacherSpec.from_dict(teacher_spec)
         self.store_fingerprint, self.student_id = store_fingerprint, student_id
         self.calibration = np.sort(np.asarray(calibration, dtype=np.float64))
@@ -199,7 +196,14 @@ class RoutedEncoder(InputModule):
         if self._teacher_encoder is None:
             from precompute.teacher import load_teacher  # looked up on use: tests guard it (tests/distill/conftest.py)
 
-            encoder = load_teacher(_teacher_config(self, device=str(self.router.device)))
+            config = TeacherConfig.for_spec(
+                self.teacher,
+                self.spec,
+                revision=self.teacher_revision,
+                trust_remote_code=self.teacher_trust_remote_code,
+                device=str(self.router.device),
+            )
+            encoder = load_teacher(config)
             if encoder.spec.fingerprint != self.store_fingerprint:
                 diffs = "; ".join(f"{n}: store {a!r}, loaded {b!r}" for n, a, b in self.spec.differences(encoder.spec))
                 raise FingerprintMismatchError(
@@ -273,17 +277,6 @@ def _student_query_prompt(student: SentenceTransformer) -> str | None:
     return (prompts.get(name) or None) if name else None
 
 
-def _teacher_config(module: RoutedEncoder, device: str | None = None) -> TeacherConfig:
-    return _spec_config(module.teacher, module.spec, module.teacher_revision, module.teacher_trust_remote_code, device)
-
-
-def _spec_config(
-    teacher: str, spec: TeacherSpec, revision: str | None, trust: bool | None, device: str | None
-) -> TeacherConfig:
-    """A TeacherConfig that applies every vector-changing field of ``spec`` to ``teacher``."""
-    return TeacherConfig.for_spec(teacher, spec, revision=revision, trust_remote_code=trust, device=device)
-
-
 def check_teacher_files(
     teacher: str, spec: TeacherSpec, revision: str | None = None, trust: bool | None = None
 ) -> None:
@@ -292,7 +285,7 @@ def check_teacher_files(
     Raises:
         FingerprintMismatchError: naming each field that differs.
     """
-    expected = expected_spec(_spec_config(teacher, spec, revision, trust, None))
+    expected = expected_spec(TeacherConfig.for_spec(teacher, spec, revision=revision, trust_remote_code=trust))
     stored = spec.to_dict()
     diffs = [(k, stored[k], v) for k, v in expected.items() if k != "model" and k in stored and stored[k] != v]
     if diffs:
@@ -337,10 +330,6 @@ def export_routed(config: RouterExportConfig) -> dict[str, Any]:
         teacher_trust_remote_code=bool(config.trust_remote_code),
         student_id=router.meta["student_id"],
     )
-    _write_folder(Path(config.out), SentenceTransformer(modules=[module], device="cpu", similarity_fn_name="cosine"))
+    routed = SentenceTransformer(modules=[module], device="cpu", similarity_fn_name="cosine")
+    replace_dir(config.out, lambda tmp: routed.save(str(tmp), create_model_card=False))
     return {"out": config.out, "teacher": teacher, "threshold": module.threshold, "teacher_usage": module.teacher_usage}
-
-
-def _write_folder(target: Path, model: SentenceTransformer) -> None:
-    """Save into a temporary sibling, then swap it in for ``target`` (readers never see half a model)."""
-    replace_dir(target, lambda tmp: model.save(str(tmp), create_model_card=False))

@@ -60,7 +60,6 @@ FORMAT_VERSION = 1
 LIFT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
 CV_BELOW = 5_000  # fit sets smaller than this choose the epoch count by cross-validation
 CV_FOLDS = 5
-N_SCORE_FEATURES = 5
 
 
 class RouterNotFoundError(DdxError, FileNotFoundError):
@@ -126,22 +125,15 @@ def score_features(top_scores: np.ndarray, temperature: float = 0.05) -> np.ndar
     if top.shape[1] == 0:
         raise DdxError("score_features needs at least one score per query.")
     top = np.where(np.isfinite(top), top, np.nan)
-    top = _fill_forward(top)
+    top[:, 0] = np.nan_to_num(top[:, 0], nan=0.0)
+    last_real = np.maximum.accumulate(np.where(np.isnan(top), 0, np.arange(top.shape[1])), axis=1)
+    top = np.take_along_axis(top, last_real, axis=1)
     logits = top / temperature
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     entropy = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1)
     second = top[:, 1] if top.shape[1] > 1 else top[:, 0]
     return np.stack([top[:, 0], top[:, 0] - second, top[:, 0] - top[:, -1], top.mean(axis=1), entropy], axis=1)
-
-
-def _fill_forward(top: np.ndarray) -> np.ndarray:
-    out = top.copy()
-    first = np.where(np.isnan(out[:, 0]), 0.0, out[:, 0])
-    out[:, 0] = first
-    for j in range(1, out.shape[1]):
-        out[:, j] = np.where(np.isnan(out[:, j]), out[:, j - 1], out[:, j])
-    return out
 
 
 def lift_over_random(scores: np.ndarray, gains: np.ndarray, budgets: tuple[float, ...] = LIFT_BUDGETS) -> float:

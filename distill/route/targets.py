@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill.route.config import TARGETS
+from distill.search.search_inputs import default_device, unit_rows
 from distill.train.data import Ragged
 from storage.errors import DdxError
 from storage.store import TeacherStore
@@ -53,11 +54,6 @@ class RankOutcomes:
     logp: np.ndarray
     top_scores: np.ndarray  # [n, TOP_K] cosine scores of the top candidates, best first (-inf padding)
 
-    def measure(self, name: str) -> np.ndarray:
-        if name not in TARGETS:
-            raise DdxError(f"Unknown difficulty target {name!r}; choose one of {TARGETS}.")
-        return getattr(self, name)
-
 
 def difficulty_targets(hybrid: RankOutcomes, teacher: RankOutcomes, target: str = "ndcg10") -> np.ndarray:
     """``teacher − hybrid`` on ``target`` per query: what sending the query to the teacher gains.
@@ -68,7 +64,9 @@ def difficulty_targets(hybrid: RankOutcomes, teacher: RankOutcomes, target: str 
         >>> difficulty_targets(h, t).tolist()
         [0.0, 0.5]
     """
-    return teacher.measure(target) - hybrid.measure(target)
+    if target not in TARGETS:
+        raise DdxError(f"Unknown difficulty target {target!r}; choose one of {TARGETS}.")
+    return getattr(teacher, target) - getattr(hybrid, target)
 
 
 def rank_outcomes(
@@ -112,17 +110,12 @@ def rank_outcomes(
         rows = np.arange(start, min(start + qblock, n))
         pos = positives.select(rows)
         own = Ragged.from_lists([np.union1d(pos.row(i), negatives.row(int(r))) for i, r in enumerate(rows)])
-        sets = [_unit(q[rows]) for q in query_sets]
+        sets = [unit_rows(q[rows]) for q in query_sets]
         pool_top = _pool_pass(sets, pool, own, store, temperature, block_rows, device)
-        own_vecs = _unit(store.get_rows(own.flat, dtype="float32")) if len(own.flat) else None
+        own_vecs = unit_rows(store.get_rows(own.flat, dtype="float32")) if len(own.flat) else None
         for j, q in enumerate(sets):
             out[j].append(_outcomes(q, own, pos, own_vecs, *pool_top[j], temperature))
     return [_concat(parts) for parts in out]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _pool_pass(
@@ -141,8 +134,6 @@ def _pool_pass(
     """
     import torch
 
-    from distill.search.search_inputs import default_device
-
     dev = torch.device(device) if device else default_device()
     nq = len(own)
     q_of = np.repeat(np.arange(nq), own.lengths())
@@ -156,7 +147,7 @@ def _pool_pass(
     lse = [torch.full((nq,), -torch.inf, dtype=torch.float64, device=dev) for _ in sets]
     for s in range(0, len(pool), block_rows):
         rows = pool[s : s + block_rows]
-        p = torch.from_numpy(_unit(store.get_rows(rows, dtype="float32"))).to(dev)
+        p = torch.from_numpy(unit_rows(store.get_rows(rows, dtype="float32"))).to(dev)
         sel = (mask_p >= s) & (mask_p < s + len(rows))
         mq, mp = torch.from_numpy(mask_q[sel]).to(dev), torch.from_numpy(mask_p[sel] - s).to(dev)
         row_ids = torch.from_numpy(rows).to(dev).expand(nq, -1)
@@ -202,8 +193,9 @@ def _outcomes(
     all_p = np.concatenate([np.zeros_like(pool_scores, dtype=bool), is_pos], axis=1)
     order = np.lexsort((all_r, -all_s.astype(np.float64)), axis=-1)[:, :TOP_K]
     ranked = np.take_along_axis(all_p, order, axis=1)
-    top = np.take_along_axis(all_s, order, axis=1)
-    return RankOutcomes(_ndcg(ranked, pos.lengths()), _rr(ranked), logp, _pad(top))
+    top = np.full((nq, TOP_K), -np.inf, dtype=np.float32)
+    top[:, : order.shape[1]] = np.take_along_axis(all_s, order, axis=1)
+    return RankOutcomes(_ndcg(ranked, pos.lengths()), _rr(ranked), logp, top)
 
 
 def _ndcg(ranked: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
@@ -219,17 +211,8 @@ def _rr(ranked: np.ndarray) -> np.ndarray:
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    peak = np.max(x, axis=1, keepdims=True) if x.shape[1] else np.full((len(x), 1), -np.inf)
-    safe = np.where(np.isfinite(peak), peak, 0.0)
-    with np.errstate(divide="ignore"):
-        return (np.log(np.exp(x - safe).sum(axis=1, keepdims=True)) + safe)[:, 0]
-
-
-def _pad(top: np.ndarray) -> np.ndarray:
-    out = np.full((len(top), TOP_K), -np.inf, dtype=np.float32)
-    out[:, : top.shape[1]] = top
-    return out
+    """Per row (-inf for a row of none or only -inf)."""
+    return np.logaddexp.reduce(x.astype(np.float64), axis=1, initial=-np.inf)
 
 
 def _concat(parts: list[RankOutcomes]) -> RankOutcomes:

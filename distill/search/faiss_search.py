@@ -79,7 +79,10 @@ def faiss_search(
     k_out = clamp_k(k, n_seen)
     if built is None or k_out == 0:
         return np.zeros((q.shape[0], 0), dtype=np.float32), np.zeros((q.shape[0], 0), dtype=np.int64)
-    _set_faiss_search_params(built, index, nprobe=nprobe, ef_search=ef_search)
+    if index == "ivf":
+        built.nprobe = min(nprobe, built.nlist)
+    elif index == "hnsw":
+        built.hnsw.efSearch = ef_search
     scores, idx = built.search(q, k_out)
     return np.where(idx >= 0, scores, -np.inf).astype(np.float32), idx.astype(np.int64)  # -1: not found, last
 
@@ -107,11 +110,3 @@ def _build_faiss_index(faiss: Any, kind: str, first: np.ndarray, *, nlist: int, 
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, min(nlist, first.shape[0]), faiss.METRIC_INNER_PRODUCT)
     ivf.train(np.ascontiguousarray(first))
     return ivf
-
-
-def _set_faiss_search_params(built: Any, kind: str, *, nprobe: int, ef_search: int) -> None:
-    """Apply the search-time knobs of approximate indexes."""
-    if kind == "ivf":
-        built.nprobe = min(nprobe, built.nlist)
-    elif kind == "hnsw":
-        built.hnsw.efSearch = ef_search

@@ -105,7 +105,8 @@ def exact_search(
     dev = torch.device(device) if device is not None else default_device()
     q = query_tensor(queries, dev, normalize)
     prio = None if tie_priority is None else as_tensor(tie_priority).to(dev, torch.int64)
-    blocks = _query_slices(q.shape[0], query_block or max(1, SCORE_BLOCK_ELEMENTS // chunk_size))
+    qb = query_block or max(1, SCORE_BLOCK_ELEMENTS // chunk_size)
+    blocks = [slice(s, min(s + qb, q.shape[0])) for s in range(0, max(q.shape[0], 1), qb)]  # >= 1, even for 0 queries
     best: list[_Best | None] = [None] * len(blocks)
     n_seen = 0
     for chunk in iter_chunks(passages, chunk_size):
@@ -118,11 +119,6 @@ def exact_search(
         del p, col_prio  # free this chunk before the next is built: one chunk alive at a time
     k_out = clamp_k(k, n_seen)
     return _collect(best, blocks, q.shape[0], k_out, prio)
-
-
-def _query_slices(nq: int, block: int) -> list[slice]:
-    """Consecutive query slices of at most ``block`` rows (at least one, even for zero queries)."""
-    return [slice(s, min(s + block, nq)) for s in range(0, max(nq, 1), block)]
 
 
 # --- top-k selection with deterministic ties ----------------------------------------------------------------------

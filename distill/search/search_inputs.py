@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from storage.errors import DdxError, DimensionMismatchError
+
+if TYPE_CHECKING:
+    from storage.store import TeacherStore
 
 __all__ = [
     "Block",
@@ -27,6 +30,8 @@ __all__ = [
     "default_device",
     "iter_chunks",
     "query_tensor",
+    "store_blocks",
+    "unit_rows",
 ]
 
 Block = np.ndarray | torch.Tensor
@@ -103,6 +108,17 @@ def chunk_tensor(block: Block, dev: torch.device, dim: int, normalize: bool, dty
     if normalize:
         p = F.normalize(p, dim=1)
     return p if dtype == torch.float32 else p.to(dtype)
+
+
+def store_blocks(store: TeacherStore, rows: np.ndarray, size: int = 65_536) -> Callable[[], Iterator[np.ndarray]]:
+    """A passage source of the store's ``rows``: their float32 vectors, ``size`` rows a gather."""
+    return lambda: (store.get_rows(rows[s : s + size], dtype="float32") for s in range(0, len(rows), size))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 with every row scaled to unit length (an all-zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def clamp_k(k: int, n: int) -> int:

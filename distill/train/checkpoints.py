@@ -36,15 +36,7 @@ from transformers import TrainerCallback
 from storage.errors import DdxError
 from storage.fs import atomic_open
 
-__all__ = [
-    "MANIFEST",
-    "ManifestCallback",
-    "ResumePoint",
-    "announce",
-    "checkpoint_problem",
-    "find_resume",
-    "write_manifest",
-]
+__all__ = ["MANIFEST", "ManifestCallback", "ResumePoint", "checkpoint_problem", "find_resume", "write_manifest"]
 
 MANIFEST = "ddx_checkpoint.json"
 SET_ASIDE = "checkpoints-incomplete"  # beside checkpoints/, outside the Trainer's "checkpoint-*" glob
@@ -161,24 +153,25 @@ class ResumePoint:
     checkpoint: Path | None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
-    def message(self) -> str:
-        """One line saying what was skipped and where training resumes."""
+    def announce(self) -> None:
+        """Say on stderr what was skipped and where training resumes, and move the skipped checkpoints out of the
+        Trainer's way (rank 0 only; see the module docstring)."""
+        if not self.skipped:
+            return
         assert self.checkpoint is not None  # find_resume raises when every checkpoint is incomplete
         skipped = "; ".join(f"{p.name}: {why}" for p, why in self.skipped)
         aside = self.checkpoint.parent.parent / SET_ASIDE
-        return (
+        print(
             f"ddx train: resuming from {self.checkpoint.name}, the newest complete checkpoint; skipped incomplete "
-            f"{skipped} (moved to '{aside}')."
+            f"{skipped} (moved to '{aside}').",
+            file=sys.stderr,
+            flush=True,
         )
-
-    def set_aside(self) -> None:
-        """Move the skipped checkpoints out of the Trainer's way (rank 0 only; see the module docstring)."""
+        aside.mkdir(parents=True, exist_ok=True)
         for path, _ in self.skipped:
-            target = path.parent.parent / SET_ASIDE / path.name
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+            if (aside / path.name).exists():
+                shutil.rmtree(aside / path.name)
+            os.replace(path, aside / path.name)
 
 
 def find_resume(checkpoints: str | os.PathLike[str]) -> ResumePoint:
@@ -218,10 +211,3 @@ class ManifestCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             write_manifest(folder, state.global_step)
-
-
-def announce(point: ResumePoint) -> None:
-    """Print the resume line on stderr and set the skipped checkpoints aside (rank 0)."""
-    if point.skipped:
-        print(point.message(), file=sys.stderr, flush=True)
-        point.set_aside()

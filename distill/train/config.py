@@ -8,11 +8,20 @@ sources against the store, builds the dataset and batch sampler, hands them to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from storage.errors import DdxError
 
-__all__ = ["INFONCE_SPACES", "MSE_REDUCTION", "TrainConfig", "infonce_spaces"]
+__all__ = ["INFONCE_SPACES", "MSE_REDUCTION", "TrainConfig", "infonce_spaces", "option"]
+
+T = TypeVar("T")
+
+
+def option(default: T, text: str, **extra: Any) -> T:
+    """A config field with a default whose ``metadata`` makes its command-line option: the help ``text`` and
+    ``extra`` (``choices``, ``min``, ``max``), read by cli/options.py."""
+    return field(default=default, metadata={"help": text, **extra})
+
 
 # The values of TrainConfig's choice fields; the three loss options are spelled as the losses' parameters.
 ProjectionInit = Literal["ridge", "random"]
@@ -38,79 +47,52 @@ class TrainConfig:
     store: str = field(metadata={"help": "Teacher store to read vectors from (never written)."})
     data: tuple[str, ...] = field(metadata={"help": "Source, repeatable (as for precompute-teacher)."})
     out: str = field(metadata={"help": "Run folder (student_base/, hybrid/, projection_layer.pt, ...)."})
-    student: str | None = field(default=None, metadata={"help": "Student sentence-transformer (hub id or folder)."})
-    init: str | None = field(
-        default=None, metadata={"help": "Start from this run folder (phase 2 starts from phase 1)."}
-    )
+    student: str | None = option(None, "Student sentence-transformer (hub id or folder).")
+    init: str | None = option(None, "Start from this run folder (phase 2 starts from phase 1).")
     # Phase 1 leaves out queries judged only in other splits (no test leakage); None: every split.
-    split: str | None = field(
-        default="train", metadata={"help": "Split(s) of examples to train on, comma-separated (e.g. train,dev)."}
+    split: str | None = option("train", "Split(s) of examples to train on, comma-separated (e.g. train,dev).")
+    hard_negatives: tuple[str, ...] = option((), "Extra example file(s), e.g. the ST MS MARCO hard-negatives jsonl.")
+    mine_negatives: int = option(0, "Mine K negatives per query from stored teacher vectors (no teacher run).")
+    mine_margin: float = option(
+        0.95, "Skip mined candidates scoring >= margin × the weakest positive (likely unjudged positives)."
     )
-    hard_negatives: tuple[str, ...] = field(
-        default=(), metadata={"help": "Extra example file(s), e.g. the ST MS MARCO hard-negatives jsonl."}
-    )
-    mine_negatives: int = field(
-        default=0, metadata={"help": "Mine K negatives per query from stored teacher vectors (no teacher run)."}
-    )
-    mine_margin: float = field(
-        default=0.95,
-        metadata={
-            "help": "Skip mined candidates scoring >= margin × the weakest positive (likely unjudged positives)."
-        },
-    )
-    num_negatives: int = field(default=7, metadata={"help": "Hard negatives per query per step."})
+    num_negatives: int = option(7, "Hard negatives per query per step.")
     epochs: float = 1.0
-    max_steps: int | None = field(
-        default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."}
-    )
+    max_steps: int | None = option(None, "Stop after this many optimizer steps (overrides --epochs).")
     # Phase 2 also uses every other query's positive as a negative.
-    batch_size: int = field(default=32, metadata={"help": "Examples per device per step."})
-    lr: float = field(default=2e-5, metadata={"help": "Student learning rate."})  # pretrained weights: keep it small
-    projection_lr: float | None = field(  # see resolved_projection_lr
-        default=None,
-        metadata={
-            "help": "Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, "
-            "the student's --lr in phase 2)."
-        },
+    batch_size: int = option(32, "Examples per device per step.")
+    lr: float = option(2e-5, "Student learning rate.")  # pretrained weights: keep it small
+    projection_lr: float | None = option(  # see resolved_projection_lr
+        None,
+        "Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, the student's --lr in "
+        "phase 2).",
     )
-    warmup: float = field(default=0.1, metadata={"help": "< 1: fraction of steps; >= 1: steps."})
+    warmup: float = option(0.1, "< 1: fraction of steps; >= 1: steps.")
     weight_decay: float = 0.01
     seed: int = 42
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision."})
-    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
-    max_seq_length: int | None = field(
-        default=None, metadata={"help": "Student tokens per text (default: the student's)."}
-    )
-    projection_hidden: int | None = field(
-        default=None, metadata={"help": "Projection hidden width (default 2 × student dim)."}
-    )
+    bf16: bool = option(False, "bfloat16 mixed precision.")
+    fp16: bool = option(False, "float16 mixed precision.")
+    grad_accum: int = option(1, "Gradient accumulation steps.")
+    max_seq_length: int | None = option(None, "Student tokens per text (default: the student's).")
+    projection_hidden: int | None = option(None, "Projection hidden width (default 2 × student dim).")
     # "random" starts a new projection from random weights.
-    projection_init: ProjectionInit = field(
-        default="ridge",
-        metadata={"help": "New projections: fit the output layer by ridge regression on stored vectors first."},
+    projection_init: ProjectionInit = option(  # noqa: RUF009 - a Field, as from field()
+        "ridge", "New projections: fit the output layer by ridge regression on stored vectors first."
     )
-    mse_weight: float | None = field(  # see resolved_mse_weight
-        default=None, metadata={"help": "MSE weight (default 0.4 in phase 1, 0.2 in phase 2)."}
+    mse_weight: float | None = option(None, "MSE weight (default 0.4 in phase 1, 0.2 in phase 2).")
+    mse_reduction: MseReduction = option(  # noqa: RUF009 - a Field, as from field()
+        MSE_REDUCTION, "vector: squared distance per vector; element: torch's mean over elements (~1/dim as large)."
     )
-    mse_reduction: MseReduction = field(
-        default=MSE_REDUCTION,
-        metadata={
-            "help": "vector: squared distance per vector; element: torch's mean over elements (~1/dim as large)."
-        },
-    )
-    cos_weight: float = field(default=0.6, metadata={"help": "Phase-1 cosine weight."})
-    infonce_weight: float = field(default=0.8, metadata={"help": "Phase-2 InfoNCE weight."})
-    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature."})  # on cosine similarities
+    cos_weight: float = option(0.6, "Phase-1 cosine weight.")
+    infonce_weight: float = option(0.8, "Phase-2 InfoNCE weight.")
+    temperature: float = option(0.05, "InfoNCE temperature.")  # on cosine similarities
     # The default trains both the projected passages and the queries' alignment with a teacher index
     # (docs/DESIGN.md, "Losses").
-    infonce_space: InfoNceSpace = field(
-        default="projected+hybrid",
-        metadata={
-            "help": "Where InfoNCE runs: projected student on both sides (projected), projected queries vs "
-            "teacher passages (hybrid), the student's own space (student), or several joined with '+' "
-            "(e.g. projected+hybrid: terms averaged)."
-        },
+    infonce_space: InfoNceSpace = option(  # noqa: RUF009 - a Field, as from field()
+        "projected+hybrid",
+        "Where InfoNCE runs: projected student on both sides (projected), projected queries vs teacher passages "
+        "(hybrid), the student's own space (student), or several joined with '+' (e.g. projected+hybrid: terms "
+        "averaged).",
     )
     # Hard negatives shared across the batch ("batch") or scored per query only ("own").
     negatives_scope: NegativesScope = "batch"
@@ -118,45 +100,31 @@ class TrainConfig:
     # at a time, for one more forward without a graph. 8 keeps MiniLM at 256 tokens near 2.3 GB on CPU and mpnet at
     # 512 tokens near 7 GB (fp32) on a GPU, where up to ~100 fits and runs faster (docs/DESIGN.md, "Phase-2
     # memory"); None or 0: the plain step, all 288 sequences' activations at once.
-    mini_batch_size: int | None = field(
-        default=8,
-        metadata={
-            "help": "Phase 2: sequences per forward of the cached (GradCache) loss: memory is set by this, not by "
-            "batch × negatives × length; same gradient, ~1/3 more compute. 0: the plain step (all in one graph).",
-            "min": 0,
-        },
+    mini_batch_size: int | None = option(
+        8,
+        "Phase 2: sequences per forward of the cached (GradCache) loss: memory is set by this, not by batch × "
+        "negatives × length; same gradient, ~1/3 more compute. 0: the plain step (all in one graph).",
+        min=0,
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute the student's layer activations in backward: less memory, ~30 % more time."},
+    gradient_checkpointing: bool = option(
+        False, "Recompute the student's layer activations in backward: less memory, ~30 % more time."
     )
     length_grouping: bool = True  # batch similar lengths together (less padding)
-    allow_missing: bool = field(
-        default=False, metadata={"help": "Drop examples lacking teacher vectors instead of stopping."}
+    allow_missing: bool = option(False, "Drop examples lacking teacher vectors instead of stopping.")
+    skip_bad: bool = option(False, "Drop unknown ids and queries without positives instead of stopping.")
+    expect_teacher: str | None = option(None, "Refuse a store made by another teacher than this one.")  # id or path
+    title_join: str = option("{title} {text}", "Must match the precompute run's.")
+    resume: bool = option(
+        False,
+        "Continue from the newest complete checkpoint in OUT/checkpoints (damaged ones are skipped and set aside).",
     )
-    skip_bad: bool = field(
-        default=False, metadata={"help": "Drop unknown ids and queries without positives instead of stopping."}
-    )
-    expect_teacher: str | None = field(  # model id or path
-        default=None, metadata={"help": "Refuse a store made by another teacher than this one."}
-    )
-    title_join: str = field(default="{title} {text}", metadata={"help": "Must match the precompute run's."})
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "Continue from the newest complete checkpoint in OUT/checkpoints (damaged ones are skipped and set "
-            "aside)."
-        },
-    )
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
+    num_workers: int = option(2, "DataLoader workers.")
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2
-    token_cache: str | None = field(
-        default=None, metadata={"help": "Folder for token tables (default $DDX_CACHE_DIR or ~/.cache/ddx)."}
-    )
-    device: str | None = field(default=None, metadata={"help": "Torch device (default: CUDA when available)."})
-    progress: bool = field(default=True, metadata={"help": "Progress bar on stderr."})
+    token_cache: str | None = option(None, "Folder for token tables (default $DDX_CACHE_DIR or ~/.cache/ddx).")
+    device: str | None = option(None, "Torch device (default: CUDA when available).")
+    progress: bool = option(True, "Progress bar on stderr.")
 
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):

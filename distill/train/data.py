@@ -14,16 +14,16 @@ data and missing vectors in seconds, before it spends minutes loading the studen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from distill.train.tokens import TokenTable
 from precompute.pipeline import missing_vectors_command
-from precompute.sources import Source, TextRecord
+from precompute.sources import Source, SourceOptions, parse_source
 from precompute.sources.errors import BadSourceError
 from storage.errors import DdxError, MissingVectorsError
 from storage.keys import KEY_DTYPE, content_keys, role_code
@@ -35,11 +35,14 @@ __all__ = [
     "PreparedData",
     "Ragged",
     "TextIndex",
+    "batched",
+    "parse_sources",
     "prepare_data",
     "resolve_data",
 ]
 
 BLOCK = 8192
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,30 +53,27 @@ class Ragged:
     offsets: np.ndarray
 
     @classmethod
+    def from_lengths(cls, flat: np.ndarray, lengths: np.ndarray) -> Ragged:
+        """Consecutive rows of ``flat`` of the given ``lengths``."""
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return cls(np.asarray(flat, dtype=np.int64), offsets)
+
+    @classmethod
     def from_lists(cls, rows: list[list[int]] | list[np.ndarray]) -> Ragged:
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
         flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.empty(0, np.int64)
-        return cls(flat.astype(np.int64), offsets)
+        return cls.from_lengths(flat, np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows)))
 
     @classmethod
     def from_owners(cls, owners: np.ndarray, values: np.ndarray, n: int, keep: np.ndarray) -> Ragged:
         """Rows of the ``keep`` ones of ``n`` owners; ``values`` grouped by ascending ``owners`` (only kept ones)."""
-        lengths = np.bincount(owners, minlength=n)[keep]
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(np.asarray(values, dtype=np.int64), offsets)
+        return cls.from_lengths(values, np.bincount(owners, minlength=n)[keep])
 
     @classmethod
     def concat(cls, parts: list[Ragged]) -> Ragged:
         """The rows of ``parts`` one after another."""
         if not parts:
             return cls.from_lists([])
-        lengths = np.concatenate([p.lengths() for p in parts])
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(np.concatenate([p.flat for p in parts]).astype(np.int64), offsets)
+        return cls.from_lengths(np.concatenate([p.flat for p in parts]), np.concatenate([p.lengths() for p in parts]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -83,6 +83,10 @@ class Ragged:
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def rows(self) -> list[np.ndarray]:
+        """Every row, as views of ``flat``."""
+        return np.split(self.flat, self.offsets[1:-1]) if len(self) else []
 
     def select(self, rows: np.ndarray) -> Ragged:
         return Ragged.from_lists([self.row(int(i)) for i in rows])
@@ -191,19 +195,25 @@ class PreparedData:
     to_tokenize: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # positions training reads
 
     def add_tokens(self, sources: list[Source], table: TokenTable) -> int:
-        """Second pass over ``sources``: student tokens of every text training reads; returns how many were new."""
-        return fill_tokens(sources, self.texts, self.to_tokenize, table)
+        """Second pass over ``sources``: student tokens of every text training reads; returns how many were new.
 
-
-def _blocks(source: Source) -> Iterator[list[TextRecord]]:
-    block: list[TextRecord] = []
-    for rec in source.iter_texts():
-        block.append(rec)
-        if len(block) == BLOCK:
-            yield block
-            block = []
-    if block:
-        yield block
+        Tokenizes the texts the token table lacks, then fills ``texts.tokens`` with every text's handle.
+        """
+        texts = self.texts
+        want = np.zeros(len(texts.keys), dtype=bool)
+        want[self.to_tokenize] = True
+        want &= table.locate(texts.keys) < 0
+        added = 0
+        for source in sources if want.any() else []:  # nothing to tokenize: no pass over the sources
+            for block in batched(source.iter_texts(), BLOCK):
+                k = content_keys([r.role for r in block], [r.text for r in block])
+                pos = texts.positions(k)
+                sel = [j for j in range(len(block)) if pos[j] >= 0 and want[pos[j]]]
+                if sel:
+                    added += table.add(k[sel], [block[j].text for j in sel])
+                    want[pos[sel]] = False
+        texts.tokens = table.locate(texts.keys)
+        return added
 
 
 def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:
@@ -217,7 +227,7 @@ def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:
     seen = 0
     for i, source in enumerate(sources):
         hashes, rows = [], []
-        for block in _blocks(source):
+        for block in batched(source.iter_texts(), BLOCK):
             k = content_keys([r.role for r in block], [r.text for r in block])
             for role in ("query", "passage"):
                 sel = [j for j, r in enumerate(block) if r.role == role]
@@ -238,6 +248,15 @@ def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:
         for source, (hashes, rows) in zip(sources, per_source, strict=True)
     ]
     return TextIndex(uniq, roles, src), maps
+
+
+def parse_sources(
+    data: tuple[str, ...], hard_negatives: tuple[str, ...], *, skip_bad: bool, title_join: str
+) -> list[Source]:
+    """The sources of ``--data`` and ``--hard-negatives`` (a bare path there is an MS MARCO examples file)."""
+    options = SourceOptions(skip_bad=skip_bad, title_join=title_join)
+    extra = [s if ":" in s.split("/")[0] else f"msmarco:{s}" for s in hard_negatives]
+    return [parse_source(s, options) for s in (*data, *extra)]
 
 
 def wanted_splits(split: str | None) -> tuple[str, ...] | None:
@@ -299,7 +318,7 @@ def resolve_examples(
     report: dict[str, Any] = {"unknown_ids": {}, "no_positive": {}}
     for i, source in enumerate(sources):
         unknown = no_pos = 0
-        for block in _batched(_examples(source, split), RESOLVE_BLOCK):
+        for block in batched(_examples(source, split), RESOLVE_BLOCK):
             q, pos, neg, block_unknown = _resolve_block(texts, [maps[i], union], block)
             unknown += block_unknown
             no_pos += len(block) - len(q)
@@ -320,8 +339,9 @@ def resolve_examples(
 RESOLVE_BLOCK = 4096  # examples resolved together: ~1.2 M ids with 300 negatives each
 
 
-def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
-    block: list[Any] = []
+def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Lists of ``n`` consecutive items (the last one shorter): ``itertools.batched`` of Python 3.12."""
+    block: list[T] = []
     for item in items:
         block.append(item)
         if len(block) == n:
@@ -402,25 +422,6 @@ def _resolve(maps: list[IdMap], role: str, ids: list[str]) -> np.ndarray:
     return out
 
 
-def fill_tokens(sources: list[Source], texts: TextIndex, needed: np.ndarray, table: TokenTable) -> int:
-    """Pass 2: tokenize the needed texts the token table lacks; returns how many were tokenized."""
-    want = np.zeros(len(texts.keys), dtype=bool)
-    want[needed] = True
-    want &= table.locate(texts.keys) < 0
-    added = 0
-    if want.any():
-        for source in sources:
-            for block in _blocks(source):
-                k = content_keys([r.role for r in block], [r.text for r in block])
-                pos = texts.positions(k)
-                sel = [j for j in range(len(block)) if pos[j] >= 0 and want[pos[j]]]
-                if sel:
-                    added += table.add(k[sel], [block[j].text for j in sel])
-                    want[pos[sel]] = False
-    texts.tokens = table.locate(texts.keys)
-    return added
-
-
 def check_vectors(
     store: TeacherStore, sources: list[Source], texts: TextIndex, needed: np.ndarray, allow_missing: bool
 ) -> np.ndarray:
@@ -460,13 +461,7 @@ def prepare_data(
     :func:`resolve_data` then :meth:`PreparedData.add_tokens`; see there for what raises.
     """
     data = resolve_data(
-        sources,
-        store,
-        phase=phase,
-        split=split,
-        allow_missing=allow_missing,
-        skip_bad=skip_bad,
-        mine=mine,
+        sources, store, phase=phase, split=split, allow_missing=allow_missing, skip_bad=skip_bad, mine=mine
     )
     data.add_tokens(sources, table)
     return data
@@ -494,7 +489,14 @@ def resolve_data(
     """
     texts, maps = scan_sources(sources)
     if phase == 1:
-        return _prepare_phase1(sources, store, texts, maps, split, allow_missing)
+        needed = phase1_positions(sources, texts, maps, split)
+        have = check_vectors(store, sources, texts, needed, allow_missing)
+        kept = needed[have]
+        if len(kept) == 0:
+            raise DdxError(f"No texts to train on from {[s.spec for s in sources]}.")
+        report: dict[str, Any] = {"texts": len(kept), "missing_vectors": int((~have).sum())}
+        report["held_out_queries"] = int(len(texts.keys) - len(needed))
+        return PreparedData(texts, phase1=kept, report=report, to_tokenize=kept)
     examples, report = resolve_examples(sources, texts, maps, split, skip_bad)
     if mine is not None:
         texts.gids = store.locate(texts.keys)
@@ -511,32 +513,11 @@ def resolve_data(
     return PreparedData(texts, phase2=examples, report=report, to_tokenize=needed[have])
 
 
-def _prepare_phase1(
-    sources: list[Source],
-    store: TeacherStore,
-    texts: TextIndex,
-    maps: list[IdMap],
-    split: str | None,
-    allow_missing: bool,
-) -> PreparedData:
-    needed = phase1_positions(sources, texts, maps, split)
-    have = check_vectors(store, sources, texts, needed, allow_missing)
-    kept = needed[have]
-    if len(kept) == 0:
-        raise DdxError(f"No texts to train on from {[s.spec for s in sources]}.")
-    report = {
-        "texts": len(kept),
-        "missing_vectors": int((~have).sum()),
-        "held_out_queries": int(len(texts.keys) - len(needed)),
-    }
-    return PreparedData(texts, phase1=kept, report=report, to_tokenize=kept)
-
-
 def _drop_missing(examples: Phase2Examples, texts: TextIndex) -> tuple[Phase2Examples, int]:
     """Drop missing positives/negatives, and examples left without query or positive."""
     ok = texts.gids >= 0
-    pos = [r[ok[r]] for r in (examples.positives.row(i) for i in range(len(examples)))]
-    neg = [r[ok[r]] for r in (examples.negatives.row(i) for i in range(len(examples)))]
+    pos = [r[ok[r]] for r in examples.positives.rows()]
+    neg = [r[ok[r]] for r in examples.negatives.rows()]
     keep = np.array([ok[q] and len(p) > 0 for q, p in zip(examples.query, pos, strict=True)], dtype=bool)
     kept = np.flatnonzero(keep)
     out = Phase2Examples(

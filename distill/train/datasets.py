@@ -94,7 +94,7 @@ class Phase2Dataset(torch.utils.data.Dataset):
 
     def positive_sets(self) -> list[np.ndarray]:
         """All positives of each example (the sampler keeps them unique within a batch)."""
-        return [self.examples.positives.row(i) for i in range(len(self.examples))]
+        return self.examples.positives.rows()
 
     def _choose(self, i: int) -> tuple[int, np.ndarray]:
         rng = np.random.default_rng((self.seed, self.epoch, i))

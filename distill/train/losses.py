@@ -204,7 +204,8 @@ class Phase2Loss(nn.Module):
         negatives: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the loss; see the class docstring for inputs and shapes."""
-        neg_mask = _check_mask(neg_mask)
+        _check_vectors("neg_mask", neg_mask, ndim=2)
+        neg_mask = neg_mask.to(torch.bool)
         _check_triplet("projected", query_projected, positive_projected, negatives_projected, neg_mask)
         _check_teacher("teacher_query", teacher_query, like=query_projected)
         _check_teacher("teacher_positive", teacher_positive, like=positive_projected)
@@ -369,12 +370,6 @@ def _check_teacher(name: str, teacher: Tensor, *, like: Tensor) -> None:
             f"The last dimension is the teacher dim: build the ProjectionLayer with teacher_dim equal to the "
             "teacher store's dim."
         )
-
-
-def _check_mask(neg_mask: Tensor) -> Tensor:
-    """The negative mask as a bool [B, K] tensor."""
-    _check_vectors("neg_mask", neg_mask, ndim=2)
-    return neg_mask.to(torch.bool)
 
 
 def _check_triplet(space: str, query: Tensor, positive: Tensor, negatives: Tensor, neg_mask: Tensor) -> None:

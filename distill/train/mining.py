@@ -10,7 +10,7 @@ Mined negatives are appended after any negatives the data set already gives.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,6 @@ from storage.store import TeacherStore
 __all__ = ["hard_negative_miner", "mine_hard_negatives"]
 
 STREAM_ROWS = 65_536  # passage vectors gathered per block
-
-
-def _passage_blocks(store: TeacherStore, gids: np.ndarray) -> Iterator[np.ndarray]:
-    for s in range(0, len(gids), STREAM_ROWS):
-        yield store.get_rows(gids[s : s + STREAM_ROWS], dtype="float32")
 
 
 def _weakest_positive_scores(
@@ -60,11 +55,12 @@ def _mine_source(
     margin: float,
 ) -> tuple[list[np.ndarray], int]:
     from distill.search.search import exact_search  # imports torch: loaded when mining runs
+    from distill.search.search_inputs import store_blocks
 
     queries = store.get_rows(texts.gids[examples.query[rows]], dtype="float32")
     most_pos = int(examples.positives.lengths()[rows].max())
     depth = min(len(corpus), k + most_pos + max(k, 20))
-    scores, idx = exact_search(queries, lambda: _passage_blocks(store, texts.gids[corpus]), depth, normalize=True)
+    scores, idx = exact_search(queries, store_blocks(store, texts.gids[corpus], STREAM_ROWS), depth, normalize=True)
     weakest = _weakest_positive_scores(examples.positives, rows, queries, texts, store)
     mined, skipped = [], 0
     for r, row in enumerate(rows):
@@ -93,7 +89,7 @@ def mine_hard_negatives(
     Returns:
         The examples with mined negatives appended, and a report (mined count, skipped as likely positives).
     """
-    negatives = [examples.negatives.row(i) for i in range(len(examples))]
+    negatives = examples.negatives.rows()
     report = {"per_query": k, "mined": 0, "skipped_as_likely_positive": 0, "queries": 0}
     for source in np.unique(examples.source):
         rows = np.flatnonzero((examples.source == source) & (texts.gids[examples.query] >= 0))
@@ -114,10 +110,4 @@ def mine_hard_negatives(
 
 def hard_negative_miner(k: int, margin: float = 0.95) -> Miner | None:
     """The ``mine`` step of :func:`distill.train.data.resolve_data` for ``--mine-negatives k`` (None when k is 0)."""
-    if not k:
-        return None
-
-    def mine(examples: Phase2Examples, texts: TextIndex, store: TeacherStore) -> tuple[Phase2Examples, dict[str, Any]]:
-        return mine_hard_negatives(examples, texts, store, k, margin=margin)
-
-    return mine
+    return partial(mine_hard_negatives, k=k, margin=margin) if k else None

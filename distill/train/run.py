@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from distill.model.run_file import check_run_store, read_run, write_run
 from distill.train.config import TrainConfig
-from distill.train.data import PreparedData, resolve_data
+from distill.train.data import PreparedData, parse_sources, resolve_data
 from distill.train.loss_plot import LOSS_PLOT, write_loss_plot
 from distill.train.mining import hard_negative_miner
 from distill.train.tokens import TokenTable
-from precompute.sources import Source, SourceOptions, parse_source
+from precompute.sources import Source
 from storage.errors import DimensionMismatchError, FingerprintMismatchError
 from storage.store import TeacherStore
 
@@ -137,16 +137,10 @@ def _load_model(config: TrainConfig, store: TeacherStore) -> StudentModelWithPro
     return model
 
 
-def _sources(config: TrainConfig) -> list[Source]:
-    options = SourceOptions(skip_bad=config.skip_bad, title_join=config.title_join)
-    extra = [s if ":" in s.split("/")[0] else f"msmarco:{s}" for s in config.hard_negatives]
-    return [parse_source(s, options) for s in (*config.data, *extra)]
-
-
 def _resolve(config: TrainConfig, store: TeacherStore) -> tuple[list[Source], PreparedData]:
     """The run's sources and its data resolved against the store: bad data and missing vectors raise here, with
     no student loaded (its tokens are added later, by ``PreparedData.add_tokens``)."""
-    sources = _sources(config)
+    sources = parse_sources(config.data, config.hard_negatives, skip_bad=config.skip_bad, title_join=config.title_join)
     data = resolve_data(
         sources,
         store,
@@ -240,7 +234,7 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from distill.train.checkpoints import ManifestCallback, announce, find_resume
+    from distill.train.checkpoints import ManifestCallback, find_resume
     from distill.train.trainer import DistillModule, DistillTrainer, JsonLogCallback, StderrProgressCallback
 
     started = time.perf_counter()
@@ -280,7 +274,7 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     trainer.add_callback(StderrProgressCallback(f"phase {config.phase}", enabled=config.progress))
     trainer.add_callback(ManifestCallback())
     if resume is not None and trainer.is_world_process_zero():
-        announce(resume)
+        resume.announce()
     checkpoint = str(resume.checkpoint) if resume and resume.checkpoint else None
     trainer.train(resume_from_checkpoint=checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -301,16 +295,7 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
         model.save(out, teacher_normalize=store.spec.normalize)
         note = write_loss_plot(out / "train_log.jsonl", out / LOSS_PLOT)
         result.report["loss_plot"] = note or str(out / LOSS_PLOT)
-        _write_run_file(out, config, store, tokens, result)
-    return result
-
-
-def _write_run_file(
-    out: Path, config: TrainConfig, store: TeacherStore, tokens: TokenTable, result: TrainResult
-) -> None:
-    write_run(
-        out,
-        {
+        run = {
             "format": 1,
             "phase": config.phase,
             "config": asdict(config),
@@ -319,5 +304,6 @@ def _write_run_file(
             "teacher_spec": store.spec.to_dict(),
             "token_table": tokens.directory.name,
             "result": result.to_dict(),
-        },
-    )
+        }
+        write_run(out, run)
+    return result

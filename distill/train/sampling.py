@@ -34,7 +34,6 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
         positives: per example, the ids that must not repeat inside a batch (phase 2's positives).
             A conflicting example is swapped with a later one when possible, else skipped this epoch.
         group_batches: window size for length grouping, in batches.
-        drop_last: drop the final short batch.
         on_epoch: called with the epoch by :meth:`set_epoch` (the dataset's own ``set_epoch``).
     """
 
@@ -47,15 +46,13 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
         lengths: np.ndarray | None = None,
         positives: Sequence[np.ndarray] | None = None,
         group_batches: int = 50,
-        drop_last: bool = False,
         on_epoch: Callable[[int], None] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.n, self.max_batch_size, self.seed = n, batch_size, seed
         self.lengths, self.positives = lengths, positives
-        self.group_batches, self.drop_last = group_batches, drop_last
-        self.on_epoch = on_epoch
+        self.group_batches, self.on_epoch = group_batches, on_epoch
         self.epoch = 0
 
     @classmethod
@@ -79,8 +76,7 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.on_epoch(self.epoch)
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.max_batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return -(-self.n // self.max_batch_size)  # the last batch may be short
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
@@ -92,8 +88,6 @@ class DistillBatchSampler(torch.utils.data.Sampler[list[int]]):
                 order[s : s + window] = part[np.argsort(-self.lengths[part], kind="stable")]
         size = self.max_batch_size
         batches = [order[s : s + size] for s in range(0, self.n, size)]
-        if self.drop_last and batches and len(batches[-1]) < size:
-            batches.pop()
         rng.shuffle(batches)
         if self.positives is not None:
             batches = self._deduplicate(batches)

@@ -69,9 +69,6 @@ class TokenTable:
         self.padding_side = getattr(tokenizer, "padding_side", "right")
         self._values: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
-        self._starts = np.zeros(1, dtype=np.int64)
-        self._index = KeyIndex.build([])
-        self._lengths = np.empty(0, np.int32)
         self.reload()
 
     @classmethod

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from distill.evaluate.evaluate import EvalConfig, evaluate_retrieval
-from distill.evaluate.trec_run import read_trec_run
 from precompute.sources.errors import BadSourceError
 from storage.errors import FingerprintMismatchError, MissingVectorsError
 from tests.distill.conftest import N_PASSAGES, TRAIN_QUERIES, copy_store
@@ -87,7 +86,8 @@ def test_saved_trec_runs_reproduce_the_reported_metrics(phase2_run, teacher_stor
     )
     qrels = {q: {d: 1 for qq, d in corpus.qrels["test"] if qq == q} for q, _ in corpus.qrels["test"]}
     for row in result.rows:
-        run = read_trec_run(tmp_path / "runs" / f"{corpus.folder.name}-test-{row['mode']}.trec")
+        with open(tmp_path / "runs" / f"{corpus.folder.name}-test-{row['mode']}.trec") as f:
+            run = pytrec_eval.parse_run(f)
         assert len(run) == 10 and all(len(docs) == N_PASSAGES for docs in run.values())
         expected = _pytrec(qrels, run)
         assert row["nDCG@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)

@@ -39,7 +39,10 @@ def test_ragged_rows() -> None:
     assert len(r) == 3 and r.row(0).tolist() == [1, 2] and r.row(1).tolist() == [] and r.row(2).tolist() == [3, 4, 5]
     assert r.lengths().tolist() == [2, 0, 3]
     assert [r.select(np.array([2, 0])).row(i).tolist() for i in range(2)] == [[3, 4, 5], [1, 2]]
-    assert len(Ragged.from_lists([])) == 0
+    assert [row.tolist() for row in r.rows()] == [[1, 2], [], [3, 4, 5]]
+    assert len(Ragged.from_lists([])) == 0 and Ragged.from_lists([]).rows() == []
+    both = Ragged.concat([r, Ragged.from_lists([]), r])
+    assert [row.tolist() for row in both.rows()] == [[1, 2], [], [3, 4, 5]] * 2 and both.flat.dtype == np.int64
 
 
 def test_id_map_refuses_one_id_for_two_texts() -> None:
