@@ -26,7 +26,7 @@ import numpy as np
 from storage.errors import DdxError
 from storage.keys import content_key, content_keys, key_hex
 
-from .errors import BadSourceError
+from .errors import BadSourceError, shown
 
 __all__ = [
     "LineOrigins",
@@ -184,6 +184,13 @@ class Source(ABC):
     """
 
     kind: str = ""
+    mirror: Path | None = None  # the local copy read for a remote location (``s3://...``; set by parse_source)
+
+    @classmethod
+    def reads_file(cls, path: Path, root: Path) -> bool:
+        """Whether this kind, given the folder ``root``, reads its file ``path``: what a local copy of a remote
+        folder holds (:mod:`.remote`). Every file by default."""
+        return True
 
     def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
         self.spec = spec
@@ -218,7 +225,7 @@ class Source(ABC):
     def reject(self, origin: str, reason: str, fix: str = "") -> None:
         """Record a bad record under ``skip_bad``, or raise a BadSourceError naming it."""
         if self.options.skip_bad:
-            self.bad.append(f"{origin}: {reason}")
+            self.bad.append(shown(f"{origin}: {reason}"))
             return
         hint = f" {fix}" if fix else ""
         raise BadSourceError(f"{origin}: {reason}.{hint} (Or pass --skip-bad to skip and count such records.)")

@@ -73,6 +73,15 @@ class BeirSource(Source):
     """
 
     kind = "beir"
+    FILES = frozenset(f"{n}.jsonl{gz}" for n in ("corpus", "queries", "hard_negatives") for gz in ("", ".gz"))
+
+    @classmethod
+    def reads_file(cls, path: Path, root: Path) -> bool:
+        """corpus, queries and hard_negatives (``.jsonl[.gz]``) and ``qrels/*.tsv``."""
+        rel = path.relative_to(root).parts
+        if len(rel) == 2:
+            return rel[0] == "qrels" and rel[1].endswith(".tsv")
+        return len(rel) == 1 and rel[0] in cls.FILES
 
     def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
         super().__init__(spec, location, options)

@@ -25,7 +25,7 @@ from typing import Any
 
 from .base import Qrels, Source, SourceOptions, TextRecord, TrainExample, join_title, text_id
 from .ledger import unique_records
-from .reading import check_role, files_by_split, iter_objects, require_path
+from .reading import check_role, files_by_split, is_record_file, iter_objects, require_path
 
 __all__ = ["HotpotQASource", "Question", "parse_question"]
 
@@ -77,6 +77,11 @@ class HotpotQASource(Source):
     """
 
     kind = "hotpotqa"
+
+    @classmethod
+    def reads_file(cls, path: Path, root: Path) -> bool:
+        """The record files directly in the folder (:func:`.reading.is_record_file`)."""
+        return is_record_file(path, root)
 
     def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
         super().__init__(spec, location, options)

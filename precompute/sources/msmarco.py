@@ -110,6 +110,12 @@ class MsMarcoSource(Source):
 
     kind = "msmarco"
 
+    @classmethod
+    def reads_file(cls, path: Path, root: Path) -> bool:
+        """Files recognised by name (:func:`classify_msmarco`) outside hidden folders."""
+        hidden = any(p.startswith(".") for p in path.relative_to(root).parts[:-1])
+        return not hidden and classify_msmarco(path) is not None
+
     def __init__(self, spec: str, location: str, options: SourceOptions) -> None:
         super().__init__(spec, location, options)
         root = require_path(Path(location), self.kind, EXPECT)

@@ -28,6 +28,7 @@ __all__ = [
     "chosen_splits",
     "chunk_lines",
     "files_by_split",
+    "is_record_file",
     "iter_chunks",
     "iter_json_lines",
     "iter_lines",
@@ -314,15 +315,18 @@ def split_from_name(name: str, default: str) -> str:
     return default
 
 
+def is_record_file(path: Path, root: Path) -> bool:
+    """Whether ``path`` is a record file (``.jsonl``, ``.json``, ``.parquet``, gzipped JSON) directly in ``root``."""
+    return path.parent == root and path.name.lower().endswith(RECORD_FILE_SUFFIXES)
+
+
 def files_by_split(root: Path, default_split: str, missing: str) -> dict[str, list[Path]]:
     """``root`` (a file) or its record files, grouped by the split each name says (else ``default_split``).
 
     Raises:
         BadSourceError: ``root`` is a folder without record files (the message is ``missing``).
     """
-    paths = (
-        [root] if root.is_file() else sorted(p for p in root.iterdir() if p.name.lower().endswith(RECORD_FILE_SUFFIXES))
-    )
+    paths = [root] if root.is_file() else sorted(p for p in root.iterdir() if is_record_file(p, root))
     if not paths:
         raise BadSourceError(missing)
     files: dict[str, list[Path]] = {}

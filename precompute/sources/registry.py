@@ -17,12 +17,20 @@ kind           location                                       reads
 The ``?k=v&k=v`` suffix sets, for this source only: column fields (``query=question``; table kinds
 ``hf``/``jsonl``/``parquet``/``csv``/``tsv``), merged over ``SourceOptions.columns``; ``layout`` and,
 for files, ``split``; and for any kind ``skip_bad=1`` and ``title_join=...``.
+
+A location may be a URL of any fsspec filesystem (``beir:s3://bucket/scifact``, ``jsonl:gs://b/pairs.jsonl``,
+``msmarco:https://host/collection.tsv``): it is read from a local copy kept up to date in ``$DDX_CACHE_DIR/sources``
+(:mod:`.remote`), with the storage options of ``--storage-options`` and, for that source only, any
+``?storage.KEY=VALUE`` parameters (``?storage.anon=true``, ``?storage.client_kwargs.region_name=eu-west-1``).
+Secrets belong in ``--storage-options`` or the provider's environment, not in a spec: specs are recorded in
+summaries and stores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl
@@ -35,6 +43,7 @@ from .hotpotqa import HotpotQASource
 from .layout import FIELDS
 from .msmarco import MsMarcoSource
 from .nq import NQSource
+from .remote import STORAGE_PARAM, is_remote, local_path, mirror, storage_overrides
 from .table import TableSource
 from .tabular import CsvSource, JsonlSource, ParquetSource, TsvSource
 
@@ -100,10 +109,12 @@ def parse_source(spec: str, options: SourceOptions | None = None) -> Source:
         options: options shared by the run's sources (defaults when None).
 
     Returns:
-        The opened source; its files are checked (exist, right kind, recognisable layout) now.
+        The opened source; its files are checked (exist, right kind, recognisable layout) now. A remote location
+        is copied (or its copy brought up to date) first, and ``source.mirror`` names the copy.
 
     Raises:
-        BadSourceError: unknown kind or parameter, missing path, file vs folder mix-up, unknown layout.
+        BadSourceError: unknown kind or parameter, missing path, file vs folder mix-up, unknown layout; for a
+            remote location also a network or credential failure, or no fsspec backend for its protocol.
 
     Example:
         >>> src = parse_source("jsonl:pairs.jsonl?query=question&positive=answer")
@@ -111,17 +122,30 @@ def parse_source(spec: str, options: SourceOptions | None = None) -> Source:
         'pairs'
     """
     kind, location, params = split_spec(spec)
+    storage = storage_overrides(params)
+    params = {k: v for k, v in params.items() if not k.startswith(STORAGE_PARAM)}
     cls = SOURCE_KINDS[kind]
     is_table = issubclass(cls, TableSource)
     extra = getattr(cls, "PARAMS", ()) if is_table else ()
     allowed = (*COMMON_PARAMS, *extra, *(FIELDS if is_table else ()))
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise BadSourceError(f"{kind}: does not take parameter(s) {unknown} (in {spec!r}); it takes {list(allowed)}.")
+        raise BadSourceError(
+            f"{kind}: does not take parameter(s) {unknown} (in {spec!r}); it takes {list(allowed)} "
+            "and, for a remote location, storage.KEY=VALUE."
+        )
     options = _apply(options or SourceOptions(), params, spec)
+    remote = is_remote(location)
+    local = str(mirror(location, storage, wanted=cls.reads_file, kind=kind)) if remote else local_path(location)
+    if storage and not remote:
+        raise BadSourceError(f"{spec!r}: ?storage.* parameters are for remote locations (s3://, gs://, ...) only.")
     if issubclass(cls, TableSource):
-        return cls(spec, location, options, params={k: v for k, v in params.items() if k in extra})
-    return cls(spec, location, options)
+        source: Source = cls(spec, local, options, params={k: v for k, v in params.items() if k in extra})
+    else:
+        source = cls(spec, local, options)
+    if remote:  # named by its URL; read from its copy
+        source.location, source.mirror = location, Path(local)
+    return source
 
 
 def _apply(options: SourceOptions, params: Mapping[str, str], spec: str) -> SourceOptions:

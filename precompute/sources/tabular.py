@@ -47,6 +47,11 @@ class TabularSource(TableSource):
         'pairs'
     """
 
+    @classmethod
+    def reads_file(cls, path: Path, root: Path) -> bool:
+        """None: a table is one file (a folder is an error, and its copy stays empty)."""
+        return False
+
     def __init__(
         self, spec: str, location: str, options: SourceOptions, params: Mapping[str, str] | None = None
     ) -> None:
