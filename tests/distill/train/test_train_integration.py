@@ -7,6 +7,7 @@ tiny-Qwen2 precompute stays short. The MS MARCO toy triples are read in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -60,6 +61,7 @@ def _fixed_batch_loss(
     import torch
 
     from distill.model.model import StudentModelWithProjection
+    from distill.train.config import TrainConfig
     from distill.train.data import prepare_data
     from distill.train.datasets import Phase2Dataset, phase2_collate_fn
     from distill.train.losses import Phase2Loss
@@ -73,7 +75,11 @@ def _fixed_batch_loss(
     tokens = TokenTable.for_tokenizer(model.student.tokenizer, int(model.student.max_seq_length), token_cache)
     prepared = prepare_data([parse_source(s, SourceOptions()) for s in data], store, tokens, phase=2)
     dataset = Phase2Dataset(prepared.phase2, prepared.texts, store, tokens, num_negatives=3, seed=0)
-    collate, module = phase2_collate_fn(tokens), DistillModule(model, Phase2Loss(temperature=0.1), 2)
+    # The loss as phase 2 trained it: its InfoNCE spaces and MSE reduction are TrainConfig's defaults, not the
+    # loss class's (this measured the 'projected' space alone after the default became 'projected+hybrid').
+    trained = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    loss = Phase2Loss(temperature=0.1, space=trained["infonce_space"], mse_reduction=trained["mse_reduction"])
+    collate, module = phase2_collate_fn(tokens), DistillModule(model, loss, 2)
     order = np.random.default_rng(0).permutation(len(dataset))
     with torch.no_grad():
         return mean(
@@ -132,7 +138,9 @@ def test_phase1_then_phase2_on_real_data(shared_data: Path, tiny_qwen2: Path, ti
     assert mean(l2[-per_epoch:]) < mean(l2[:per_epoch]), (mean(l2[:per_epoch]), mean(l2[-per_epoch:]))
     before = _fixed_batch_loss(p1.out, store, data, tmp_path / "tokens")
     after = _fixed_batch_loss(p2.out, store, data, tmp_path / "tokens")
-    assert after < 0.85 * before, (before, after)
+    # Measured with the loss as trained (projected+hybrid): 2.756 → 2.545 (0.92); a phase 2 that changes no weight
+    # gives exactly 1.0. (0.85 held for the 'projected' space alone, the default before projected+hybrid.)
+    assert after < 0.96 * before, (before, after)
     # Every data set contributed examples: SciFact's judged train queries (all their positives are kept), one per
     # HotpotQA question, and the toy triples (one per distinct (query, positive)).
     assert p2.report["unknown_ids"] == {} and p2.report["missing_vectors"] == 0
