@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the pipeline imports numpy and the store; load it only when
     from precompute.pipeline import PrecomputeSummary
 
 # One option per field of PrecomputeConfig, and of TeacherConfig for the teacher: their defaults, help and choices.
-PIPELINE, TEACHER = "precompute.pipeline:PrecomputeConfig", "precompute.teacher:TeacherConfig"
+PIPELINE, TEACHER = "precompute.config:PrecomputeConfig", "precompute.config:TeacherConfig"
 
 
 def _roles(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from precompute.batching import padding_waste, token_budget_batches
+from precompute.config import PrecomputeConfig
 from precompute.job_report import job_id, job_total, record_rank
 from precompute.sources import Source, SourceOptions, TextRecord, parse_source
 from precompute.sources.errors import BadSourceError
-from precompute.teacher import TeacherConfig, TeacherEncoder, expected_spec, load_teacher
+from precompute.teacher import TeacherEncoder, expected_spec, load_teacher
 from storage.errors import DdxError
 from storage.fs import Location
 from storage.heartbeat import beat_interval, stale_after
@@ -47,72 +48,6 @@ from storage.store import TeacherStore, default_chunk_rows
 __all__ = ["PrecomputeConfig", "PrecomputeSummary", "missing_vectors_command", "precompute", "resolve_rank"]
 
 SCAN_BLOCK = 8192  # records hashed per numpy call
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrecomputeConfig:
-    """Everything ``ddx precompute-teacher`` needs besides the teacher itself."""
-
-    # Each field's metadata is its ``ddx precompute-teacher`` option's help and choices (cli/precompute_cmd.py).
-    store: str = field(metadata={"help": "Store path or fsspec URL (created on first use)."})
-    data: tuple[str, ...] = field(
-        metadata={
-            "help": "Source, repeatable: beir:PATH, msmarco:PATH, hotpotqa:PATH, nq:PATH, hf:NAME[:CONFIG][:SPLIT], "
-            "jsonl:/parquet:/csv:/tsv:PATH[?column=name...]."
-        }
-    )
-    teacher: TeacherConfig
-    # float32 doubles the size for ~1e-3 relative error saved.
-    storage_dtype: str = field(
-        default="float16",
-        metadata={"help": "Dtype of stored vectors (new stores only).", "choices": ("float16", "float32")},
-    )
-    roles: tuple[str, ...] = field(
-        default=("query", "passage"), metadata={"help": "Which texts to encode.", "choices": ("query", "passage")}
-    )
-    token_budget: int | None = field(
-        default=None, metadata={"help": "Padded tokens per batch (default 65,536 on GPU, 8,192 on CPU)."}
-    )
-    max_batch_size: int = field(default=512, metadata={"help": "Texts per batch at most."})  # however short
-    window: int = field(  # larger = less padding, more RAM
-        default=65_536, metadata={"help": "Texts sorted together by length."}
-    )
-    flush_rows: int | None = field(  # 32 MiB chunks: 4,096 rows at 3584-d fp16
-        default=None, metadata={"help": "Rows per stored chunk (default: 32 MiB chunks)."}
-    )
-    flush_seconds: float = field(
-        default=60.0, metadata={"help": "Flush at least this often; a crash loses at most this much work."}
-    )
-    limit: int | None = field(default=None, metadata={"help": "Encode at most this many texts (dry run)."})
-    rank: int | None = field(  # else 0
-        default=None, metadata={"help": "This process's slice (default from torchrun/SLURM env)."}
-    )
-    world_size: int | None = field(
-        default=None, metadata={"help": "Number of slices (default from torchrun/SLURM env)."}
-    )
-    skip_bad: bool = field(default=False, metadata={"help": "Skip and count malformed records instead of stopping."})
-    title_join: str = field(
-        default="{title} {text}", metadata={"help": "How passage titles join their text (part of the key)."}
-    )
-    progress: bool = field(default=True, metadata={"help": "Progress bar on stderr."})  # rank 0 only
-    job_id: str | None = field(
-        default=None,
-        metadata={"help": "Id under which ranks report to <store>/runs/ (default: torchrun's or SLURM's job id)."},
-    )
-    report_wait: float = field(
-        default=600.0, metadata={"help": "Seconds rank 0 waits for the other ranks' reports to total the job."}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.data:
-            raise DdxError("PrecomputeConfig.data is empty: pass at least one --data SOURCE.")
-        bad_roles = set(self.roles) - {"query", "passage"}
-        if bad_roles or not self.roles:
-            raise DdxError(f"PrecomputeConfig.roles must be 'query' and/or 'passage', got {self.roles}.")
-        if self.limit is not None and self.limit < 0:
-            raise DdxError(f"--limit must be >= 0, got {self.limit}.")
-        if self.window <= 0 or self.max_batch_size <= 0:
-            raise DdxError("window and max_batch_size must be positive.")
 
 
 @dataclass

@@ -11,118 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from precompute.config import PRESETS, TeacherConfig
 from storage.errors import DdxError
 from storage.fs import atomic_open, default_cache_dir
 from storage.spec import POOLING_MODES, TeacherSpec
 
 __all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "expected_spec", "load_teacher", "weights_identity"]
 
-GTE_QWEN2_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
-
-# Named settings for well-known teachers (flags still override each field).
-PRESETS: dict[str, dict[str, Any]] = {
-    "gte-qwen2": {
-        "query_prompt": GTE_QWEN2_QUERY_PROMPT,
-        "passage_prompt": "",
-        "pooling": "lasttoken",
-        "padding_side": "left",
-        "normalize": True,
-        "trust_remote_code": True,
-    },
-    "e5": {"query_prompt": "query: ", "passage_prompt": "passage: ", "pooling": "mean", "normalize": True},
-    "bge": {
-        "query_prompt": "Represent this sentence for searching relevant passages: ",
-        "passage_prompt": "",
-        "pooling": "cls",
-        "normalize": True,
-    },
-    "none": {"query_prompt": "", "passage_prompt": ""},
-}
 LENGTH_BATCH = 256  # texts per tokenizer call in token_lengths (bounds its transient memory)
 _SKIP_HASH = {".md", ".txt", ".ini", ".png", ".jpg", ".gitattributes", ".lock"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TeacherConfig:
-    """How to load and run the teacher. ``None`` means: read it from the model (or the preset)."""
-
-    # Each field's metadata is its ``ddx precompute-teacher`` option's help and choices (cli/precompute_cmd.py).
-    model: str = field(metadata={"help": "Teacher: hub id or local sentence-transformers folder."})
-    preset: str | None = field(  # "gte-qwen2" is picked automatically for gte-Qwen2 models
-        default=None,
-        metadata={
-            "help": "Named prompts/pooling for a known teacher (gte-Qwen2 models get 'gte-qwen2' automatically).",
-            "choices": tuple(PRESETS),
-        },
-    )
-    query_prompt: str | None = field(
-        default=None, metadata={"help": "Prompt prepended to queries (default: the model's 'query' prompt)."}
-    )
-    passage_prompt: str | None = field(
-        default=None, metadata={"help": "Prompt prepended to passages (default: the model's 'document' prompt)."}
-    )
-    pooling: str | None = field(  # replaces the model's pooling when set
-        default=None, metadata={"help": "Override the model's pooling.", "choices": POOLING_MODES}
-    )
-    normalize: bool | None = field(  # adds/removes L2 normalization when set
-        default=None, metadata={"help": "Force L2 normalization on or off."}
-    )
-    max_seq_length: int | None = field(default=None, metadata={"help": "Tokens kept per text (prompt included)."})
-    padding_side: str | None = field(
-        default=None, metadata={"help": "Override the tokenizer's padding side.", "choices": ("left", "right")}
-    )
-    dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Compute dtype (default bfloat16 on GPU, float32 on CPU).",
-            "choices": ("float32", "bfloat16", "float16"),
-        },
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "Torch device (default cuda:LOCAL_RANK or SLURM_LOCALID, else cpu)."}
-    )
-    revision: str | None = field(  # branch, tag or commit
-        default=None, metadata={"help": "Hub revision of the teacher."}
-    )
-    trust_remote_code: bool | None = field(default=None, metadata={"help": "Allow the model's own code."})
-
-    def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in PRESETS:
-            raise DdxError(f"Unknown teacher preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
-        if self.pooling is not None and self.pooling not in POOLING_MODES:
-            raise DdxError(f"Unknown pooling {self.pooling!r}; choose one of {POOLING_MODES}.")
-
-    @classmethod
-    def for_spec(cls, model: str, spec: TeacherSpec, **run: Any) -> TeacherConfig:
-        """A config that applies every vector-changing field of a store's ``spec`` to ``model``.
-
-        ``run`` takes the fields that do not change vectors (device, revision, trust_remote_code).
-        """
-        return cls(
-            model=model,
-            pooling=spec.pooling,
-            normalize=spec.normalize,
-            max_seq_length=spec.max_seq_length,
-            padding_side=spec.padding_side,
-            dtype=spec.dtype,
-            query_prompt=spec.query_prompt,
-            passage_prompt=spec.passage_prompt,
-            **run,
-        )
-
-    def resolved(self) -> TeacherConfig:
-        """This config with the preset's values filled in where the user gave none."""
-        preset = self.preset or ("gte-qwen2" if "gte-qwen2" in self.model.lower() else None)
-        if preset is None:
-            return self
-        values = {k: v for k, v in PRESETS[preset].items() if getattr(self, k) is None}
-        return replace(self, preset=preset, **values)
 
 
 def weights_identity(model: str, revision: str | None = None) -> tuple[str, str]:

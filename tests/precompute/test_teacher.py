@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from precompute.teacher import GTE_QWEN2_QUERY_PROMPT, TeacherConfig, expected_spec, load_teacher, weights_identity
+from precompute.config import GTE_QWEN2_QUERY_PROMPT
+from precompute.teacher import TeacherConfig, expected_spec, load_teacher, weights_identity
 from storage.errors import DdxError
 from storage.spec import TeacherSpec
 from tests.precompute.test_pipeline import one_torch_thread  # noqa: F401 - autouse fixture
