@@ -221,11 +221,11 @@ def _config_names(command: click.Command) -> dict[str, str]:
 
 
 def store_access_options(func: F) -> F:
-    """``--storage-options`` and ``--stale-after`` for a command that opens a store.
+    """``--storage-options``, ``--stale-after`` and ``--remote-cache-dir`` for a command that opens a store.
 
-    They set this process's defaults (``$DDX_STORAGE_OPTIONS``, ``$DDX_STALE_AFTER``), which every store opened
-    afterwards uses — DataLoader workers and other child processes included — so the library calls need no
-    new arguments. A config file may give ``storage_options`` as a mapping.
+    They set this process's defaults (``$DDX_STORAGE_OPTIONS``, ``$DDX_STALE_AFTER``, ``$DDX_REMOTE_CACHE_DIR``),
+    which every store opened afterwards uses — DataLoader workers and other child processes included — so the
+    library calls need no new arguments. A config file may give ``storage_options`` as a mapping.
     """
     func = click.option(
         "--storage-options",
@@ -235,6 +235,14 @@ def store_access_options(func: F) -> F:
         metavar="JSON|KEY=VALUE",
         help="fsspec options of an s3://, gs://, ... store (endpoint_url, key, secret, client_kwargs.region_name, "
         "...): a JSON object or key=value pairs, repeatable.",
+    )(func)
+    func = click.option(
+        "--remote-cache-dir",
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=_set_env("DDX_REMOTE_CACHE_DIR"),
+        help="Local directory keeping whole chunk files of a remote store once read (checked against their CRC32C), "
+        "so later gathers read them from disk; bound it with $DDX_REMOTE_CACHE_MAX_GB [default: none].",
     )(func)
     return click.option(
         "--stale-after",

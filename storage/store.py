@@ -39,7 +39,7 @@ from storage.fs import Location
 from storage.index import KeyIndex, RowChecks, RowGather
 from storage.keys import ROLES, as_key_array, key_hex
 from storage.metadata import FORMAT_VERSION, STORAGE_DTYPES, Damage, read_root_attrs, sealed
-from storage.remote_rows import REMOTE_CACHE_BYTES, RangeReader
+from storage.remote_rows import REMOTE_CACHE_BYTES, DiskChunks, RangeReader, remote_cache_dir
 from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, claim_and_salvage, segment_state
 from storage.segment_format import IndexColumns, check_rows, chunk_file, key_seeds, row_crcs
 from storage.spec import TeacherSpec
@@ -66,10 +66,20 @@ class TeacherStore:
     Use :meth:`create`, :meth:`open` or :meth:`open_or_create`; the constructor is internal.
     """
 
-    def __init__(self, loc: Location, attrs: dict[str, Any], *, cache_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        loc: Location,
+        attrs: dict[str, Any],
+        *,
+        cache_bytes: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.loc = loc
         # remote stores: bytes of gathered rows kept (an LRU) by this process; rows are fetched by byte range
         self.cache_bytes = REMOTE_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        # remote stores: local disk cache of whole chunk files (storage.remote_rows.DiskChunks); None: none
+        self.cache_dir = None if loc.is_local else remote_cache_dir(cache_dir)
+        self.disk_chunks: DiskChunks | None = None  # set with the first gather when cache_dir is
         self.spec = TeacherSpec.from_dict(attrs["teacher_spec"])
         self.dtype: str = attrs["storage_dtype"]
         self.format_version: int = attrs["format_version"]
@@ -93,12 +103,13 @@ class TeacherStore:
         storage_options: Mapping[str, Any] | None = None,
         stale_after: float | None = None,
         cache_bytes: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> TeacherStore:
         """Create an empty store for ``spec``.
 
         On an object store the root metadata is created conditionally (``If-None-Match``), so of several
         processes creating one store at once exactly one succeeds; the others get ``StoreExistsError``.
-        ``storage_options``, ``stale_after`` and ``cache_bytes`` are as for :meth:`open`.
+        ``storage_options``, ``stale_after``, ``cache_bytes`` and ``cache_dir`` are as for :meth:`open`.
 
         Raises:
             StoreExistsError: something is already at ``url``.
@@ -131,7 +142,7 @@ class TeacherStore:
                 raise
             message = f"Disk full while creating store {loc.url!r}: nothing was written. Free space and rerun."
             raise DiskFullError(message) from exc
-        return cls(loc, attrs, cache_bytes=cache_bytes)
+        return cls(loc, attrs, cache_bytes=cache_bytes, cache_dir=cache_dir)
 
     @classmethod
     def open(
@@ -142,6 +153,7 @@ class TeacherStore:
         storage_options: Mapping[str, Any] | None = None,
         stale_after: float | None = None,
         cache_bytes: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> TeacherStore:
         """Open an existing store; when ``spec`` is given it must match the stored one.
 
@@ -152,6 +164,9 @@ class TeacherStore:
             stale_after: seconds after which a remote writer's heartbeat (or a salvage claim) counts as left by
                 a dead process (None: 60 s or ``$DDX_STALE_AFTER``; see :mod:`storage.heartbeat`).
             cache_bytes: remote stores: bytes of gathered rows this process keeps (LRU; default 128 MiB).
+            cache_dir: remote stores: a local directory where each chunk file touched by a gather is kept whole
+                (checked against COMMIT) and rows are then read from (None: ``$DDX_REMOTE_CACHE_DIR``, else none;
+                bounded by ``$DDX_REMOTE_CACHE_MAX_GB``); see :class:`storage.remote_rows.DiskChunks`.
 
         Raises:
             StoreNotFoundError: no store at ``url`` (or it is a file).
@@ -163,7 +178,7 @@ class TeacherStore:
         """
         loc = Location(url, storage_options, stale_after=stale_after)
         attrs = read_root_attrs(loc)
-        store = cls(loc, attrs, cache_bytes=cache_bytes)
+        store = cls(loc, attrs, cache_bytes=cache_bytes, cache_dir=cache_dir)
         if spec is not None:
             store.spec.check_matches(spec, loc.url)
         return store
@@ -178,12 +193,14 @@ class TeacherStore:
         storage_options: Mapping[str, Any] | None = None,
         stale_after: float | None = None,
         cache_bytes: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> TeacherStore:
         """Open the store at ``url`` checking ``spec``, or create it when nothing is there (options as :meth:`open`)."""
         opts: dict[str, Any] = {
             "storage_options": storage_options,
             "stale_after": stale_after,
             "cache_bytes": cache_bytes,
+            "cache_dir": cache_dir,
         }
         loc = Location(url, storage_options)
         if loc.isdir() and loc.exists("zarr.json"):
@@ -322,18 +339,31 @@ class TeacherStore:
             preadable = np.array([seg.preadable for seg, _ in refs], dtype=bool)
             use_pread = self.gather_mode == "pread" and bool(preadable.any())
             rangeable = np.array([seg.rangeable for seg, _ in refs], dtype=bool)
-            ranges = None
+            ranges, chunk_files = None, None
+            if use_pread:
+                chunk_files = ChunkFiles(lambda i: refs[i][0].open_chunk(refs[i][1]))
             if rangeable.any():
                 files = ["/".join(chunk_file(seg.seg_id, c)) for seg, c in refs]
                 row_bytes = self.dim * np.dtype(self.dtype).itemsize
                 ranges = RangeReader(self.loc, files, row_bytes, self.cache_bytes, short_read=self._short_range)
+                if self.cache_dir is not None:  # rows of rangeable chunks from whole local copies, by pread
+                    disk = DiskChunks(
+                        self.cache_dir,
+                        self.fingerprint,
+                        self.loc,
+                        files,
+                        [f"{seg.seg_id}/c/{c}" for seg, c in refs],
+                        lambda i, data: refs[i][0].raw_problem(refs[i][1], data),
+                        lambda i, what: self._chunk_damage(i, what),
+                    )
+                    chunk_files, preadable, self.disk_chunks = ChunkFiles(disk.open), rangeable, disk
             self._gather = RowGather(
                 starts,
                 lambda i: _load_checked(*refs[i]),
                 self.dim,
                 np.dtype(self.dtype),
                 self._row_checks(refs),
-                files=ChunkFiles(lambda i: refs[i][0].open_chunk(refs[i][1])) if use_pread else None,
+                files=chunk_files,
                 preadable=preadable,
                 ranges=ranges,
                 rangeable=rangeable,
@@ -344,8 +374,11 @@ class TeacherStore:
         return self._gather
 
     def _short_range(self, i: int, row: int, missing: bool) -> IntegrityError:
+        return self._chunk_damage(i, "is missing" if missing else f"ends before row {row}")
+
+    def _chunk_damage(self, i: int, what: str) -> IntegrityError:
         seg, c = self._chunks()[1][i]
-        return seg.damage("is missing" if missing else f"ends before row {row}", *chunk_file(seg.seg_id, c)[2:])
+        return seg.damage(what, *chunk_file(seg.seg_id, c)[2:])
 
     def _chunks(self) -> tuple[np.ndarray, list[tuple[SegmentReader, int]]]:
         """Global start row of every chunk, and its (segment, chunk number)."""
