@@ -424,14 +424,21 @@ class Location:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return True
+        if self.fs.exists(path):  # a server that ignores If-None-Match must not let a later creator win
+            return False
         try:
             with self.fs.open(path, "xb") as f:
                 f.write(data)
         except FileExistsError:
             return False
-        except NotImplementedError:  # this backend cannot create exclusively (fsspec's word for it)
+        except NotImplementedError:  # this fsspec backend cannot open "xb"
             return self._create_then_confirm(path, data)
-        return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # the server refuses conditional writes (s3fs maps S3's 501 NotImplemented to ENOSYS: older MinIO, Ceph)
+            return self._create_then_confirm(path, data)
+        return self.fs.cat_file(path) == data  # of two racers on a server ignoring the condition, the loser learns it
 
     def _create_then_confirm(self, path: str, data: bytes) -> bool:
         """Check-then-write, then read back: of two racing writers the one overwritten learns it lost.

@@ -14,6 +14,7 @@ idempotent.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -461,22 +462,45 @@ def test_exclusive_create(tmp_path: Path) -> None:
         loc.remove("claim")
 
 
-def test_exclusive_create_without_backend_support_warns_and_confirms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A filesystem that cannot open "xb" falls back to write-then-read-back, and says once that it is not safe."""
+@pytest.mark.parametrize(
+    "refusal",
+    [NotImplementedError("File mode not supported"), OSError(errno.ENOSYS, "NotImplemented (S3 501)")],
+    ids=["fsspec-no-xb", "server-501"],
+)
+def test_exclusive_create_without_backend_support_warns_and_confirms(
+    refusal: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that cannot open "xb", or a server that refuses conditional writes (s3fs raises ENOSYS for S3's
+    501), falls back to write-then-read-back, and says once that it is not safe."""
     import storage.fs as fs
 
-    loc = Location("memory://ddx-no-exclusive")
+    loc = Location(f"memory://ddx-no-exclusive-{type(refusal).__name__}")
     real_open = loc.fs.open
 
     def open_without_x(path: str, mode: str = "rb", **kw: object):  # type: ignore[no-untyped-def]
         if mode == "xb":
-            raise NotImplementedError("File mode not supported")
+            raise refusal
         return real_open(path, mode, **kw)
 
     monkeypatch.setattr(loc.fs, "open", open_without_x)
     monkeypatch.setattr(fs, "_warned_no_exclusive", set())
     with pytest.warns(UserWarning, match="no exclusive create"):
         assert loc.create_exclusive(b"first", "claim")
+    assert not loc.create_exclusive(b"second", "claim")
+    assert loc.read_bytes("claim") == b"first"
+    loc.remove("claim")
+
+
+def test_exclusive_create_on_a_server_that_ignores_the_condition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that ignores If-None-Match ("xb" behaves as "wb"): a second creator still does not win."""
+    loc = Location("memory://ddx-ignores-condition")
+    real_open = loc.fs.open
+
+    def open_ignoring_x(path: str, mode: str = "rb", **kw: object):  # type: ignore[no-untyped-def]
+        return real_open(path, "wb" if mode == "xb" else mode, **kw)
+
+    monkeypatch.setattr(loc.fs, "open", open_ignoring_x)
+    assert loc.create_exclusive(b"first", "claim")
     assert not loc.create_exclusive(b"second", "claim")
     assert loc.read_bytes("claim") == b"first"
     loc.remove("claim")
