@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import shutil
 import socket
@@ -158,7 +159,6 @@ def parse_storage_options(value: str | Sequence[str] | Mapping[str, Any] | None)
         >>> parse_storage_options('{"key": "k", "secret": "s"}')
         {'key': 'k', 'secret': 's'}
     """
-    import json
 
     if value is None:
         return {}
@@ -187,17 +187,29 @@ def parse_storage_options(value: str | Sequence[str] | Mapping[str, Any] | None)
                     '(endpoint_url=http://host:9000,key=...) or a JSON object (\'{"endpoint_url": "..."}\').'
                 )
             try:
-                parsed = json.loads(raw)
-            except ValueError:
-                parsed = raw
-            *parents, leaf = key.strip().split(".")
-            node = out
-            for name in parents:
-                node = node.setdefault(name, {})
-                if not isinstance(node, dict):
-                    raise DdxError(f"--storage-options {key!r}: {name!r} is set to a value, not options.")
-            node[leaf] = parsed
+                set_option(out, key.strip(), raw)
+            except ValueError as exc:
+                raise DdxError(f"--storage-options {key!r}: {exc} is set to a value, not options.") from None
     return out
+
+
+def set_option(options: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set ``options[a][b]...`` for the key ``a.b...`` to ``raw`` read as JSON when it parses, else as text.
+
+    Raises:
+        ValueError: a parent of the key already holds a value (the message is that parent's name, quoted).
+    """
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    *parents, leaf = dotted.split(".")
+    node = options
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ValueError(repr(name))
+    node[leaf] = value
 
 
 def remote_error(url: str, exc: BaseException) -> RemoteStoreError | None:

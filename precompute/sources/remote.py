@@ -44,7 +44,14 @@ from typing import Any
 import fsspec
 from fsspec.callbacks import Callback
 
-from storage.fs import STORAGE_OPTIONS_ENV, atomic_open, default_cache_dir, parse_storage_options, remote_error
+from storage.fs import (
+    STORAGE_OPTIONS_ENV,
+    atomic_open,
+    default_cache_dir,
+    parse_storage_options,
+    remote_error,
+    set_option,
+)
 
 from .errors import BadSourceError, register_mirror
 
@@ -88,16 +95,9 @@ def storage_overrides(params: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(STORAGE_PARAM):
             continue
         try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        *parents, leaf = name[len(STORAGE_PARAM) :].split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise BadSourceError(f"?{name}: {part!r} is set to a value, not options.")
-        node[leaf] = value
+            set_option(out, name[len(STORAGE_PARAM) :], raw)
+        except ValueError as exc:
+            raise BadSourceError(f"?{name}: {exc} is set to a value, not options.") from None
     return out
 
 
