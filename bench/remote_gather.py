@@ -40,7 +40,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage import TeacherSpec, TeacherStore, content_keys  # noqa: E402
+from storage import TeacherStore, content_keys  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from store_scale import build_store  # noqa: E402  (the same synthetic store as the local-scale bench)
 
 BUCKET = "ddx-bench"
 
@@ -75,7 +78,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         SegmentReader.rangeable = property(lambda self: False)  # type: ignore[assignment,method-assign]
     opts = cfg.get("storage_options")
     store = TeacherStore.open(cfg["url"], storage_options=opts, cache_bytes=int(cfg["cache_mib"] * 2**20))
-    keys = content_keys("passage", [f"bench passage {i}" for i in range(cfg["rows"])])
+    keys = content_keys("passage", [f"scale passage {i}" for i in range(cfg["rows"])])  # store_scale's texts
     gids = store.locate(keys)
     rng = np.random.default_rng(cfg["seed"])
     batches = [gids[rng.integers(0, len(gids), cfg["batch"])] for _ in range(cfg["batches"] + 1)]
@@ -97,25 +100,6 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         "fetched_mib": None if ranges is None else ranges.bytes_fetched / 2**20,
         "cache_hits": None if ranges is None else ranges.hits,
     }
-
-
-def build_store(path: Path, rows: int, dim: int, seed: int) -> None:
-    spec = TeacherSpec(
-        model="bench-synthetic",
-        weights_id="files:bench",
-        pooling="lasttoken",
-        normalize=True,
-        max_seq_length=512,
-        dim=dim,
-    )
-    store = TeacherStore.create(path, spec)
-    keys = content_keys("passage", [f"bench passage {i}" for i in range(rows)])
-    rng = np.random.default_rng(seed)
-    with store.writer() as w:
-        for s in range(0, rows, 8192):
-            e = min(rows, s + 8192)
-            vecs = rng.standard_normal((e - s, dim), dtype=np.float32).astype(np.float16)
-            w.append(keys[s:e], vecs, np.zeros(e - s, np.uint8), np.full(e - s, 32, np.int32))
 
 
 def free_port() -> int:
@@ -163,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         fs.call_s3("create_bucket", Bucket=BUCKET)
         local = tmp / "store"
         t0 = time.perf_counter()
-        build_store(local, args.rows, args.dim, args.seed)
+        build_store(local, args.rows, args.dim)
         fs.put(str(local), f"{BUCKET}/store", recursive=True)
         setup_s = time.perf_counter() - t0
         store_mib = sum(f.stat().st_size for f in local.rglob("*") if f.is_file()) / 2**20
