@@ -6,13 +6,16 @@ built from these fields, cost nothing to list: ``ddx precompute-teacher --help``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storage.errors import DdxError
 from storage.spec import POOLING_MODES, TeacherSpec
 
-__all__ = ["GTE_QWEN2_QUERY_PROMPT", "PRESETS", "PrecomputeConfig", "TeacherConfig"]
+__all__ = ["GTE_QWEN2_QUERY_PROMPT", "JOB_ID", "PRESETS", "PrecomputeConfig", "TeacherConfig"]
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a folder name under <store>/runs/
 
 GTE_QWEN2_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
 
@@ -178,3 +181,10 @@ class PrecomputeConfig:
             raise DdxError(f"--limit must be >= 0, got {self.limit}.")
         if self.window <= 0 or self.max_batch_size <= 0:
             raise DdxError("window and max_batch_size must be positive.")
+        if not self.report_wait >= 0:
+            raise DdxError(f"--report-wait must be >= 0 seconds, got {self.report_wait}.")
+        if self.job_id is not None and not JOB_ID.fullmatch(self.job_id):
+            raise DdxError(
+                f"--job-id {self.job_id!r}: use letters, digits, '.', '_' or '-' (not starting with '.'); it names "
+                "the folder <store>/runs/<job>/ the ranks report to."
+            )

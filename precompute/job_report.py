@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -36,11 +37,16 @@ def job_id(explicit: str | None, store: str, data: tuple[str, ...], world_size: 
         return explicit
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
-        return f"torchrun-{run_id}"
+        return _folder_name(f"torchrun-{run_id}")
     if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+        return _folder_name(f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}")
     digest = hashlib.blake2b(json.dumps([store, sorted(data), world_size]).encode(), digest_size=6).hexdigest()
     return f"job-{digest}"
+
+
+def _folder_name(text: str) -> str:
+    """``text`` made safe as one folder name (a launcher's id may hold '/' or spaces)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:128]
 
 
 def record_rank(loc: Location, job: str, summary: dict[str, Any]) -> None:

@@ -243,3 +243,25 @@ def test_scifact_end_to_end(tiny_bert: Path, shared_data: Path, tmp_path: Path) 
 
 DISTINCT_PASSAGES = 5183
 DISTINCT_QUERIES = 1105
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--job-id", "../../etc", r"--job-id '\.\./\.\./etc': use letters, digits"),
+        ("--job-id", "a b", r"--job-id 'a b': use letters"),
+        ("--report-wait", "-1", r"--report-wait must be >= 0 seconds"),
+    ],
+)
+def test_bad_job_options_are_one_line(flag: str, value: str, message: str, tiny_bert: Path, tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "beir", tiny_corpus(4, seed=65))
+    result = invoke(*precompute_args(tiny_bert, tmp_path / "s", folder), "--world-size", "2", flag, value)
+    assert result.exit_code == 1 and re.search(message, result.output), result.output
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_a_launchers_job_id_becomes_one_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from precompute.job_report import job_id
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "team/exp 1")
+    assert job_id(None, "s", ("beir:x",), 2) == "torchrun-team_exp_1"
