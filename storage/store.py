@@ -121,7 +121,7 @@ class TeacherStore:
         loc = Location(url, storage_options, stale_after=stale_after)
         if loc.isfile():
             raise StoreNotFoundError(f"{loc.url!r} is a file, not a store directory. Choose another --store path.")
-        if loc.exists() and loc.listdir():
+        if loc.exists() and loc.listdir() and not _half_made_remote(loc):
             raise StoreExistsError(f"{loc.url!r} already exists and is not empty; open it, or pick a new --store path.")
         attrs: dict[str, Any] = sealed(
             {
@@ -510,6 +510,15 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
                 f"{str(target)!r} already exists and is not empty; open it, or pick a new --store path."
             ) from exc
         raise
+
+
+def _half_made_remote(loc: Location) -> bool:
+    """Only ``segments/zarr.json`` is there: a remote creator between its two writes, or killed there.
+
+    That file holds the same bytes whoever writes it, so creating over it is safe; the root's conditional
+    PUT in :func:`_create_remote` still decides who made the store.
+    """
+    return not loc.is_local and loc.listdir() == [SEGMENTS] and loc.listdir(SEGMENTS) == ["zarr.json"]
 
 
 def _create_remote(loc: Location, attrs: dict[str, Any]) -> None:

@@ -320,6 +320,28 @@ def test_store_creation_is_atomic(s3: S3) -> None:
     assert verify_store(open_store(s3, url)).ok
 
 
+def test_a_half_made_store_does_not_block_creation(s3: S3) -> None:
+    """A creator that has written segments/zarr.json but not yet the root (mid-create, or killed there) is
+    not 'a store that exists': open_or_create and create both finish it (the root's conditional PUT decides)."""
+    url = s3.url("half-made")
+    first = TeacherStore.create(s3.url("donor"), make_spec(DIM), storage_options=s3.storage_options)
+    loc = Location(url, s3.storage_options)
+    loc.write_atomic(first.loc.read_bytes("segments", "zarr.json"), "segments", "zarr.json")
+    assert not loc.exists("zarr.json")
+    store = TeacherStore.open_or_create(url, make_spec(DIM), storage_options=s3.storage_options)
+    assert store.spec.fingerprint == make_spec(DIM).fingerprint
+    assert verify_store(open_store(s3, url)).ok
+    url2 = s3.url("half-made-create")
+    Location(url2, s3.storage_options).write_atomic(
+        first.loc.read_bytes("segments", "zarr.json"), "segments", "zarr.json"
+    )
+    assert TeacherStore.create(url2, make_spec(DIM), storage_options=s3.storage_options).rows == 0
+    url3 = s3.url("not-a-store")  # anything else there still refuses
+    Location(url3, s3.storage_options).write_atomic(b"x", "segments", "other")
+    with pytest.raises(StoreExistsError):
+        TeacherStore.create(url3, make_spec(DIM), storage_options=s3.storage_options)
+
+
 # -- byte-range gathers --------------------------------------------------------------------------------------------
 
 
