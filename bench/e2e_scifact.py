@@ -12,11 +12,18 @@ Teacher all-mpnet-base-v2 (768-d), student all-MiniLM-L6-v2 (384-d), projection 
 Stages can run separately (``--stages precompute`` now, ``--stages phase1,phase2,evaluate`` later); timings
 accumulate in WORKDIR/timings.json and the final table goes to WORKDIR/results.json.
 
+``--projection none`` measures the student-dimension ("MRL") mode against the projection on the same store: no
+projection, MiniLM's own 384-d output distilled into the first 384 of mpnet's 768 dims (renormalised); its hybrid
+rows search those cut teacher vectors, its teacher rows the full ones. Give it its own run folders
+(``--phase1-out``/``--phase2-out``) so the projection's runs stay.
+
 Usage:
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages evaluate --json
     python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages phase2,evaluate \
         --infonce-space projected --phase2-out phase2_projected --no-phase1-eval
+    python bench/e2e_scifact.py --workdir /tmp/ddx-e2e --stages phase1,phase2,evaluate \
+        --projection none --phase1-out phase1_none --phase2-out phase2_none
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     timing_file = work / "timings.json"
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     src = sources(Path(args.data_root))
-    store, p1, p2 = work / "store", work / "phase1", work / args.phase2_out
+    store, p1, p2 = work / "store", work / args.phase1_out, work / args.phase2_out
     stages = args.stages.split(",")
     out: dict = {}
     if "precompute" in stages:
@@ -76,6 +83,8 @@ def run(args: argparse.Namespace) -> dict:
         "logging_steps": 20,
         "save_steps": 100_000,
         "split": "train,dev",
+        "projection": args.projection,
+        "teacher_dims": args.teacher_dims,
     }
     if "phase1" in stages:
         cfg1 = TrainConfig(
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
             lr=5e-5,
             **common,
         )
-        out["phase1"] = _timed(timings, "phase1", lambda: train(cfg1)).to_dict()
+        out["phase1"] = _timed(timings, p1.name, lambda: train(cfg1)).to_dict()
     if "phase2" in stages:
         cfg2 = TrainConfig(
             phase=2,
@@ -154,6 +163,19 @@ def main() -> None:
         default="projected+hybrid",
         help="phase-2 InfoNCE space: projected, hybrid (projected queries against the stored teacher passages), "
         "student, or several joined with '+' (e.g. projected+hybrid)",
+    )
+    parser.add_argument(
+        "--projection",
+        choices=("mlp", "none"),
+        default="mlp",
+        help="mlp: the projection MLP; none: no projection, the student distilled into the teacher's first "
+        "--teacher-dims dims (renormalised; the reference system's 'MRL')",
+    )
+    parser.add_argument(
+        "--teacher-dims", type=int, default=None, help="with --projection none: D (default: the student's 384)"
+    )
+    parser.add_argument(
+        "--phase1-out", default="phase1", help="phase-1 run folder under WORKDIR (keep runs of other settings)"
     )
     parser.add_argument(
         "--phase2-out", default="phase2", help="phase-2 run folder under WORKDIR (keep runs of other settings)"

@@ -39,7 +39,8 @@ def evaluate(data: tuple[str, ...], routed: str | None, as_json: bool, **options
     """Compare teacher, student, hybrid and projected retrieval on --data's --split.
 
     Teacher rows read teacher vectors from the store (the teacher does not run); hybrid pairs
-    student-encoded queries with the teacher's passages. Metrics equal pytrec_eval's.
+    student-encoded queries with the teacher's passages (a --projection none run's: the passages'
+    first D dims, renormalised; it has no projected mode). Metrics equal pytrec_eval's.
 
     \b
     Example:

@@ -25,7 +25,9 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
     Phase 1 matches the projected student to the teacher on every text of --data (queries judged
     only in held-out splits are left out). Phase 2 trains retrieval with hard negatives (from the
     data, --hard-negatives files, or --mine-negatives) and in-batch negatives. Texts without a stored
-    vector stop the run before training, with the precompute command that adds them.
+    vector stop the run before training, with the precompute command that adds them. With
+    --projection none there is no projection: the student is trained straight into the teacher's
+    first --teacher-dims dims (its own dimension), renormalised, and the hybrid searches those.
 
     \b
     Example:
@@ -33,6 +35,8 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
             --data msmarco:data/msmarco --data hotpotqa:data/hotpotqa --out runs/p1
         ddx train --phase 2 --store stores/gte7b --init runs/p1 --data msmarco:data/msmarco \\
             --hard-negatives data/msmarco-hard-negatives.jsonl.gz --out runs/p2
+        ddx train --phase 1 --store stores/mpnet --student sentence-transformers/all-MiniLM-L6-v2 \\
+            --projection none --teacher-dims 384 --data beir:data/scifact --out runs/p1-mrl
         ddx train --config runs.yaml --lr 3e-5
     """
     from distill.train.config import TrainConfig
@@ -63,4 +67,8 @@ def train(as_json: bool, data: tuple[str, ...], hard_negatives: tuple[str, ...],
             f"  mined {m['mined']:,} negatives for {m['queries']:,} queries "
             f"({m['skipped_as_likely_positive']:,} candidates skipped as likely positives)"
         )
-    click.echo(f"student_base: {result.student_base}\nprojection:   {result.projection}\nhybrid:       {result.hybrid}")
+    dims = result.report.get("teacher_dims")
+    projection = result.projection
+    if dims:  # --projection none
+        projection = f"none: the teacher's first {dims} dims, renormalised ({projection})"
+    click.echo(f"student_base: {result.student_base}\nprojection:   {projection}\nhybrid:       {result.hybrid}")

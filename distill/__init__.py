@@ -14,6 +14,9 @@ from typing import Any
 _WHERE = {
     "ProjectionLayer": "distill.model.projection",
     "StudentModelWithProjection": "distill.model.model",
+    "NoProjection": "distill.model.no_projection",
+    "load_projection": "distill.model.no_projection",
+    "truncate_teacher": "distill.model.teacher_dims",
     "Phase1Loss": "distill.train.losses",
     "Phase2Loss": "distill.train.losses",
     "Phase1Dataset": "distill.train.datasets",

@@ -8,6 +8,10 @@ Modes (queries by / passages by, in which space):
   teacher built once — the product's point;
 * ``projected`` — projected student / projected student, in the teacher's space.
 
+A ``--projection none`` run (:mod:`distill.model.teacher_dims`) has no projection: its hybrid is student queries
+against the teacher's first ``D`` dims, renormalised (the vectors it was trained against); its teacher mode still
+searches the full vectors; it has no ``projected`` mode (that would be its student mode again), so none is run.
+
 Search is exact (cosine, chunked matrix products on the GPU when present, memory bounded by the
 chunk size), ties ordered as trec_eval orders them, and metrics equal pytrec_eval's. A plain
 SentenceTransformer folder may stand in for a run (only ``student`` and ``teacher`` then), which is
@@ -32,6 +36,7 @@ from distill.evaluate.inputs import Encoders, EvalSet, SetVectors, load_eval_set
 from distill.evaluate.metrics import MetricsResult, metrics_from_topk, trec_tie_priority
 from distill.evaluate.trec_run import write_trec_run
 from distill.model.run_file import check_run_store
+from distill.model.teacher_dims import truncate_teacher
 from distill.search.search import PassageSource, exact_search, faiss_search
 from distill.search.search_inputs import unit_rows
 from precompute.sources import SourceOptions, parse_source
@@ -89,13 +94,29 @@ def _search(
 
 def _available_modes(config: EvalConfig, enc: Encoders, store: TeacherStore | None) -> list[str]:
     modes = [m for m in config.modes if not (m in ("hybrid", "projected") and enc.model is None)]
+    modes = [m for m in modes if not (m == "projected" and enc.teacher_dims is not None)]
     modes = [m for m in modes if not (m in ("teacher", "hybrid") and store is None)]
     if not modes:
         raise DdxError(
             f"None of the modes {config.modes} can run: hybrid/projected need a ddx run folder as "
-            "--model, teacher/hybrid need --store."
+            "--model (projected: one with a projection, not --projection none), teacher/hybrid need --store."
         )
     return modes
+
+
+def _mode_notes(config: EvalConfig, enc: Encoders, store: TeacherStore | None) -> list[str]:
+    """What a ``--projection none`` run's rows mean (the hybrid's cut index; no projected mode)."""
+    dims = enc.teacher_dims
+    if dims is None:
+        return []
+    full = f"all {store.dim}" if store is not None else "all"
+    notes = [
+        f"{config.model}: --projection none run: hybrid searches the teacher's first {dims} dims (renormalised), "
+        f"teacher mode {full}"
+    ]
+    if "projected" in config.modes:
+        notes.append(f"{config.model}: no projected mode: a --projection none run has no projection (see student)")
+    return notes
 
 
 def _evaluate_set(
@@ -153,7 +174,7 @@ def _cosine(mode: str, v: SetVectors, enc: Encoders) -> float | None:
         return 1.0 if mode == "teacher" else None
     store, rows_q, rows_d = v.teacher()
     q_p, d_s = v.q_p, v.d_s
-    sims = [_mean_cos(q_p, store.get_rows(rows_q, dtype="float32"))]
+    sims = [_mean_cos(q_p, truncate_teacher(store.get_rows(rows_q, dtype="float32"), enc.teacher_dims))]
     if mode == "projected":
         sample = np.arange(0, len(d_s), max(1, len(d_s) // 20_000))
         sims.append(_mean_cos(enc.project(d_s[sample]), store.get_rows(rows_d[sample], dtype="float32")))
@@ -195,7 +216,7 @@ def run_evaluation(config: EvalConfig, store: TeacherStore | None, on_set: SetHo
         check_run_store(enc.run, config.model, store)
     modes = _available_modes(config, enc, store)
     options = SourceOptions(title_join=config.title_join)
-    result = EvalResult()
+    result = EvalResult(notes=_mode_notes(config, enc, store))
     for spec in config.data:
         es = load_eval_set(parse_source(spec, options), config.split, config.strict)
         rows, curve = _evaluate_set(config, es, enc, store, modes, on_set)

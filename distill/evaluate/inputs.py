@@ -179,6 +179,11 @@ class Encoders:
     def project(self, vectors: np.ndarray) -> np.ndarray:
         return np.concatenate(list(self.project_blocks(vectors))) if len(vectors) else vectors
 
+    @property
+    def teacher_dims(self) -> int | None:
+        """``D`` of a ``--projection none`` run: its hybrid searches the teacher's first D dims, renormalised."""
+        return self.model.teacher_dims if self.model is not None else None
+
 
 @dataclass
 class SetVectors:
@@ -234,14 +239,19 @@ def _student_corpus(es: EvalSet, enc: Encoders) -> np.ndarray:
 
 
 def mode_inputs(mode: str, v: SetVectors, enc: Encoders) -> tuple[np.ndarray, PassageSource]:
-    """(queries, passages) of ``mode``; passages from the store or projected lazily, block by block."""
+    """(queries, passages) of ``mode``; passages from the store or projected lazily, block by block.
+
+    The teacher mode searches the full stored vectors; the hybrid searches them as the run was trained against
+    them: whole, or (``--projection none``) cut to the first ``enc.teacher_dims`` dims and renormalised.
+    """
     if mode == "student":
         return v.q_s, v.d_s
     if mode == "projected":
         return v.projected_queries(), lambda: enc.project_blocks(v.d_s)
     store, rows_q, rows_d = v.teacher()
-    queries = store.get_rows(rows_q, dtype="float32") if mode == "teacher" else v.projected_queries()
-    return queries, store_blocks(store, rows_d)
+    if mode == "teacher":
+        return store.get_rows(rows_q, dtype="float32"), store_blocks(store, rows_d)
+    return v.projected_queries(), store_blocks(store, rows_d, dims=enc.teacher_dims)
 
 
 def _teacher_rows(store: TeacherStore, es: EvalSet, teacher: str | None, title_join: str) -> tuple[np.ndarray, ...]:

@@ -11,6 +11,10 @@ A saved run folder holds three things, written in this order (the projection fil
 * ``hybrid/`` — student modules + ``Dense(GELU)``, ``LayerNorm``, ``Dense`` (+ ``Normalize``), one plain
   SentenceTransformer folder that emits teacher-space vectors and loads without ddx installed;
 * ``projection_layer.pt`` — the projection weights and dimensions (see :mod:`distill.model.projection`).
+
+A ``--projection none`` model (:mod:`distill.model.teacher_dims`) holds a :class:`NoProjection` in the projection
+slot: ``projected`` is then the student's own embedding, compared with the teacher's first ``teacher_dims``
+dimensions (renormalised); ``hybrid/`` is the student (+ ``Normalize``), and ``projection_layer.pt`` records ``D``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from distill.model.no_projection import NoProjection, Projection, load_projection
 from distill.model.projection import DEFAULT_TEACHER_DIM, PROJECTION_FILE, ProjectionLayer
+from distill.model.teacher_dims import check_teacher_dims
 from storage.errors import DdxError, DimensionMismatchError
 from storage.fs import replace_dir
 
@@ -44,7 +50,8 @@ class StudentModelWithProjection(nn.Module):
             hub id / folder to load one from (as the reference system is called: ``StudentModelWithProjection(
             "sentence-transformers/all-mpnet-base-v2")``).
         projection: Maps the student's embedding dimension to the teacher's; ``None`` builds a fresh one from
-            the student's dimension to ``teacher_dim`` (hidden ``2 × student_dim``).
+            the student's dimension to ``teacher_dim`` (hidden ``2 × student_dim``). A :class:`NoProjection` makes a
+            ``--projection none`` model (the student trained into the teacher's first dims).
         teacher_dim: Output size of a fresh projection (default 3584, gte-Qwen2-7B-instruct's); ignored with
             ``projection``.
 
@@ -62,7 +69,7 @@ class StudentModelWithProjection(nn.Module):
     def __init__(
         self,
         student: SentenceTransformer | str | os.PathLike[str],
-        projection: ProjectionLayer | None = None,
+        projection: Projection | None = None,
         *,
         teacher_dim: int = DEFAULT_TEACHER_DIM,
     ) -> None:
@@ -81,7 +88,7 @@ class StudentModelWithProjection(nn.Module):
                 f"Build the projection with student_dim={student_dim}, or use the student it was trained with."
             )
         self.student = student
-        self.projection = projection
+        self.projection: Projection = projection
 
     @property
     def student_dim(self) -> int:
@@ -92,6 +99,12 @@ class StudentModelWithProjection(nn.Module):
     def teacher_dim(self) -> int:
         """Dimension of the projected (teacher-space) vectors."""
         return self.projection.teacher_dim
+
+    @property
+    def teacher_dims(self) -> int | None:
+        """``D`` of a ``--projection none`` model: its vectors are compared with the teacher's first ``D`` dims,
+        renormalised (:func:`distill.model.teacher_dims.truncate_teacher`); ``None``: the teacher's full vectors."""
+        return self.projection.teacher_dims
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +120,8 @@ class StudentModelWithProjection(nn.Module):
         hidden_dim: int | None = None,
         max_seq_length: int | None = None,
         device: str | None = None,
+        projection: str = "mlp",
+        teacher_dims: int | None = None,
     ) -> StudentModelWithProjection:
         """Load a student sentence-transformer and attach a freshly initialised projection to ``teacher_dim``.
 
@@ -116,19 +131,27 @@ class StudentModelWithProjection(nn.Module):
             hidden_dim: Hidden width of the projection; ``None`` means ``2 * student_dim``.
             max_seq_length: Override the student's maximum sequence length.
             device: Device for both parts; ``None`` lets sentence-transformers choose.
+            projection: ``"mlp"`` (a new :class:`ProjectionLayer`) or ``"none"`` (a :class:`NoProjection`: the
+                student trained into the teacher's first ``teacher_dims`` dims).
+            teacher_dims: ``D`` for ``projection="none"`` (default: the student's dimension, which it must equal).
 
         Returns:
             The combined model. The projection is initialised from torch's global RNG: seed it for reproducibility.
+
+        Raises:
+            DimensionMismatchError: ``teacher_dims`` is not the student's dimension, or more than ``teacher_dim``.
         """
         from sentence_transformers import SentenceTransformer
 
         student = SentenceTransformer(student_name_or_path, device=device)
         if max_seq_length is not None:
             student.max_seq_length = max_seq_length
-        projection = ProjectionLayer(
-            student_dim=_embedding_dim(student), teacher_dim=teacher_dim, hidden_dim=hidden_dim
-        )
-        return cls(student, projection.to(student.device))
+        if projection == "none":
+            slot = NoProjection(_embedding_dim(student), teacher_dims)
+            check_teacher_dims(slot.teacher_dims, teacher_dim)
+            return cls(student, slot)
+        layer = ProjectionLayer(student_dim=_embedding_dim(student), teacher_dim=teacher_dim, hidden_dim=hidden_dim)
+        return cls(student, layer.to(student.device))
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Embed pre-tokenized text with the student, then project it.
@@ -188,7 +211,7 @@ class StudentModelWithProjection(nn.Module):
         """Teacher-space embeddings ``[N, teacher_dim]`` (CPU, float32) of ``texts``; batched, eval mode, no grad.
 
         Not normalized: normalize them (or use the hybrid model saved with ``teacher_normalize=True``) when the
-        teacher's vectors are.
+        teacher's vectors are. A ``--projection none`` model returns its student embeddings (``teacher_dims`` wide).
         """
         return self._encode(texts, "projected", batch_size=batch_size, prompt_name=prompt_name)
 
@@ -217,15 +240,18 @@ class StudentModelWithProjection(nn.Module):
         The student's modules are shared (not copied); the projection's are copies
         (:meth:`ProjectionLayer.to_sentence_transformer_modules`). Prompts and the default prompt carry over; the
         similarity function is cosine; a student ``truncate_dim`` does not (it would cut teacher-space vectors).
+        A ``--projection none`` model's hybrid is the student, normalised (its index: the teacher's first
+        ``teacher_dims`` dims, renormalised, :func:`distill.model.teacher_dims.truncate_teacher`).
 
         Args:
             teacher_normalize: Append ``Normalize()`` so outputs are unit vectors, as normalized teacher vectors are.
+                Always so without a projection: the cut teacher vectors are renormalised.
         """
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Normalize
 
         modules = [*self.student.children(), *self.projection.to_sentence_transformer_modules()]
-        if teacher_normalize:
+        if (teacher_normalize or self.teacher_dims is not None) and not isinstance(modules[-1], Normalize):
             modules.append(Normalize())
         hybrid = SentenceTransformer(
             modules=modules,
@@ -238,7 +264,8 @@ class StudentModelWithProjection(nn.Module):
         return hybrid
 
     def save(self, out_dir: str | os.PathLike[str], *, teacher_normalize: bool) -> Path:
-        """Write ``student_base/``, ``hybrid/`` and ``projection_layer.pt`` (last, as the commit marker).
+        """Write ``student_base/``, ``hybrid/`` and ``projection_layer.pt`` (last, as the commit marker; a
+        ``--projection none`` model's records its mode and ``teacher_dims``).
 
         Each folder is written under a temporary name and renamed into place; an older projection file is removed
         first, so a crash never leaves a projection next to a student it was not trained with.
@@ -271,6 +298,8 @@ class StudentModelWithProjection(nn.Module):
             DdxError: If ``student_base/`` is missing.
             ProjectionNotFoundError: If ``projection_layer.pt`` is missing (an interrupted save).
             DimensionMismatchError: If the two do not fit together.
+
+        A ``--projection none`` run comes back with its :class:`NoProjection` (``teacher_dims`` set).
         """
         from sentence_transformers import SentenceTransformer
 
@@ -281,7 +310,7 @@ class StudentModelWithProjection(nn.Module):
                 f"No student model at '{student_dir}' (modules.json missing). Pass the folder that "
                 "StudentModelWithProjection.save wrote."
             )
-        projection = ProjectionLayer.load(out)
+        projection = load_projection(out)
         student = SentenceTransformer(str(student_dir), device=device)
         return cls(student, projection.to(student.device))
 

@@ -26,10 +26,23 @@ from torch import Tensor, nn
 from storage.errors import DdxError, DimensionMismatchError, FormatVersionError
 from storage.fs import atomic_open
 
-__all__ = ["FORMAT_VERSION", "PROJECTION_FILE", "ProjectionLayer", "ProjectionNotFoundError"]
+__all__ = [
+    "FORMATS",
+    "FORMAT_VERSION",
+    "PROJECTION_FILE",
+    "ProjectionLayer",
+    "ProjectionNotFoundError",
+    "projection_file",
+    "read_projection_file",
+]
 
 PROJECTION_FILE = "projection_layer.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # an MLP's file is still written as format 1, which every ddx reads
+# 2: the file may say which kind fills the projection slot ("kind": "mlp" or "none", distill.model.no_projection);
+# a file without "kind" is an MLP. Written only for kind "none", so that a ddx that reads format 1 alone refuses it
+# with "upgrade ddx" instead of calling it malformed.
+FORMATS = (1, 2)
+_REQUIRED = {"mlp": ("state_dict", "student_dim", "hidden_dim", "teacher_dim"), "none": ("student_dim", "teacher_dims")}
 
 
 class ProjectionNotFoundError(DdxError, FileNotFoundError):
@@ -71,6 +84,8 @@ class ProjectionLayer(nn.Module):
         >>> ProjectionLayer().fc2.weight.shape, ProjectionLayer(8, 16, 32).hidden_dim
         (torch.Size([3584, 1536]), 16)
     """
+
+    teacher_dims: int | None = None  # the MLP maps into the teacher's full vectors (cf. no_projection.NoProjection)
 
     def __init__(
         self,
@@ -174,13 +189,18 @@ class ProjectionLayer(nn.Module):
             FormatVersionError: If the file was written by a newer format.
             DdxError: If the file is unreadable or malformed.
         """
-        path = Path(path)
-        file = path / PROJECTION_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise ProjectionNotFoundError(
-                f"No projection layer at '{file}'. Pass the folder a training run wrote (it holds {PROJECTION_FILE})."
+        file = projection_file(path)
+        payload = read_projection_file(file, map_location)
+        if payload.get("kind", "mlp") != "mlp":
+            raise DdxError(
+                f"'{file}' belongs to a --projection {payload['kind']} run: it holds no projection layer. Load the run "
+                "with StudentModelWithProjection.load (or distill.model.no_projection.load_projection)."
             )
-        payload = _read_payload(file, map_location)
+        return cls.from_payload(payload, file).to(map_location)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], file: Path) -> ProjectionLayer:
+        """The layer a checked MLP payload of :func:`read_projection_file` describes (on the payload's device)."""
         layer = cls(
             student_dim=payload["student_dim"], teacher_dim=payload["teacher_dim"], hidden_dim=payload["hidden_dim"]
         )
@@ -188,22 +208,46 @@ class ProjectionLayer(nn.Module):
             layer.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:
             raise DdxError(f"Projection layer file '{file}' has weights that do not fit its dimensions: {exc}") from exc
-        return layer.to(map_location)
+        return layer
 
 
-def _read_payload(file: Path, map_location: str | torch.device) -> dict[str, Any]:
-    """Read and validate the dict stored in a projection file."""
+def projection_file(path: str | os.PathLike[str]) -> Path:
+    """The ``projection_layer.pt`` of a run folder (or the file itself).
+
+    Raises:
+        ProjectionNotFoundError: If there is no such file.
+    """
+    path = Path(path)
+    file = path / PROJECTION_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ProjectionNotFoundError(
+            f"No projection layer at '{file}'. Pass the folder a training run wrote (it holds {PROJECTION_FILE})."
+        )
+    return file
+
+
+def read_projection_file(file: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate the dict stored in a projection file (either kind; ``"kind"`` absent means ``"mlp"``).
+
+    Raises:
+        FormatVersionError: If the file was written by a newer format.
+        DdxError: If the file is unreadable or malformed.
+    """
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
         raise DdxError(f"Projection layer file '{file}' is unreadable ({type(exc).__name__}: {exc}).") from exc
-    required = ("state_dict", "student_dim", "hidden_dim", "teacher_dim", "format")
-    missing = [key for key in required if not isinstance(payload, dict) or key not in payload]
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise DdxError(f"Projection layer file '{file}' is malformed: missing ['format']. Re-save it with ddx.")
+    if payload["format"] not in FORMATS:
+        raise FormatVersionError(
+            f"Projection layer file '{file}' has format {payload['format']!r}; this ddx reads formats "
+            f"{', '.join(map(str, FORMATS))}. Upgrade ddx to load it."
+        )
+    kind = payload.get("kind", "mlp")
+    if kind not in _REQUIRED:
+        raise DdxError(f"Projection layer file '{file}' has an unknown kind {kind!r}. Upgrade ddx to load it.")
+    missing = [key for key in _REQUIRED[kind] if key not in payload]
     if missing:
         raise DdxError(f"Projection layer file '{file}' is malformed: missing {missing}. Re-save it with ddx.")
-    if payload["format"] != FORMAT_VERSION:
-        raise FormatVersionError(
-            f"Projection layer file '{file}' has format {payload['format']!r}; this ddx reads format "
-            f"{FORMAT_VERSION}. Upgrade ddx to load it."
-        )
     return payload

@@ -4,7 +4,8 @@
       student_base/          plain SentenceTransformer (student_dim vectors)
       hybrid/                plain SentenceTransformer emitting teacher-space vectors
       projection_layer.pt    projection weights and dims
-      ddx_run.json           resolved config, store fingerprint and teacher spec, data report, final losses
+      ddx_run.json           resolved config, store fingerprint and teacher spec, --projection and the teacher_dims
+                             it trained into (null: the full vectors), data report, final losses
       train_log.jsonl        every logged step (loss and its parts, learning rate)
       train_loss.png         the loss and its parts against the step (with matplotlib)
       checkpoints/           HF checkpoints (optimizer, scheduler, RNG) with a ddx manifest each: --resume continues
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from storage.errors import DdxError, FingerprintMismatchError
+from storage.errors import DdxError, DimensionMismatchError, FingerprintMismatchError
 from storage.fs import atomic_open
 from storage.store import TeacherStore
 
@@ -52,7 +53,14 @@ def write_run(out: str | os.PathLike[str], payload: dict[str, Any]) -> None:
 
 
 def check_run_store(run: dict[str, Any], run_path: str, store: TeacherStore) -> None:
-    """Refuse a run that was trained against another store fingerprint."""
+    """Refuse a run that was trained against another store fingerprint, or into more teacher dims than it holds."""
+    dims = run.get("teacher_dims")
+    if dims is not None and dims > store.dim:
+        raise DimensionMismatchError(
+            f"Run {run_path!r} was trained into the teacher's first {dims} dims (--projection none --teacher-dims "
+            f"{dims}), but store {store.url!r} holds {store.dim}-d vectors. Use the store the run was trained with "
+            f"({run.get('store')!r}), or retrain against this one with --teacher-dims <= {store.dim}."
+        )
     if run.get("store_fingerprint") != store.fingerprint:
         raise FingerprintMismatchError(
             f"Run {run_path!r} was trained against teacher fingerprint {run.get('store_fingerprint')} "

@@ -5,7 +5,8 @@ training resolves them (:func:`distill.train.data.resolve_data`: the same source
 ``--mine-negatives``, and the same errors — a text without a stored vector stops the fit with the precompute
 command that adds it; a query without a known positive stops it unless ``--skip-bad``). The student encodes the
 fit queries once; the projection maps them into the teacher's space; the teacher's query vectors and every
-passage vector come from the store (:mod:`distill.route.targets`).
+passage vector come from the store (:mod:`distill.route.targets`). A ``--projection none`` run's hybrid ranks with the
+student's query against the passages' first ``teacher_dims`` dims, renormalised, as evaluation's hybrid searches.
 
 Fit on queries the student did not train on when you can (a held-out split): on its own phase-2 queries the
 hybrid is better than it will be on new queries, so the targets understate where the teacher helps.
@@ -93,6 +94,7 @@ def fit_targets(config: RouterConfig, store: TeacherStore) -> FitTargets:
         store,
         temperature=config.temperature,
         device=config.device,
+        dims=[enc.teacher_dims, None],
     )
     gains = difficulty_targets(hybrid, teacher, config.target)
     return FitTargets(keys, q_s, hybrid, teacher, gains, pool, positives, negatives)

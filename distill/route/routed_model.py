@@ -41,6 +41,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import InputModule
 
 from distill.model.model import STUDENT_DIR
+from distill.model.no_projection import load_projection
 from distill.model.projection import ProjectionLayer
 from distill.route.config import RouterExportConfig, check_usage
 from distill.route.router import Router, RouterMLP, student_identity, threshold_for_usage
@@ -305,7 +306,7 @@ def export_routed(config: RouterExportConfig) -> dict[str, Any]:
     Raises:
         RouterNotFoundError: no router at ``config.router``.
         FingerprintMismatchError: the teacher does not match the store's spec, or the run is not the router's.
-        DdxError: a usage outside [0, 1], or a router without an encoder model.
+        DdxError: a usage outside [0, 1], a router without an encoder model, or a ``--projection none`` run.
     """
     router = Router.load(config.router)
     run = config.model or router.meta.get("run", "")
@@ -313,12 +314,19 @@ def export_routed(config: RouterExportConfig) -> dict[str, Any]:
         raise FingerprintMismatchError(
             f"Run {run!r} is not the student router {config.router!r} was fitted with. Pass --model with that run."
         )
+    projection = load_projection(run)
+    if not isinstance(projection, ProjectionLayer):
+        raise DdxError(
+            f"Run {run!r} was trained with --projection none: its queries are {projection.teacher_dims}-d (against the "
+            "teacher's first dims) and routed ones the teacher's full vectors, but a routed model returns one vector "
+            "per query for one index. Export a --projection mlp run (this run's routing curve: ddx evaluate --routed)."
+        )
     spec = TeacherSpec.from_dict(router.meta["teacher_spec"])
     teacher = str(Path(config.teacher).resolve()) if Path(config.teacher).is_dir() else config.teacher
     check_teacher_files(teacher, spec, config.revision, config.trust_remote_code)
     module = RoutedEncoder(
         SentenceTransformer(str(Path(run) / STUDENT_DIR), device="cpu"),
-        ProjectionLayer.load(run),
+        projection,
         router.model("encoder"),
         teacher=teacher,
         teacher_spec=spec.to_dict(),

@@ -24,6 +24,9 @@ choice against (``ddx router fit --target``; bench/router_curve.py compares them
 
 The pool is read once, in blocks, for all query sets together; memory is bounded by ``block_rows`` passages and a
 query block of ``2^26 / block_rows`` rows of scores (256 MiB of float32), whatever the pool's size.
+
+A ``--projection none`` run's hybrid searches the teacher's first ``D`` dims, renormalised: its query set is scored
+against the passages cut the same way (``dims``), the teacher's query set against the full vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill.model.teacher_dims import truncate_teacher
 from distill.route.config import TARGETS
 from distill.search.search_inputs import default_device, unit_rows
 from distill.train.data import Ragged
@@ -79,6 +83,7 @@ def rank_outcomes(
     temperature: float = 0.05,
     block_rows: int = 16_384,
     device: str | None = None,
+    dims: list[int | None] | None = None,
 ) -> list[RankOutcomes]:
     """Rank every query's candidates with each query set's vectors; one pass over the pool serves all sets.
 
@@ -91,6 +96,8 @@ def rank_outcomes(
         temperature: τ of ``logp``.
         block_rows: pool passages gathered and scored per step.
         device: where the scores are computed (default: CUDA when available).
+        dims: per query set, the leading teacher dims its passages keep, renormalised (``None``: the full vectors,
+            the default for every set); a ``--projection none`` run's hybrid set takes its ``teacher_dims``.
 
     Returns:
         One :class:`RankOutcomes` per query set.
@@ -101,6 +108,9 @@ def rank_outcomes(
     n = len(positives)
     if any(q.shape[0] != n for q in query_sets) or len(negatives) != n:
         raise DdxError(f"rank_outcomes: {n} queries' positives but query sets of {[q.shape[0] for q in query_sets]}.")
+    dims = list(dims) if dims is not None else [None] * len(query_sets)
+    if len(dims) != len(query_sets):
+        raise DdxError(f"rank_outcomes: {len(query_sets)} query sets but {len(dims)} dims.")
     if n and positives.lengths().min() == 0:
         raise DdxError("rank_outcomes: every query needs at least one positive.")
     pool = np.unique(np.asarray(pool, dtype=np.int64))
@@ -111,15 +121,22 @@ def rank_outcomes(
         pos = positives.select(rows)
         own = Ragged.from_lists([np.union1d(pos.row(i), negatives.row(int(r))) for i, r in enumerate(rows)])
         sets = [unit_rows(q[rows]) for q in query_sets]
-        pool_top = _pool_pass(sets, pool, own, store, temperature, block_rows, device)
-        own_vecs = unit_rows(store.get_rows(own.flat, dtype="float32")) if len(own.flat) else None
+        pool_top = _pool_pass(sets, dims, pool, own, store, temperature, block_rows, device)
+        own_raw = store.get_rows(own.flat, dtype="float32") if len(own.flat) else None
         for j, q in enumerate(sets):
+            own_vecs = _passages(own_raw, dims[j]) if own_raw is not None else None
             out[j].append(_outcomes(q, own, pos, own_vecs, *pool_top[j], temperature))
     return [_concat(parts) for parts in out]
 
 
+def _passages(raw: np.ndarray, dims: int | None) -> np.ndarray:
+    """Stored passage vectors as a query set scores them: unit rows, cut to ``dims`` first when given."""
+    return truncate_teacher(raw, dims) if dims is not None else unit_rows(raw)
+
+
 def _pool_pass(
     sets: list[np.ndarray],
+    dims: list[int | None],
     pool: np.ndarray,
     own: Ragged,
     store: TeacherStore,
@@ -147,12 +164,13 @@ def _pool_pass(
     lse = [torch.full((nq,), -torch.inf, dtype=torch.float64, device=dev) for _ in sets]
     for s in range(0, len(pool), block_rows):
         rows = pool[s : s + block_rows]
-        p = torch.from_numpy(unit_rows(store.get_rows(rows, dtype="float32"))).to(dev)
+        raw = store.get_rows(rows, dtype="float32")
+        p = {d: torch.from_numpy(_passages(raw, d)).to(dev) for d in set(dims)}
         sel = (mask_p >= s) & (mask_p < s + len(rows))
         mq, mp = torch.from_numpy(mask_q[sel]).to(dev), torch.from_numpy(mask_p[sel] - s).to(dev)
         row_ids = torch.from_numpy(rows).to(dev).expand(nq, -1)
         for j, q in enumerate(tensors):
-            scores = q @ p.T
+            scores = q @ p[dims[j]].T
             scores[mq, mp] = -torch.inf
             lse[j] = torch.logaddexp(lse[j], torch.logsumexp(scores.double() / tau, dim=1))
             vals = torch.cat([top[j][0], scores], dim=1)

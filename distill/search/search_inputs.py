@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill.model.teacher_dims import truncate_teacher
 from storage.errors import DdxError, DimensionMismatchError
 
 if TYPE_CHECKING:
@@ -110,9 +111,14 @@ def chunk_tensor(block: Block, dev: torch.device, dim: int, normalize: bool, dty
     return p if dtype == torch.float32 else p.to(dtype)
 
 
-def store_blocks(store: TeacherStore, rows: np.ndarray, size: int = 65_536) -> Callable[[], Iterator[np.ndarray]]:
-    """A passage source of the store's ``rows``: their float32 vectors, ``size`` rows a gather."""
-    return lambda: (store.get_rows(rows[s : s + size], dtype="float32") for s in range(0, len(rows), size))
+def store_blocks(
+    store: TeacherStore, rows: np.ndarray, size: int = 65_536, *, dims: int | None = None
+) -> Callable[[], Iterator[np.ndarray]]:
+    """A passage source of the store's ``rows``: their float32 vectors, ``size`` rows a gather; with ``dims``, their
+    first ``dims`` dimensions renormalised (:func:`distill.model.teacher_dims.truncate_teacher`)."""
+    return lambda: (
+        truncate_teacher(store.get_rows(rows[s : s + size], dtype="float32"), dims) for s in range(0, len(rows), size)
+    )
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

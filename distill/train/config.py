@@ -25,6 +25,7 @@ def option(default: T, text: str, **extra: Any) -> T:
 
 # The values of TrainConfig's choice fields; the three loss options are spelled as the losses' parameters.
 ProjectionInit = Literal["ridge", "random"]
+ProjectionKind = Literal["mlp", "none"]
 MseReduction = Literal["vector", "element"]
 InfoNceSpace = str  # "projected", "hybrid", "student", or several joined with "+" (infonce_spaces)
 NegativesScope = Literal["batch", "own"]
@@ -69,6 +70,14 @@ class TrainConfig:
     )
     warmup: float = option(0.1, "< 1: fraction of steps; >= 1: steps.")
     weight_decay: float = 0.01
+    # L2-SP (Li et al., 2018): decay toward the starting weights instead of toward zero, so the student keeps what
+    # pretraining taught it out of the training domains (docs/benchmarks.md, "Out of domain").
+    l2sp: float = option(
+        0.0,
+        "Pull the student's weights toward those the run starts from (L2-SP, applied after each step like AdamW's "
+        "decoupled decay, which it replaces for the student's weights); 0: off.",
+        min=0.0,
+    )
     seed: int = 42
     bf16: bool = option(False, "bfloat16 mixed precision.")
     fp16: bool = option(False, "float16 mixed precision.")
@@ -78,6 +87,19 @@ class TrainConfig:
     # "random" starts a new projection from random weights.
     projection_init: ProjectionInit = option(  # noqa: RUF009 - a Field, as from field()
         "ridge", "New projections: fit the output layer by ridge regression on stored vectors first."
+    )
+    # "none" is the reference system's "MRL" mode (distill.model.teacher_dims): no projection; the student's own
+    # output is trained into the teacher's first D dims, renormalised, and the hybrid searches those cut vectors.
+    projection: ProjectionKind = option(  # noqa: RUF009 - a Field, as from field()
+        "mlp",
+        "mlp: a projection MLP maps the student into the teacher's space; none: no projection, the student is "
+        "distilled straight into the teacher's first --teacher-dims dims (renormalised; 'MRL').",
+    )
+    teacher_dims: int | None = option(
+        None,
+        "With --projection none: D, the leading teacher dims the student is trained into (default and only value: "
+        "the student's dimension).",
+        min=1,
     )
     mse_weight: float | None = option(None, "MSE weight (default 0.4 in phase 1, 0.2 in phase 2).")
     mse_reduction: MseReduction = option(  # noqa: RUF009 - a Field, as from field()
@@ -142,15 +164,34 @@ class TrainConfig:
         if self.mse_reduction not in get_args(MseReduction):
             raise DdxError(f"mse_reduction must be 'element' or 'vector', got {self.mse_reduction!r}.")
         infonce_spaces(self.infonce_space)  # DdxError naming the choices
+        self._check_projection()
         for name in ("batch_size", "grad_accum", "num_negatives"):
             if getattr(self, name) < (0 if name == "num_negatives" else 1):
                 raise DdxError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.l2sp < 0:
+            raise DdxError(f"TrainConfig.l2sp must be >= 0 (0: off), got {self.l2sp!r}.")
         size = self.mini_batch_size
         if size is not None and not (isinstance(size, int) and size >= 0):
             raise DdxError(
                 f"TrainConfig.mini_batch_size must be a whole number >= 0 (0: the plain step), got "
                 f"{self.mini_batch_size!r}."
             )
+
+    def _check_projection(self) -> None:
+        """``--projection`` and the options that only mean something with one kind of it."""
+        if self.projection not in get_args(ProjectionKind):
+            raise DdxError(f"projection must be 'mlp' or 'none', got {self.projection!r}.")
+        dims = self.teacher_dims
+        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+            raise DdxError(f"--teacher-dims must be a whole number >= 1, got {dims!r}.")
+        if dims is not None and self.projection == "mlp":
+            raise DdxError(
+                f"--teacher-dims {dims} applies to --projection none (the student trained into the teacher's first "
+                "D dims); a projection MLP maps into the teacher's full vectors. Add --projection none, or drop "
+                "--teacher-dims."
+            )
+        if self.projection == "none" and self.projection_hidden is not None:
+            raise DdxError("--projection-hidden sizes the projection MLP, and --projection none has none: drop one.")
 
     @property
     def resolved_projection_lr(self) -> float:

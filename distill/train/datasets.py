@@ -9,6 +9,10 @@ Phase 2 picks, per example and epoch, one positive and up to ``num_negatives`` h
 (deterministically from the seed, the epoch and the example, so an interrupted run resumes on the
 same batches). Inside a batch, a negative that is another query's positive (a false in-batch
 negative) or that repeats a passage already in the batch is dropped.
+
+With ``teacher_dims`` (``ddx train --projection none``) every gathered teacher vector is cut to its first
+``teacher_dims`` dimensions and renormalised (:func:`distill.model.teacher_dims.truncate_teacher`): the targets the
+student's own output is trained against.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.model.teacher_dims import truncate_teacher
 from distill.train.data import Phase2Examples, TextIndex
 from distill.train.tokens import TokenTable
 from storage.store import TeacherStore
@@ -36,12 +41,21 @@ class Phase1Dataset(torch.utils.data.Dataset):
         texts: the run's TextIndex (store rows and token handles filled in).
         store: the teacher store.
         tokens: the student's token table.
+        teacher_dims: keep the teacher vectors' first ``teacher_dims`` dims, renormalised (``None``: all of them).
     """
 
-    def __init__(self, positions: np.ndarray, texts: TextIndex, store: TeacherStore, tokens: TokenTable) -> None:
+    def __init__(
+        self,
+        positions: np.ndarray,
+        texts: TextIndex,
+        store: TeacherStore,
+        tokens: TokenTable,
+        *,
+        teacher_dims: int | None = None,
+    ) -> None:
         self.gids = texts.gids[positions]
         self.handles = texts.tokens[positions]
-        self.store, self.tokens = store, tokens
+        self.store, self.tokens, self.teacher_dims = store, tokens, teacher_dims
 
     def __len__(self) -> int:
         return len(self.gids)
@@ -55,7 +69,7 @@ class Phase1Dataset(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         return {
             "ids": self.tokens.gather(self.handles[idx]),
-            "teacher": self.store.get_rows(self.gids[idx], dtype="float32"),
+            "teacher": truncate_teacher(self.store.get_rows(self.gids[idx], dtype="float32"), self.teacher_dims),
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -63,7 +77,10 @@ class Phase1Dataset(torch.utils.data.Dataset):
 
 
 class Phase2Dataset(torch.utils.data.Dataset):
-    """(query, positive, hard negatives) examples with teacher vectors: the phase-2 training set."""
+    """(query, positive, hard negatives) examples with teacher vectors: the phase-2 training set.
+
+    ``teacher_dims`` as for :class:`Phase1Dataset`.
+    """
 
     def __init__(
         self,
@@ -74,8 +91,10 @@ class Phase2Dataset(torch.utils.data.Dataset):
         *,
         num_negatives: int = 7,
         seed: int = 42,
+        teacher_dims: int | None = None,
     ) -> None:
         self.examples, self.texts, self.store, self.tokens = examples, texts, store, tokens
+        self.teacher_dims = teacher_dims
         self.num_negatives, self.seed = num_negatives, seed
         self.epoch = 0
 
@@ -119,7 +138,7 @@ class Phase2Dataset(torch.utils.data.Dataset):
             negatives.append(np.array(keep, dtype=np.int64))
         counts = np.array([len(n) for n in negatives], dtype=np.int64)
         flat = np.concatenate([queries, positives, *negatives]).astype(np.int64)
-        vectors = self.store.get_rows(self.texts.gids[flat], dtype="float32")
+        vectors = truncate_teacher(self.store.get_rows(self.texts.gids[flat], dtype="float32"), self.teacher_dims)
         ids = self.tokens.gather(self.texts.tokens[flat])
         b = len(indices)
         return {

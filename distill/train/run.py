@@ -8,19 +8,21 @@ teacher vector must already be there: the teacher never runs), model, dataset an
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from distill.model.run_file import check_run_store, read_run, write_run
+from distill.model.teacher_dims import check_teacher_dims
 from distill.train.config import TrainConfig
 from distill.train.data import PreparedData, parse_sources, resolve_data
 from distill.train.loss_plot import LOSS_PLOT, write_loss_plot
 from distill.train.mining import hard_negative_miner
 from distill.train.tokens import TokenTable
 from precompute.sources import Source
-from storage.errors import DimensionMismatchError, FingerprintMismatchError
+from storage.errors import DdxError, DimensionMismatchError, FingerprintMismatchError
 from storage.store import TeacherStore
 
 if TYPE_CHECKING:  # torch and transformers load when a run starts, after the data checks (see run_training)
@@ -67,16 +69,48 @@ def train(config: TrainConfig) -> TrainResult:
         StoreNotFoundError, FingerprintMismatchError: the store is missing or another teacher's.
         MissingVectorsError: needed texts have no teacher vector (message has the command to add them).
         BadSourceError: unknown ids, queries without positives, malformed data.
-        DimensionMismatchError: the student and projection (or --init run) disagree on dims.
-        DdxError: ``resume`` is set and every checkpoint in ``out/checkpoints`` is incomplete.
+        DimensionMismatchError: the student and projection (or --init run) disagree on dims; ``--teacher-dims`` is
+            more than the store's dim or (``--projection none``) not the student's.
+        DdxError: ``resume`` is set and every checkpoint in ``out/checkpoints`` is incomplete; ``--init`` names a run
+            of the other ``--projection``.
 
-    Every error above is raised before the student's weights load (only the dimension check needs them).
+    Every error above is raised before the student's weights load (only the dimension checks against the student
+    need them).
     """
     store = TeacherStore.open(config.store)
     _check_teacher(store, config.expect_teacher)
+    if config.teacher_dims is not None:
+        check_teacher_dims(config.teacher_dims, store.dim)
     if config.init:
-        check_run_store(read_run(config.init), config.init, store)
+        run = read_run(config.init)
+        check_run_store(run, config.init, store)
+        _check_init_projection(config, run)
     return run_training(config, store)
+
+
+def _check_init_projection(config: TrainConfig, run: dict[str, Any]) -> None:
+    """Refuse to continue a run of the other ``--projection`` (a run written before the option existed has an MLP)."""
+    kind = run.get("config", {}).get("projection", "mlp")
+    dims = run.get("teacher_dims")
+    if kind == config.projection == "none" and config.teacher_dims not in (None, dims):
+        raise DimensionMismatchError(
+            f"--teacher-dims {config.teacher_dims} does not match --init {config.init!r}, trained into the teacher's "
+            f"first {dims} dims. Pass --teacher-dims {dims} or leave it out."
+        )
+    if kind == config.projection:
+        return
+    if kind == "none":
+        raise DdxError(
+            f"--init {config.init!r} was trained with --projection none --teacher-dims {dims} (no projection): pass "
+            "--projection none to continue it."
+        )
+    from distill.model.model import STUDENT_DIR  # imports torch: only on the way to this error
+
+    raise DdxError(
+        f"--init {config.init!r} has a projection (--projection mlp); --projection none trains a student without "
+        f"one. Start from its student instead: --student {str(Path(str(config.init)) / STUDENT_DIR)!r}, or drop "
+        "--projection none."
+    )
 
 
 def end_distributed() -> bool:
@@ -127,8 +161,17 @@ def _load_model(config: TrainConfig, store: TeacherStore) -> StudentModelWithPro
             hidden_dim=config.projection_hidden,
             max_seq_length=config.max_seq_length,
             device=config.device,
+            projection=config.projection,
+            teacher_dims=config.teacher_dims,
         )
-    if model.teacher_dim != store.dim:
+    if model.teacher_dims is not None:  # --projection none: the student's own output, D of the store's dims
+        if config.teacher_dims not in (None, model.teacher_dims):
+            raise DimensionMismatchError(
+                f"--teacher-dims {config.teacher_dims} does not match --init {config.init!r}, trained into the "
+                f"teacher's first {model.teacher_dims} dims. Pass --teacher-dims {model.teacher_dims} or leave it out."
+            )
+        check_teacher_dims(model.teacher_dims, store.dim)
+    elif model.teacher_dim != store.dim:
         raise DimensionMismatchError(
             f"The projection of {config.init or config.student!r} outputs {model.teacher_dim}-d vectors but store "
             f"{store.url!r} holds {store.dim}-d teacher vectors. Start from a run trained on this store, or from "
@@ -171,19 +214,27 @@ def _loss(config: TrainConfig) -> Phase1Loss | Phase2Loss:
 
 
 def _dataset(
-    config: TrainConfig, data: PreparedData, store: TeacherStore, tokens: TokenTable
+    config: TrainConfig, data: PreparedData, store: TeacherStore, tokens: TokenTable, teacher_dims: int | None
 ) -> tuple[Phase1Dataset | Phase2Dataset, DistillBatchSampler, Collate]:
+    """The phase's dataset (teacher vectors cut to ``teacher_dims`` and renormalised, if set), sampler, collate."""
     from distill.train.datasets import Phase1Dataset, Phase2Dataset, phase1_collate_fn, phase2_collate_fn
     from distill.train.sampling import DistillBatchSampler
 
     dataset: Phase1Dataset | Phase2Dataset
     if config.phase == 1:
         assert data.phase1 is not None  # prepare_data(phase=1) fills phase1
-        dataset, collate = Phase1Dataset(data.phase1, data.texts, store, tokens), phase1_collate_fn(tokens)
+        dataset = Phase1Dataset(data.phase1, data.texts, store, tokens, teacher_dims=teacher_dims)
+        collate = phase1_collate_fn(tokens)
     else:
         assert data.phase2 is not None  # prepare_data(phase=2) fills phase2
         dataset = Phase2Dataset(
-            data.phase2, data.texts, store, tokens, num_negatives=config.num_negatives, seed=config.seed
+            data.phase2,
+            data.texts,
+            store,
+            tokens,
+            num_negatives=config.num_negatives,
+            seed=config.seed,
+            teacher_dims=teacher_dims,
         )
         collate = phase2_collate_fn(tokens)
     sampler = DistillBatchSampler.for_dataset(
@@ -225,6 +276,22 @@ def _training_args(config: TrainConfig, out: Path) -> TrainingArguments:
     )
 
 
+def _warm_start(
+    model: StudentModelWithProjection, dataset: Phase1Dataset | Phase2Dataset, seed: int
+) -> dict[str, Any] | str:
+    """The ridge warm start of a new projection's output layer; skipped, with a line on stderr, without one."""
+    from distill.train.datasets import Phase1Dataset
+    from distill.train.warm_start import ridge_warm_start
+
+    if model.teacher_dims is not None:
+        note = "skipped: --projection none has no projection to fit"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ddx train: ridge warm start {note}.", file=sys.stderr, flush=True)
+        return note
+    assert isinstance(dataset, Phase1Dataset)  # phase 1
+    return ridge_warm_start(model, dataset, seed=seed)
+
+
 def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     """Build everything for ``config`` and train; returns where the outputs went.
 
@@ -247,13 +314,9 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     max_length = int(cast(int, model.student.max_seq_length))  # typed int | None by sentence-transformers
     tokens = TokenTable.for_tokenizer(model.student.tokenizer, max_length, config.token_cache)
     data.add_tokens(sources, tokens)
-    dataset, sampler, collate = _dataset(config, data, store, tokens)
+    dataset, sampler, collate = _dataset(config, data, store, tokens, model.teacher_dims)
     if config.phase == 1 and not config.init and config.projection_init == "ridge":
-        from distill.train.datasets import Phase1Dataset
-        from distill.train.warm_start import ridge_warm_start
-
-        assert isinstance(dataset, Phase1Dataset)  # phase 1
-        data.report["warm_start"] = ridge_warm_start(model, dataset, seed=config.seed)
+        data.report["warm_start"] = _warm_start(model, dataset, config.seed)
     trainer = DistillTrainer(
         model=DistillModule(
             model,
@@ -267,6 +330,7 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
         batch_sampler=sampler,
         collate_fn=collate,
         projection_lr=config.resolved_projection_lr,
+        l2sp=config.l2sp,
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
@@ -288,6 +352,8 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
         final_loss=losses[-1] if losses else None,
         report={**data.report, "examples": len(dataset), "seconds": 0.0, "resumed_from": checkpoint},
     )
+    if model.teacher_dims is not None:
+        result.report["teacher_dims"] = model.teacher_dims
     if resume is not None and resume.skipped:
         result.report["skipped_checkpoints"] = {p.name: why for p, why in resume.skipped}
     result.report["seconds"] = round(time.perf_counter() - started, 2)
@@ -302,6 +368,8 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
             "store": store.url,
             "store_fingerprint": store.fingerprint,
             "teacher_spec": store.spec.to_dict(),
+            "projection": config.projection,
+            "teacher_dims": model.teacher_dims,  # D of --projection none (resolved); null: the full vectors
             "token_table": tokens.directory.name,
             "result": result.to_dict(),
         }

@@ -147,6 +147,15 @@ class DistillModule(nn.Module):
         return out.index_put((b, k), values.to(out.dtype))
 
 
+@torch.no_grad()
+def _pull_to_start(optimizer: torch.optim.Optimizer, anchors: Mapping[nn.Parameter, Tensor]) -> None:
+    """L2-SP's decoupled step: each anchored weight moves ``lr·l2sp`` of the way back to its starting value."""
+    for group in optimizer.param_groups:
+        if group.get("l2sp"):
+            for p in group["params"]:
+                p.sub_(p - anchors[p], alpha=group["lr"] * group["l2sp"])
+
+
 def _named(loss: Tensor, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``{"loss": loss, "loss_<part>": ...}``: what the trainer logs."""
     return {"loss": loss, **{f"loss_{k}": v for k, v in parts.items() if k != "loss"}}
@@ -156,11 +165,18 @@ class DistillTrainer(Trainer):
     """HF Trainer with ddx's batch sampler and collate, and per-component loss logging."""
 
     def __init__(
-        self, *args: Any, batch_sampler: Any, collate_fn: Any, projection_lr: float | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        batch_sampler: Any,
+        collate_fn: Any,
+        projection_lr: float | None = None,
+        l2sp: float = 0.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._batch_sampler, self._collate_fn = batch_sampler, collate_fn
         self._projection_lr = projection_lr
+        self._l2sp = l2sp
         if hasattr(batch_sampler, "set_epoch"):
             self.add_callback(SamplerEpochCallback(batch_sampler))
         self._parts: dict[str, Tensor] = {}  # running sums on the loss's device: no host sync until logged
@@ -183,8 +199,12 @@ class DistillTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW with the projection on its own learning rate: a new one starts from the ridge warm start (or from
-        random weights, ``projection_init="random"``), not pretrained like the student."""
-        if self.optimizer is not None or self._projection_lr is None:
+        random weights, ``projection_init="random"``), not pretrained like the student.
+
+        With ``l2sp`` > 0 the student's weights decay toward their values at this point (the run's start) instead of
+        toward zero: after each step ``θ ← θ − lr·l2sp·(θ − θ₀)``, AdamW's decoupled form of the L2-SP penalty.
+        """
+        if self.optimizer is not None or (self._projection_lr is None and not self._l2sp):
             return super().create_optimizer(model)
         target = model or self.model
         if target is None:
@@ -198,14 +218,18 @@ class DistillTrainer(Trainer):
             [
                 {
                     "params": params,
-                    "lr": self._projection_lr if proj else self.args.learning_rate,
-                    "weight_decay": 0.0 if no_decay else self.args.weight_decay,
+                    "lr": self._projection_lr if proj and self._projection_lr is not None else self.args.learning_rate,
+                    "weight_decay": 0.0 if no_decay or (self._l2sp and not proj) else self.args.weight_decay,
+                    "l2sp": 0.0 if proj else self._l2sp,
                 }
                 for (proj, no_decay), params in groups.items()
             ],
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
         )
+        if self._l2sp:
+            anchors = {p: p.detach().clone() for g in self.optimizer.param_groups if g["l2sp"] for p in g["params"]}
+            self.optimizer.register_step_post_hook(lambda opt, *_: _pull_to_start(opt, anchors))
         return self.optimizer
 
     def compute_loss(

@@ -16,16 +16,18 @@ import numpy as np
 import torch
 
 from distill.model.model import StudentModelWithProjection
+from distill.model.projection import ProjectionLayer
 from distill.train.datasets import Phase1Dataset, phase1_collate_fn
+from storage.errors import DdxError
 
 __all__ = ["ridge_warm_start"]
 
 
 def _features(
-    model: StudentModelWithProjection, dataset: Phase1Dataset, rows: np.ndarray, batch_size: int
+    model: StudentModelWithProjection, proj: ProjectionLayer, dataset: Phase1Dataset, rows: np.ndarray, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden projection features (after fc1 → GELU → LayerNorm) and teacher vectors of ``rows``."""
-    proj, collate = model.projection, phase1_collate_fn(dataset.tokens)
+    collate = phase1_collate_fn(dataset.tokens)
     device = next(proj.parameters()).device
     feats, targets = [], []
     with torch.inference_mode():
@@ -87,14 +89,20 @@ def ridge_warm_start(
 
     Returns:
         Texts used and the mean cosine to the teacher on them before and after the fit.
+
+    Raises:
+        DdxError: the model has no projection layer (``--projection none``: nothing to fit).
     """
+    proj = model.projection
+    if not isinstance(proj, ProjectionLayer):
+        raise DdxError("The ridge warm start fits a projection's output layer; a --projection none model has none.")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(dataset), min(max_texts, len(dataset)), replace=False))
     rows = rows[np.argsort(dataset.lengths[rows], kind="stable")]
     was_training = model.training
     model.eval()
-    feats, targets = _features(model, dataset, rows, batch_size)
-    fc2 = model.projection.fc2
+    feats, targets = _features(model, proj, dataset, rows, batch_size)
+    fc2 = proj.fc2
     before = _mean_cos(feats @ fc2.weight.detach().double().T.cpu() + fc2.bias.detach().double().cpu(), targets)
     l2 = _choose_l2(feats, targets, l2_grid, seed)
     weight, bias = _ridge(feats, targets, l2)

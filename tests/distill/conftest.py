@@ -265,6 +265,67 @@ def phase2_run(
     )
 
 
+@pytest.fixture(scope="session")
+def mrl_phase1_run(
+    tmp_path_factory: pytest.TempPathFactory, teacher_store: Path, corpus: Corpus, tiny_bert: Path, token_cache: Path
+) -> TrainedRun:
+    """A 16-step phase-1 run with ``--projection none``: tiny BERT's own 32-d output against the teacher's first 32
+    of 48 dims, renormalised (no projection, no warm start)."""
+    from distill.train.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("runs") / "mrl-phase1"
+    return train_keeping_model(
+        TrainConfig(
+            phase=1,
+            store=str(teacher_store),
+            data=(corpus.spec,),
+            out=str(out),
+            student=str(tiny_bert),
+            token_cache=str(token_cache),
+            projection="none",
+            teacher_dims=STUDENT_DIM,
+            max_steps=16,
+            batch_size=16,
+            **FAST,
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def mrl_phase2_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    teacher_store: Path,
+    corpus: Corpus,
+    mrl_phase1_run: TrainedRun,
+    token_cache: Path,
+) -> TrainedRun:
+    """A 32-step phase-2 run from ``mrl_phase1_run`` (``--projection none``, D from the run), the cached
+    (GradCache) step with mini-batches of 4. Its loss ends at ~0.5 of its first steps' (16 steps: ~0.95; the
+    loss is noisy from batch to batch, 4 batches an epoch)."""
+    from distill.train.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("runs") / "mrl-phase2"
+    return train_keeping_model(
+        TrainConfig(
+            phase=2,
+            store=str(teacher_store),
+            data=(corpus.spec,),
+            out=str(out),
+            init=mrl_phase1_run.out,
+            token_cache=str(token_cache),
+            projection="none",
+            max_steps=32,
+            batch_size=8,
+            num_negatives=3,
+            mine_negatives=2,
+            mine_margin=0.999,
+            temperature=0.1,
+            mini_batch_size=4,
+            **FAST,
+        )
+    )
+
+
 def log_losses(run_dir: str | Path) -> list[float]:
     """The ``loss`` of every step record of ``train_log.jsonl`` (the summary record at the end has none)."""
     records = [json.loads(line) for line in Path(run_dir, "train_log.jsonl").read_text().splitlines()]

@@ -84,8 +84,8 @@ def test_load_malformed_and_newer_format(layer: ProjectionLayer, tmp_path: Path)
     torch.save({k: v for k, v in payload.items() if k != "teacher_dim"}, file)
     with pytest.raises(DdxError, match=r"malformed: missing \['teacher_dim'\]"):
         ProjectionLayer.load(file)
-    torch.save({**payload, "format": 2}, file)
-    with pytest.raises(FormatVersionError, match="has format 2; this ddx reads format 1"):
+    torch.save({**payload, "format": 3}, file)
+    with pytest.raises(FormatVersionError, match="has format 3; this ddx reads formats 1, 2"):
         ProjectionLayer.load(file)
     torch.save({**payload, "teacher_dim": 13}, file)
     with pytest.raises(DdxError, match="weights that do not fit"):

@@ -298,3 +298,26 @@ def raw_negative_names(fx: Fixture, raw: dict, i: int) -> list[str]:
 
 def raw_positive_names(fx: Fixture, raw: dict) -> list[str]:
     return [_name_of(fx, ids) for ids in raw["pos_ids"]]
+
+
+def test_teacher_dims_cut_and_renormalise_every_vector(fx: Fixture) -> None:
+    """--projection none: each gathered teacher vector (queries, positives, negatives) is its first D dims over their
+    norm, the row still the one its key names."""
+
+    def cut(position: int, dims: int = 3) -> np.ndarray:
+        v = fx.vector(position)[:dims].astype(np.float64)
+        return v / np.linalg.norm(v)
+
+    names = ["p3", "q1", "p19"]
+    phase1 = Phase1Dataset(np.array([fx.pos(n) for n in names]), fx.texts, fx.store, fx.tokens, teacher_dims=3)
+    got = phase1_collate_fn(fx.tokens)(phase1.__getitems__([0, 1, 2]))["teacher"]
+    np.testing.assert_allclose(got.numpy(), np.stack([cut(fx.pos(n)) for n in names]), rtol=0, atol=1e-6)
+    rows = [("q0", ["p0"], ["p5", "p6"]), ("q1", ["p1"], [])]
+    phase2 = Phase2Dataset(_examples(fx, rows), fx.texts, fx.store, fx.tokens, teacher_dims=3)
+    batch = phase2_collate_fn(fx.tokens)(phase2.__getitems__([0, 1]))
+    expected = {"teacher_query": ["q0", "q1"], "teacher_pos": ["p0", "p1"]}
+    for key, want in expected.items():
+        np.testing.assert_allclose(batch[key].numpy(), np.stack([cut(fx.pos(n)) for n in want]), atol=1e-6)
+    np.testing.assert_allclose(
+        batch["teacher_neg"][batch["neg_mask"]].numpy(), np.stack([cut(fx.pos(n)) for n in ("p5", "p6")]), atol=1e-6
+    )
