@@ -1,4 +1,4 @@
-"""``ddx cache``: list, describe, verify and clean teacher stores."""
+"""``ddx cache``: list, describe, verify, clean and compact teacher stores."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ DUPLICATES = click.option(
 
 @click.group("cache")
 def cache() -> None:
-    """Inspect, verify and clean a teacher store.
+    """Inspect, verify, clean and compact a teacher store.
 
     \b
     Example:
@@ -77,6 +77,8 @@ def ls(store: str, as_json: bool, duplicates: bool) -> None:
         )
     for u in info["uncommitted"]:
         click.echo(f"{u['id']:<48} {'(uncommitted: ' + u['state'] + ')':>32}")
+    for r in info["replaced"]:
+        click.echo(f"{r:<48} (replaced by a compaction, not read; 'ddx cache gc' removes it)")
     click.echo(
         f"total: {info['roles']['passage']:,} passages, {info['roles']['query']:,} queries, {_size(info['bytes'])}"
     )
@@ -190,4 +192,47 @@ def gc(store: str, dry_run: bool, force: tuple[str, ...], as_json: bool) -> None
     tail = f", {len(damaged)} damaged left in place" if damaged else ""
     click.echo(
         f"{rm} {len(removed)} empty segment(s), {sv} {len(salvaged)} ({sum(d['rows'] for d in salvaged):,} rows){tail}"
+    )
+
+
+@cache.command("compact")
+@STORE
+@store_access_options
+@click.option(
+    "--target-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most rows of a merged segment; segments this large or larger are left as they are "
+    "[default: ~2 GiB of vectors, in whole chunks].",
+)
+@click.option("--dry-run", is_flag=True, help="Only list the segments that would be merged.")
+@AS_JSON
+@library_errors
+def compact(store: str, target_rows: int | None, dry_run: bool, as_json: bool) -> None:
+    """Merge many small committed segments into fewer large ones (open cost grows with segments).
+
+    Crash-safe: the merged segment is committed before its sources are removed, readers never see a
+    row twice, and a killed compaction is finished by the next one (or 'ddx cache gc'). Run it between
+    jobs: a reader that opened the store before must reopen it once the old segments are gone.
+
+    \b
+    Example:
+        ddx cache compact stores/gte7b --dry-run
+        ddx cache compact s3://bucket/gte7b
+    """
+    from storage.compact import compact_store
+
+    report = compact_store(_open(store), target_rows=target_rows, dry_run=dry_run)
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    verb = "would merge" if dry_run else "merged"
+    for m in report.merged:
+        into = "" if m["segment"] is None else f" into {m['segment']}"
+        click.echo(f"{verb} {len(m['sources'])} segments ({m['rows']:,} rows){into}")
+    if report.skipped:
+        click.echo(f"skipped {len(report.skipped)} segment(s) held by another process (rerun later)", err=True)
+    click.echo(
+        f"{report.segments_before} segment(s) -> {report.segments_after}"
+        + (f"; removed {len(report.removed)} merged or replaced segment(s)" if report.removed else "")
     )

@@ -13,7 +13,7 @@ from typing import Any
 from storage.errors import DdxError
 from storage.spec import POOLING_MODES, TeacherSpec
 
-__all__ = ["GTE_QWEN2_QUERY_PROMPT", "JOB_ID", "PRESETS", "PrecomputeConfig", "TeacherConfig"]
+__all__ = ["GTE_QWEN2_QUERY_PROMPT", "JOB_ID", "PRESETS", "PrecomputeConfig", "RayConfig", "TeacherConfig"]
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a folder name under <store>/runs/
 
@@ -188,3 +188,36 @@ class PrecomputeConfig:
                 f"--job-id {self.job_id!r}: use letters, digits, '.', '_' or '-' (not starting with '.'); it names "
                 "the folder <store>/runs/<job>/ the ranks report to."
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """How ``ddx precompute-teacher --engine ray`` spreads the work over a Ray cluster (:mod:`precompute.ray_engine`).
+
+    The plan is cut into units of ``unit_rows`` texts; each unit is one Ray task and one committed segment, so a
+    killed actor loses at most its unit in flight (Ray retries it; nothing is stored twice).
+    """
+
+    # Each field's metadata is its ``--ray-*`` option's help (cli/precompute_cmd.py).
+    address: str | None = field(
+        default=None,
+        metadata={"help": "Ray cluster to join ('auto', 'ray://HOST:10001'); default: $RAY_ADDRESS, else a local Ray."},
+    )
+    actors: int | None = field(
+        default=None, metadata={"help": "Encoder actors (default: one per GPU of the cluster, else 1).", "min": 1}
+    )
+    actor_gpus: float | None = field(  # 0: CPU actors (tests, a CPU-only cluster)
+        default=None,
+        metadata={"help": "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0).", "min": 0.0},
+    )
+    actor_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per encoder actor.", "min": 0.0})
+    unit_rows: int = field(  # 16,384 texts: ~1 min of a 7B teacher on one GPU, a 112 MiB segment at 3584-d fp16
+        default=16_384, metadata={"help": "Texts per unit of work (one Ray task, one committed segment).", "min": 1}
+    )
+    max_restarts: int = field(
+        default=-1,
+        metadata={"help": "Restarts of a dead encoder actor (-1: unlimited, Ray Data's default).", "min": -1},
+    )
+    max_task_retries: int = field(
+        default=-1, metadata={"help": "Retries of a unit whose actor died (-1: unlimited).", "min": -1}
+    )

@@ -2,116 +2,42 @@
 
 The spec is read from the model as loaded (pooling module, Normalize module, tokenizer padding
 side, max length) after the user's overrides are applied to the model itself, so the stored spec
-always describes what actually ran. Weights are identified by hub commit or by a hash of the local
-files (cached by path, size and mtime: hashing 15 GB of gte-Qwen2-7B takes ~20 s once).
+always describes what actually ran. What the files alone tell (weights identity, the expected spec,
+the tokenizer) is in :mod:`precompute.teacher_files`, re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from precompute.config import PRESETS, TeacherConfig
+from precompute.teacher_files import (
+    default_device,
+    device_and_dtype,
+    expected_spec,
+    load_tokenizer,
+    spec_from_files,
+    weights_identity,
+)
 from storage.errors import DdxError
-from storage.fs import atomic_open, default_cache_dir
-from storage.spec import POOLING_MODES, TeacherSpec
+from storage.spec import TeacherSpec
 
-__all__ = ["PRESETS", "TeacherConfig", "TeacherEncoder", "expected_spec", "load_teacher", "weights_identity"]
+__all__ = [
+    "PRESETS",
+    "TeacherConfig",
+    "TeacherEncoder",
+    "count_tokens",
+    "default_device",
+    "expected_spec",
+    "load_teacher",
+    "load_tokenizer",
+    "spec_from_files",
+    "weights_identity",
+]
 
 LENGTH_BATCH = 256  # texts per tokenizer call in token_lengths (bounds its transient memory)
-_SKIP_HASH = {".md", ".txt", ".ini", ".png", ".jpg", ".gitattributes", ".lock"}
-
-
-def weights_identity(model: str, revision: str | None = None) -> tuple[str, str]:
-    """(local folder, weights id) for a hub id or a local path.
-
-    Hub ids resolve to a snapshot (downloaded when online, the local cache otherwise) and are
-    identified by ``hub:<repo>@<commit>``; local folders by ``files:<blake2b of their files>``.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path), "files:" + _hash_folder(path)
-    if path.exists():
-        raise DdxError(f"Teacher {model!r} is a file; pass the model's folder (with modules.json) or a hub id.")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(model, revision=revision)
-    except Exception as exc:
-        raise DdxError(
-            f"Cannot load teacher {model!r}: not a local folder and not available from the Hugging Face hub "
-            f"or its local cache ({type(exc).__name__}: {exc}). Pass a local path, or download it first "
-            f"('hf download {model}') where the hub is reachable."
-        ) from exc
-    return folder, f"hub:{model}@{Path(folder).name}"
-
-
-def _hash_folder(path: Path) -> str:
-    # Filter on the path inside the folder: a model kept under ~/.cache must still hash its own files.
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() not in _SKIP_HASH
-        and p.name not in _SKIP_HASH
-        and ".cache" not in p.relative_to(path).parts
-    )
-    if not files:
-        raise DdxError(
-            f"Teacher folder {str(path)!r} holds no model files; pass the folder with modules.json / config.json."
-        )
-    stat_key = json.dumps([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    cache_file = default_cache_dir() / "weights-ids.json"
-    cache = _read_json(cache_file)
-    entry = f"v2:{path.resolve()}:{hashlib.sha256(stat_key.encode()).hexdigest()}"
-    if entry in cache:
-        return cache[entry]
-    h = hashlib.blake2b(digest_size=16)
-    for p in files:
-        h.update(str(p.relative_to(path)).encode() + b"\x00")
-        with open(p, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-    digest = h.hexdigest()
-    cache[entry] = digest
-    try:  # temp file + rename: a reader sees the old cache or the new one; of two racing writers the last wins
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(cache_file, "w", encoding="utf-8") as f:
-            f.write(json.dumps(cache))
-    except OSError:
-        pass  # the cache only saves time (an entry lost to a race is hashed again next time)
-    return digest
-
-
-def _read_json(path: Path) -> dict[str, str]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def default_device() -> str:
-    """``cuda:<local rank>`` when CUDA is available, else ``cpu``.
-
-    The local rank is torchrun's ``LOCAL_RANK``, else SLURM's ``SLURM_LOCALID`` (``srun`` without torchrun),
-    modulo the GPUs this process sees: with ``--gpus-per-task=1`` each task sees one GPU, as ``cuda:0``.
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return f"cuda:{local % max(torch.cuda.device_count(), 1)}"
-
-
-def _device_and_dtype(cfg: TeacherConfig) -> tuple[str, str]:
-    device = cfg.device or default_device()
-    return device, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 
 def load_teacher(config: TeacherConfig) -> TeacherEncoder:
@@ -120,7 +46,7 @@ def load_teacher(config: TeacherConfig) -> TeacherEncoder:
     from sentence_transformers import SentenceTransformer
 
     cfg = config.resolved()
-    device, dtype = _device_and_dtype(cfg)
+    device, dtype = device_and_dtype(cfg)
     folder, weights_id = weights_identity(cfg.model, cfg.revision)
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
     try:
@@ -138,117 +64,6 @@ def load_teacher(config: TeacherConfig) -> TeacherEncoder:
         )
     _apply_overrides(model, cfg)
     return TeacherEncoder(model, _spec_of(model, cfg, weights_id, dtype), device)
-
-
-def expected_spec(config: TeacherConfig) -> dict[str, Any]:
-    """The TeacherSpec fields ``load_teacher(config)`` will report, read from the config and the model's files.
-
-    No weights are loaded (the weights id hashes the files, cached by size and mtime), so a store of another
-    teacher spec is refused in seconds instead of after minutes of loading a 7B teacher. A field the files do
-    not settle (a module type ddx does not model, a tokenizer whose padding side is a class default) is left
-    out: the check on the loaded model still covers it.
-
-    Example:
-        >>> expected_spec(TeacherConfig(model="models/tiny", normalize=False))  # doctest: +SKIP
-        {'model': 'models/tiny', 'weights_id': 'files:…', 'dtype': 'float32', 'normalize': False, 'dim': 32, …}
-    """
-    cfg = config.resolved()
-    folder, weights_id = weights_identity(cfg.model, cfg.revision)
-    spec: dict[str, Any] = {"model": cfg.model, "weights_id": weights_id, "dtype": _device_and_dtype(cfg)[1]}
-    spec.update(_prompts_from_files(Path(folder), cfg))
-    overrides = {"normalize": cfg.normalize, "max_seq_length": cfg.max_seq_length, "padding_side": cfg.padding_side}
-    modules = _read_any_json(Path(folder) / "modules.json")
-    if isinstance(modules, list):  # without modules.json, sentence-transformers builds its own: leave it to the load
-        spec.update(_modules_spec(Path(folder), modules, cfg))
-    spec.update({k: v for k, v in overrides.items() if v is not None})
-    return spec
-
-
-def _read_any_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _prompts_from_files(folder: Path, cfg: TeacherConfig) -> dict[str, str]:
-    """Query and passage prompts: the user's, else those the model saved ("" for none, as sentence-transformers)."""
-    path = folder / "config_sentence_transformers.json"
-    saved = _read_any_json(path) if path.exists() else {}
-    prompts = (saved.get("prompts") or {}) if isinstance(saved, dict) else None  # None: unreadable, leave it
-    out: dict[str, str] = {}
-    if cfg.query_prompt is not None:
-        out["query_prompt"] = cfg.query_prompt
-    elif isinstance(prompts, dict):
-        out["query_prompt"] = prompts.get("query") or ""
-    if cfg.passage_prompt is not None:
-        out["passage_prompt"] = cfg.passage_prompt
-    elif isinstance(prompts, dict):
-        out["passage_prompt"] = prompts.get("passage", prompts.get("document")) or ""
-    return out
-
-
-def _modules_spec(folder: Path, modules: list[Any], cfg: TeacherConfig) -> dict[str, Any]:
-    """Pooling, normalize, dim, max length and padding side from modules.json and each module's config."""
-    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], folder / str(m.get("path", ""))) for m in modules]
-    out: dict[str, Any] = {"normalize": any(kind == "Normalize" for kind, _ in kinds)}
-    dim: int | None = None
-    for kind, path in kinds:
-        if kind == "Pooling":  # an overridden pooling keeps the output width (see _apply_overrides)
-            modes, width = _pooling_config(path)
-            if cfg.pooling or (len(modes) == 1 and modes[0] in POOLING_MODES):
-                out["pooling"] = cfg.pooling or modes[0]
-            dim = width * len(modes) if modes and width else None
-        elif kind == "Dense":
-            dense = _read_any_json(path / "config.json")
-            dim = dense.get("out_features") if isinstance(dense, dict) else None
-        elif kind not in ("Transformer", "Normalize"):
-            dim = None  # a module ddx does not model may change the output: leave dim to the load
-            break
-    if dim is not None:
-        out["dim"] = int(dim)
-    transformer = next((path for kind, path in kinds if kind == "Transformer"), None)
-    if transformer is not None:
-        out.update(_tokenizer_spec(transformer))
-    return out
-
-
-def _pooling_config(path: Path) -> tuple[list[str], int | None]:
-    """(pooling modes, token embedding width) of a Pooling module, in either of its config formats."""
-    conf = _read_any_json(path / "config.json")
-    if not isinstance(conf, dict):
-        return [], None
-    width = conf.get("embedding_dimension", conf.get("word_embedding_dimension"))
-    mode = conf.get("pooling_mode")
-    if mode is None:  # the format before sentence-transformers 6: one flag per mode, "mean" when none is set
-        flags = {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}
-        flags |= {"mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "weightedmean_tokens": "weightedmean"}
-        flags |= {"lasttoken": "lasttoken"}
-        mode = [m for key, m in flags.items() if conf.get(f"pooling_mode_{key}")] or ["mean"]
-    modes = [mode] if isinstance(mode, str) else list(mode)
-    return modes, width if isinstance(width, int) else None
-
-
-def _tokenizer_spec(module: Path) -> dict[str, Any]:
-    """max_seq_length and padding side as sentence-transformers >= 6 sets them when it loads the Transformer."""
-    st_conf = _read_any_json(module / "sentence_bert_config.json")
-    st_conf = st_conf if isinstance(st_conf, dict) else {}
-    if any(k in st_conf for k in ("processor_kwargs", "tokenizer_args", "config_kwargs", "tokenizer_name_or_path")):
-        return {}  # tokenizer settings come from elsewhere: leave them to the load
-    tok = _read_any_json(module / "tokenizer_config.json")
-    tok = tok if isinstance(tok, dict) else {}
-    out: dict[str, Any] = {}
-    if tok.get("padding_side") in ("left", "right"):
-        out["padding_side"] = tok["padding_side"]
-    if isinstance(st_conf.get("max_seq_length"), int):
-        out["max_seq_length"] = st_conf["max_seq_length"]
-        return out
-    model_conf = _read_any_json(module / "config.json")
-    positions = model_conf.get("max_position_embeddings") if isinstance(model_conf, dict) else None
-    limit = tok.get("model_max_length")
-    if isinstance(limit, int) and isinstance(positions, int) and positions != -1:
-        out["max_seq_length"] = min(limit, positions)  # the tokenizer's limit, capped at the model's positions
-    return out
 
 
 def _apply_overrides(model: Any, cfg: TeacherConfig) -> None:
@@ -293,6 +108,25 @@ def _spec_of(model: Any, cfg: TeacherConfig, weights_id: str, dtype: str) -> Tea
     )
 
 
+def count_tokens(tokenizer: Any, texts: list[str], prompt: str, max_length: int) -> np.ndarray:
+    """Tokens each of ``texts`` takes after ``prompt``, truncated at ``max_length`` (int32).
+
+    The one definition of a text's length, for batching and the store's ``n_tokens``: the local engine counts
+    with the loaded model's tokenizer, Ray's CPU stage with the tokenizer alone
+    (:func:`precompute.teacher_files.load_tokenizer`). Tokenized ``LENGTH_BATCH`` texts at a time: a fast
+    tokenizer keeps every text's full encoding (tokens, offsets, the truncated overflow) until the call
+    returns, ~130 KB for a SciFact abstract, so one call over a 65,536-text window peaked at gigabytes.
+    """
+    out = np.empty(len(texts), dtype=np.int32)
+    for start in range(0, len(texts), LENGTH_BATCH):
+        batch = [prompt + t for t in texts[start : start + LENGTH_BATCH]]
+        enc = tokenizer(
+            batch, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
+        )
+        out[start : start + len(batch)] = [len(ids) for ids in enc["input_ids"]]
+    return out
+
+
 class TeacherEncoder:
     """Runs the teacher on batches of texts under ``torch.inference_mode``.
 
@@ -306,24 +140,8 @@ class TeacherEncoder:
         self.model.eval()
 
     def token_lengths(self, texts: list[str], role: str) -> np.ndarray:
-        """Tokens each text takes (prompt included, truncated at max_seq_length).
-
-        Tokenized ``LENGTH_BATCH`` texts at a time: a fast tokenizer keeps every text's full
-        encoding (tokens, offsets, the truncated overflow) until the call returns, ~130 KB for a
-        SciFact abstract, so one call over a 65,536-text window peaked at gigabytes.
-        """
-        prompt, out = self.spec.prompt(role), np.empty(len(texts), dtype=np.int32)
-        for start in range(0, len(texts), LENGTH_BATCH):
-            batch = [prompt + t for t in texts[start : start + LENGTH_BATCH]]
-            enc = self.model.tokenizer(
-                batch,
-                truncation=True,
-                max_length=self.spec.max_seq_length,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )
-            out[start : start + len(batch)] = [len(ids) for ids in enc["input_ids"]]
-        return out
+        """Tokens each text takes (prompt included, truncated at max_seq_length): :func:`count_tokens`."""
+        return count_tokens(self.model.tokenizer, texts, self.spec.prompt(role), self.spec.max_seq_length)
 
     def encode(self, texts: list[str], role: str) -> np.ndarray:
         """Vectors of one batch as float32, shape (len(texts), dim)."""

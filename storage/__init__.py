@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from storage.compact import CompactReport, compact_store
     from storage.errors import (
         DdxError,
         DimensionMismatchError,
@@ -22,7 +23,16 @@ if TYPE_CHECKING:
         StoreExistsError,
         StoreNotFoundError,
     )
-    from storage.keys import ROLES, KeySet, content_key, content_keys, key_hex, role_code
+    from storage.keys import (
+        ROLES,
+        KeySet,
+        content_key,
+        content_keys,
+        key_hex,
+        keys_from_arrow,
+        keys_to_arrow,
+        role_code,
+    )
     from storage.maintenance import VerifyReport, gc_store, store_info, verify_store
     from storage.spec import TeacherSpec
     from storage.store import FORMAT_VERSION, TeacherStore, default_chunk_rows
@@ -43,7 +53,11 @@ _WHERE = {
         ),
         "storage.errors",
     ),
-    **dict.fromkeys(("ROLES", "KeySet", "content_key", "content_keys", "key_hex", "role_code"), "storage.keys"),
+    **dict.fromkeys(
+        ("ROLES", "KeySet", "content_key", "content_keys", "key_hex", "keys_from_arrow", "keys_to_arrow", "role_code"),
+        "storage.keys",
+    ),
+    **dict.fromkeys(("CompactReport", "compact_store"), "storage.compact"),
     **dict.fromkeys(("VerifyReport", "gc_store", "store_info", "verify_store"), "storage.maintenance"),
     "TeacherSpec": "storage.spec",
     **dict.fromkeys(("FORMAT_VERSION", "TeacherStore", "default_chunk_rows"), "storage.store"),
@@ -52,6 +66,7 @@ _WHERE = {
 __all__ = [
     "FORMAT_VERSION",
     "ROLES",
+    "CompactReport",
     "DdxError",
     "DimensionMismatchError",
     "DiskFullError",
@@ -66,11 +81,14 @@ __all__ = [
     "TeacherSpec",
     "TeacherStore",
     "VerifyReport",
+    "compact_store",
     "content_key",
     "content_keys",
     "default_chunk_rows",
     "gc_store",
     "key_hex",
+    "keys_from_arrow",
+    "keys_to_arrow",
     "role_code",
     "store_info",
     "verify_store",

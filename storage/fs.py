@@ -366,8 +366,11 @@ class Location:
         return bytes(self.fs.cat_file(self.join(*parts)))
 
     @_remote_errors
-    def write_atomic(self, data: bytes, *parts: str) -> None:
+    def write_atomic(self, data: bytes, *parts: str, sync: bool = True) -> None:
         """Write ``data`` so readers see the old file or the new one, never a torn one.
+
+        ``sync=False`` skips the local fsync, for files a later step fsyncs anyway (a segment's chunk
+        files, all fsynced before its COMMIT: :func:`storage.segment_format.sync_vectors`).
 
         Raises:
             DiskFullError: the disk filled up; nothing already stored is touched.
@@ -375,7 +378,7 @@ class Location:
         path = self.join(*parts)
         try:
             if self.is_local:
-                _write_local_atomic(Path(path), data)
+                _write_local_atomic(Path(path), data, sync=sync)
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:
@@ -550,7 +553,11 @@ def _remove_tree(path: Path) -> None:
         os.rmdir(path)
 
 
-def _write_local_atomic(path: Path, data: bytes) -> None:
+def _write_local_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
-        f.write(data)
+    if sync:
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

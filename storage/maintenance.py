@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from storage.compact import remove_replaced
 from storage.keys import ROLES
 from storage.segment import SEGMENTS, SegmentReader, claim_and_salvage, indexed_rows, segment_state
 from storage.segment_format import role_counts
@@ -42,6 +43,7 @@ def store_info(store: TeacherStore, *, duplicates: bool = False) -> dict[str, An
         "bytes": sum(s["bytes"] for s in segments),
         "segments": segments,
         "uncommitted": [{"id": s, "state": state} for s, state in store.uncommitted_segments()],
+        "replaced": list(store.replaced),  # a compaction was killed before removing them: readers skip them
     }
 
 
@@ -74,7 +76,8 @@ def gc_store(
     would), one that provably holds nothing is removed, each under the segment's claim
     (:func:`storage.segment.claim_and_salvage`); committed and running segments are left alone, and so is
     a damaged one (reported, for a person to look at). Leftovers of an interrupted removal (hidden
-    ``*.removing`` copies, see :meth:`Location.remove`) are deleted too.
+    ``*.removing`` copies, see :meth:`Location.remove`) are deleted too, and so are segments a committed
+    compaction replaces but did not get to remove (readers already skip them: :mod:`storage.compact`).
 
     ``force`` (``ddx cache gc --force``): segments whose writer is known dead but still counts as alive
     (a remote writer's heartbeat is younger than ``stale_after``) are treated as abandoned: ``True`` for
@@ -100,6 +103,9 @@ def gc_store(
         result = claim_and_salvage(store.loc, seg_id, force=forced)
         if result.outcome in ("removed", "salvaged", "damaged"):
             done.append({**entry, "action": result.outcome, "rows": result.rows, "detail": result.detail})
+    sizes = {seg_id: store.loc.size(SEGMENTS, seg_id) for seg_id in store.replaced}  # a compaction killed before
+    for seg_id in list(sizes) if dry_run else remove_replaced(store):  # removing the segments it replaced
+        done.append({"id": seg_id, "bytes": sizes.get(seg_id, 0), "action": "removed", "rows": 0})
     for parts in _interrupted_removals(store):
         done.append({"id": "/".join(parts[1:]), "bytes": store.loc.size(*parts), "action": "removed"})
         if not dry_run:

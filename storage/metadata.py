@@ -8,9 +8,11 @@ naming the file and the repair, ``verify`` reports them all.
 
 Format 2 seals the root attributes and COMMIT with a ``checksum`` (sha256 of their canonical JSON,
 :func:`sealed`) and records the sha256 of ``vectors/zarr.json`` in COMMIT, so any changed byte that
-still parses is caught, not only the fields checked one by one. Format-1 files have no seals and are
-checked field by field. The seal is defined once for all formats: a sealed file of an unknown version
-was written by a newer ddx (``FormatVersionError``), an unsealed one was damaged (``IntegrityError``).
+still parses is caught, not only the fields checked one by one. Format 3 records the same; a format-3
+segment's last chunk file holds only the rows it has (:func:`storage.segment_format.chunk_rows_in`). Format-1
+files have no seals and are checked field by field. The seal is defined once for all formats: a sealed
+file of an unknown version was written by a newer ddx (``FormatVersionError``), an unsealed one was
+damaged (``IntegrityError``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ __all__ = [
     "vectors_meta_problems",
 ]
 
-FORMAT_VERSION = 2  # 2: per-row CRC32C in the index, sealed root/COMMIT; 1: chunk CRCs only
+# 3: a segment's last chunk file holds its rows only (not padded to chunk_rows); 2: per-row CRC32C in the index,
+# sealed root/COMMIT; 1: chunk CRCs only
+FORMAT_VERSION = 3
 STORAGE_DTYPES = ("float16", "float32")
 _SEGMENTS = "segments"  # storage.segment_format.SEGMENTS (which imports this module)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -57,6 +61,7 @@ _COMMIT_FIELDS: dict[int, dict[str, type]] = {
         "checksum": str,
     },
 }
+_COMMIT_FIELDS[3] = _COMMIT_FIELDS[2]  # the same record; only the last chunk file's size differs
 
 
 @dataclass(frozen=True)

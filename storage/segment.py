@@ -31,6 +31,7 @@ from storage.segment_format import (
     new_segment_id,
     read_index_bytes,
     read_parts,
+    write_chunk,
     write_commit,
 )
 from storage.segment_reader import SegmentReader
@@ -138,6 +139,10 @@ def claim_and_salvage(loc: Location, seg_id: str, *, force: bool = False) -> Sal
     verified is left untouched ('damaged') for a person to look at, and precompute encodes its texts
     again. Every step is safe to repeat, so when a salvager dies mid-way the next one finishes.
 
+    An uncommitted *compaction* segment (:mod:`storage.compact`: made to replace committed segments, which it
+    copies) is removed instead while every segment it copies is still committed: its rows are all there, and
+    committing the copy would show each of them twice.
+
     ``force`` treats the segment's remote writer as dead whatever its heartbeat says (for a writer known
     dead, when waiting out ``stale_after`` is not wanted: ``ddx cache gc --force``); the claim, the checks
     and the outcome are the same. Forcing a writer that is in fact alive loses the rows it writes after.
@@ -167,6 +172,9 @@ def salvage_segment(loc: Location, seg_id: str, *, force: bool = False) -> int:
 
 def _salvage_claimed(loc: Location, seg_id: str) -> SalvageResult:
     """Commit exactly the rows the segment's index describes once each is verified, or touch nothing."""
+    if _copies_committed_segments(loc, seg_id):
+        loc.remove(SEGMENTS, seg_id)  # an unfinished compaction: every row it holds is still in its sources
+        return SalvageResult(seg_id, "removed")
     try:
         index = _recorded_index(loc, seg_id)
     except Exception as exc:  # pyarrow raises several types for damaged parquet: all mean "unreadable"
@@ -185,11 +193,41 @@ def _salvage_claimed(loc: Location, seg_id: str) -> SalvageResult:
     if array.shape[0] < n:
         return _damaged(seg_id, f"its index describes {n} rows but vectors/ holds {array.shape[0]}")
     chunk_rows = int(array.chunks[0])
-    crcs = _checked_chunk_crcs(loc, seg_id, n, chunk_rows)
+    row_bytes = int(array.shape[1]) * np.dtype(array.dtype).itemsize
+    crcs = _checked_chunk_crcs(loc, seg_id, n, chunk_rows, row_bytes)
     if len(crcs) < n_chunks(n, chunk_rows):
         return _damaged(seg_id, f"chunk {len(crcs)} of vectors/ is missing or fails its checksum")
+    if index.crcs is not None and n % chunk_rows:  # committed in the current format: the last chunk holds its rows
+        crcs[-1] = _trim_last_chunk(loc, seg_id, n, chunk_rows, array)
     write_commit(loc, seg_id, index.take(order), crcs, chunk_rows, array, salvaged=True)
     return SalvageResult(seg_id, "salvaged", rows=n)
+
+
+def _copies_committed_segments(loc: Location, seg_id: str) -> bool:
+    """True for a compaction segment (group attribute ``replaces``) whose every source is still committed."""
+    try:
+        attrs = json.loads(loc.read_bytes(SEGMENTS, seg_id, "zarr.json")).get("attributes", {}).get("ddx_segment", {})
+    except (FileNotFoundError, ValueError, AttributeError):
+        return False
+    sources = attrs.get("replaces") if isinstance(attrs, dict) else None
+    if not isinstance(sources, list) or not sources:
+        return False
+    return all(isinstance(s, str) and loc.exists(SEGMENTS, s, "COMMIT") for s in sources)
+
+
+def _trim_last_chunk(loc: Location, seg_id: str, rows: int, chunk_rows: int, array: Any) -> int:
+    """Rewrite the last chunk holding exactly its described rows (it may hold padding, or rows no part describes).
+
+    Returns the CRC32C of its data. Idempotent: a salvager killed after this finds the chunk already trimmed.
+    """
+    last = n_chunks(rows, chunk_rows) - 1
+    keep = rows - last * chunk_rows
+    dim, dtype = int(array.shape[1]), np.dtype(array.dtype).newbyteorder("<")
+    data = loc.read_bytes(*chunk_file(seg_id, last))
+    if len(data) == keep * dim * dtype.itemsize + 4:
+        return int(google_crc32c.value(data[:-4]))
+    block = np.frombuffer(data, dtype=np.uint8)[:-4].view(dtype).reshape(-1, dim)[:keep]
+    return write_chunk(loc, seg_id, last, block)
 
 
 def indexed_rows(loc: Location, seg_id: str) -> int | None:
@@ -213,16 +251,21 @@ def _first_gap(sorted_rows: np.ndarray) -> int:
     return int(gaps[0]) if len(gaps) else len(sorted_rows)
 
 
-def _checked_chunk_crcs(loc: Location, seg_id: str, rows: int, chunk_rows: int) -> list[int]:
-    """CRC32C of each chunk holding rows 0..rows-1 (data checked against its trailer), up to the first bad one."""
+def _checked_chunk_crcs(loc: Location, seg_id: str, rows: int, chunk_rows: int, row_bytes: int) -> list[int]:
+    """CRC32C of each chunk holding rows 0..rows-1, up to the first bad one: its data matches its trailer, and it
+    holds the rows described (a chunk before the last exactly ``chunk_rows``, the last at least its own)."""
     crcs = []
-    for i in range(n_chunks(rows, chunk_rows)):
+    chunks = n_chunks(rows, chunk_rows)
+    for i in range(chunks):
         try:
             data = loc.read_bytes(*chunk_file(seg_id, i))
         except FileNotFoundError:
             break
+        need = min(chunk_rows, rows - i * chunk_rows) * row_bytes
+        if len(data) - 4 < need or (i < chunks - 1 and len(data) - 4 != need):
+            break
         crc = int(google_crc32c.value(data[:-4]))
-        if len(data) <= 4 or crc != int.from_bytes(data[-4:], "little"):
+        if crc != int.from_bytes(data[-4:], "little"):
             break
         crcs.append(crc)
     return crcs

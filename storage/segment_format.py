@@ -18,6 +18,15 @@ With codecs ``bytes`` + ``crc32c`` and no compression, a chunk file is the raw l
 followed by a 4-byte CRC32C, so readers read rows at fixed offsets straight from the file (``pread``,
 or a memory map; see DESIGN: zarr's own decode path gathers 1–7 k random rows/s) while any Zarr v3
 implementation can still read it. A commit fsyncs the chunk files before index.parquet and COMMIT.
+
+Trimmed last chunk (format 3): the writer writes the chunk files itself (:func:`write_chunk`: the bytes
+zarr would write), and the last chunk holds only the rows the segment has, not ``chunk_rows`` of them
+padded with zeros. A writer does not know its row count in advance (a Ray actor, a run's last rows), and
+at 3584-d fp16 the padding of one 4,096-row chunk is 28 MiB: a 10-row top-up cost 28 MiB on disk. Zarr v3's
+regular chunk grid cannot describe a shorter last chunk, so zarr-python reads every chunk of a format-3
+segment but a partial last one (``vectors/c/<last>/0`` is still rows + CRC32C, readable as raw bytes); ddx's
+readers and ``ddx cache verify`` expect exactly :func:`chunk_rows_in` rows in each chunk file. Formats 1
+and 2 keep their padded last chunk and stay readable.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import pyarrow.parquet as pq
 
 from storage.errors import IntegrityError
 from storage.fs import Location
-from storage.keys import KEY_BYTES, KEY_DTYPE, ROLES
+from storage.keys import KEY_BYTES, KEY_DTYPE, ROLES, keys_from_arrow, keys_to_arrow
 from storage.metadata import FORMAT_VERSION, Damage, sealed
 
 __all__ = [
@@ -51,6 +60,8 @@ __all__ = [
     "check_rows",
     "chunk_crc",
     "chunk_file",
+    "chunk_payload",
+    "chunk_rows_in",
     "key_seeds",
     "n_chunks",
     "new_segment_id",
@@ -60,6 +71,7 @@ __all__ = [
     "row_crcs",
     "stream_index",
     "sync_vectors",
+    "write_chunk",
     "write_commit",
     "write_index",
 ]
@@ -92,13 +104,9 @@ class IndexColumns:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> IndexColumns:
-        keys = table.column("key").combine_chunks()
-        key_bytes = keys.buffers()[1]
-        offset = keys.offset * KEY_BYTES
-        raw = np.frombuffer(key_bytes, dtype=np.uint8)[offset : offset + len(keys) * KEY_BYTES]
         crcs = table.column("crc32c").to_numpy().astype(np.uint32) if "crc32c" in table.column_names else None
         cols = cls(
-            keys=raw.view(KEY_DTYPE).copy(),
+            keys=keys_from_arrow(table.column("key")),
             rows=table.column("row").to_numpy().astype(np.int64),
             roles=table.column("role").to_numpy().astype(np.uint8),
             n_tokens=table.column("n_tokens").to_numpy().astype(np.int32),
@@ -121,10 +129,7 @@ class IndexColumns:
 
     def to_table(self) -> pa.Table:
         """The columns as an Arrow table of INDEX_SCHEMA (INDEX_SCHEMA_V1 without row checksums)."""
-        keys = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(KEY_BYTES), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())]
-        )
-        columns = [keys, self.rows, self.roles, self.n_tokens]
+        columns = [keys_to_arrow(self.keys), self.rows, self.roles, self.n_tokens]
         if self.crcs is not None:
             columns.append(self.crcs)
         return pa.table(columns, schema=INDEX_SCHEMA_V1 if self.crcs is None else INDEX_SCHEMA)
@@ -199,6 +204,32 @@ def chunk_crc(block: np.ndarray) -> int:
 def n_chunks(rows: int, chunk_rows: int) -> int:
     """Chunks that ``rows`` rows fill (the last one may be partial)."""
     return -(-rows // chunk_rows)
+
+
+def chunk_rows_in(rows: int, chunk_rows: int, chunk: int, *, trimmed: bool) -> int:
+    """Rows chunk ``chunk``'s file holds: ``chunk_rows``, except the last chunk of a trimmed (format-3) segment,
+    which holds only its own rows (formats 1 and 2 pad it with zeros to ``chunk_rows``, as zarr does).
+    """
+    return min(chunk_rows, rows - chunk * chunk_rows) if trimmed else chunk_rows
+
+
+def chunk_payload(block: np.ndarray) -> tuple[bytes, int]:
+    """(file bytes, CRC32C of the data) of a chunk holding ``block``'s rows: raw rows + 4-byte little-endian CRC32C,
+    what zarr's ``bytes`` + ``crc32c`` codecs write for a chunk of that shape."""
+    data = np.ascontiguousarray(block).tobytes()
+    crc = int(google_crc32c.value(data))
+    return data + crc.to_bytes(4, "little"), crc
+
+
+def write_chunk(loc: Location, seg_id: str, chunk: int, block: np.ndarray) -> int:
+    """Write chunk ``chunk`` of the segment holding exactly ``block``'s rows, atomically; returns its data's CRC32C.
+
+    A partial chunk rewritten by a later flush is replaced whole (readers see the old file or the new one). Not
+    fsynced here: a commit (or salvage) fsyncs every chunk file before COMMIT (:func:`sync_vectors`).
+    """
+    payload, crc = chunk_payload(block)
+    loc.write_atomic(payload, *chunk_file(seg_id, chunk), sync=False)
+    return crc
 
 
 def chunk_file(seg_id: str, chunk: int) -> tuple[str, ...]:
@@ -330,13 +361,16 @@ def write_commit(
     array: Any,
     *,
     salvaged: bool,
+    replaces: list[str] | None = None,
 ) -> None:
     """fsync the vectors, write index.parquet, then COMMIT (the commit marker, last), then drop the parts.
 
     ``index`` None streams index.parquet from the parts (a writer's commit: flat memory); an index
-    given is written from memory (salvage). An index with row checksums commits as format 2 (COMMIT
-    sealed, vectors/zarr.json's sha256 in it); one without (parts an older ddx wrote, salvaged now)
-    commits as format 1, as that ddx would have.
+    given is written from memory (salvage). An index with row checksums commits as the current format
+    (COMMIT sealed, vectors/zarr.json's sha256 in it; the last chunk file must hold its rows only); one
+    without (parts an older ddx wrote, salvaged now) commits as format 1, as that ddx would have.
+    ``replaces``: the segments whose rows this one holds (a compaction, :mod:`storage.compact`); readers
+    skip them from the moment this COMMIT exists.
     """
     rows = int(array.shape[0]) if index is None else len(index.keys)
     sync_vectors(loc, seg_id, n_chunks(rows, chunk_rows))  # the rows are on disk before anything vouches for them
@@ -355,6 +389,8 @@ def write_commit(
         "pid": os.getpid(),
         "salvaged": salvaged,
     }
+    if replaces:
+        commit["replaces"] = sorted(replaces)
     if summary.row_checksums:
         meta = loc.read_bytes(SEGMENTS, seg_id, "vectors", "zarr.json")
         commit.update(

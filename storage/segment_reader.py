@@ -36,7 +36,15 @@ from storage.metadata import (
     seal_matches,
     vectors_meta_problems,
 )
-from storage.segment_format import SEGMENTS, IndexColumns, chunk_file, key_seeds, n_chunks, read_index_bytes
+from storage.segment_format import (
+    SEGMENTS,
+    IndexColumns,
+    chunk_file,
+    chunk_rows_in,
+    key_seeds,
+    n_chunks,
+    read_index_bytes,
+)
 
 __all__ = ["SegmentReader"]
 
@@ -73,6 +81,21 @@ class SegmentReader:
     @property
     def n_chunks(self) -> int:
         return n_chunks(self.rows, self.chunk_rows)
+
+    @property
+    def trimmed(self) -> bool:
+        """Format 3+: the last chunk file holds only the segment's own rows (no padding)."""
+        return self.format_version >= 3
+
+    def rows_in(self, i: int) -> int:
+        """Rows chunk ``i``'s file holds (padding included in formats 1 and 2)."""
+        return chunk_rows_in(self.rows, self.chunk_rows, i, trimmed=self.trimmed)
+
+    @property
+    def replaces(self) -> list[str]:
+        """Segments whose rows this one holds (a compaction, :mod:`storage.compact`); readers skip them."""
+        value = self.commit.get("replaces")
+        return [str(s) for s in value] if isinstance(value, list) else []
 
     @property
     def has_row_checksums(self) -> bool:
@@ -160,7 +183,7 @@ class SegmentReader:
     # -- chunks --------------------------------------------------------------------------------
 
     def chunk(self, i: int) -> np.ndarray:
-        """Rows of chunk ``i`` (a read-only memory map for local stores; padded rows included).
+        """Rows of chunk ``i`` (a read-only memory map for local stores; formats 1-2: padded rows included).
 
         Raises:
             IntegrityError: the chunk file is missing or has the wrong size.
@@ -171,25 +194,29 @@ class SegmentReader:
         path = self.loc.local_path(*chunk_file(self.seg_id, i))
         if path is not None and self.plain:
             size = path.stat().st_size if path.exists() else -1
-            if (problem := self.size_problem(size)) is not None:
+            if (problem := self.size_problem(i, size)) is not None:
                 raise self.damage(problem, *chunk_file(self.seg_id, i)[2:])
             raw = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
             self._raw[i] = raw
-            arr = raw[:-4].view(self.dtype).reshape(self.chunk_rows, self.dim)
+            arr = raw[:-4].view(self.dtype).reshape(self.rows_in(i), self.dim)
         else:
             arr = self._zarr_chunk(i)
         self._maps[i] = arr
         return arr
 
-    def size_problem(self, size: int) -> str | None:
-        expected = self.chunk_rows * self.dim * self.dtype.itemsize + 4
+    def size_problem(self, i: int, size: int) -> str | None:
+        """What is wrong with chunk ``i``'s file being ``size`` bytes (-1: missing), or None."""
+        rows = self.rows_in(i)
+        expected = rows * self.dim * self.dtype.itemsize + 4
         if size < 0:
             return "is missing"
         if size != expected:
-            return f"has {size} bytes, expected {expected} ({self.chunk_rows} x {self.dim} {self.dtype.name} + CRC)"
+            return f"has {size} bytes, expected {expected} ({rows} x {self.dim} {self.dtype.name} + CRC)"
         return None
 
     def _zarr_chunk(self, i: int) -> np.ndarray:
+        if self.rows_in(i) < self.chunk_rows:  # format 3's trimmed last chunk: zarr expects a full one
+            return self._raw_chunk(i)
         try:
             if self._array is None:
                 import zarr
@@ -203,6 +230,18 @@ class SegmentReader:
             if (network := None if self.loc.is_local else remote_error(self.loc.url, exc)) is not None:
                 raise network from exc  # not damage: the store could not be reached
             raise self.damage(f"cannot be read ({type(exc).__name__}: {exc})", *chunk_file(self.seg_id, i)[2:]) from exc
+        return out
+
+    def _raw_chunk(self, i: int) -> np.ndarray:
+        """Chunk ``i`` from its file's bytes (size and CRC32C checked), as ``chunk_rows`` rows padded with zeros."""
+        try:
+            data = self.read_raw(i)
+        except FileNotFoundError as exc:
+            raise self.damage("is missing", *chunk_file(self.seg_id, i)[2:]) from exc
+        if (problem := self.raw_problem(i, data)) is not None:
+            raise self.damage(problem, *chunk_file(self.seg_id, i)[2:])
+        out = np.zeros((self.chunk_rows, self.dim), dtype=self.dtype)
+        out[: self.rows_in(i)] = data[:-4].view(self.dtype).reshape(-1, self.dim)
         return out
 
     def check_chunk(self, i: int) -> None:
@@ -225,7 +264,7 @@ class SegmentReader:
 
     def raw_problem(self, i: int, data: np.ndarray, *, trailer: bool = True) -> str | None:
         """What is wrong with ``data``, the bytes of chunk ``i``'s file (size, then CRC32C), or None."""
-        if (problem := self.size_problem(len(data))) is not None:
+        if (problem := self.size_problem(i, len(data))) is not None:
             return problem
         return self._crc_problem(i, data, trailer=trailer)
 
@@ -288,7 +327,7 @@ class SegmentReader:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise self.damage("is missing", *chunk_file(self.seg_id, i)[2:]) from exc
-        if (problem := self.size_problem(os.fstat(fd).st_size)) is not None:
+        if (problem := self.size_problem(i, os.fstat(fd).st_size)) is not None:
             os.close(fd)
             raise self.damage(problem, *chunk_file(self.seg_id, i)[2:])
         if hasattr(os, "posix_fadvise"):  # a random 7 KiB read otherwise pulls a read-ahead window of ~128 KiB

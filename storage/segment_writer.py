@@ -3,7 +3,9 @@
 Flushing: rows are written chunk by chunk; an index part follows each write and is what makes
 those rows count. A time-based flush rewrites the current (partial) chunk atomically, so a crash
 loses at most the rows since the last flush, and :func:`storage.segment.salvage_segment` commits
-what the parts cover. The on-disk layout is described in :mod:`storage.segment_format`.
+what the parts cover. The chunk files are written here, as zarr would write them, but the last one
+holds only the rows written (format 3: no padding to a full chunk, whatever the writer's row count
+turns out to be); zarr keeps the array's metadata. The on-disk layout is in :mod:`storage.segment_format`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from storage.keys import KEY_DTYPE
 from storage.segment_format import (
     SEGMENTS,
     IndexColumns,
-    chunk_crc,
     key_seeds,
     n_chunks,
     new_segment_id,
     row_crcs,
+    write_chunk,
     write_commit,
 )
 
@@ -47,8 +49,18 @@ class SegmentWriter:
         ...     w.append(keys, vectors, roles, n_tokens)
     """
 
-    def __init__(self, loc: Location, seg_id: str, array: Any, *, chunk_rows: int, flush_seconds: float) -> None:
+    def __init__(
+        self,
+        loc: Location,
+        seg_id: str,
+        array: Any,
+        *,
+        chunk_rows: int,
+        flush_seconds: float,
+        replaces: list[str] | None = None,
+    ) -> None:
         self.loc, self.seg_id, self._array = loc, seg_id, array
+        self.replaces = list(replaces or [])  # a compaction: the committed segments whose rows this one takes over
         self.dim = int(array.shape[1])
         self.dtype = np.dtype(array.dtype)
         self.chunk_rows = chunk_rows
@@ -78,8 +90,13 @@ class SegmentWriter:
         world_size: int = 1,
         flush_seconds: float = 60.0,
         seg_id: str | None = None,
+        replaces: list[str] | None = None,
     ) -> SegmentWriter:
         """Create the segment's group and empty vector array, and take its writer lock.
+
+        ``seg_id`` names the segment (default :func:`~storage.segment_format.new_segment_id`); ``replaces``
+        makes it a compaction of those committed segments (:mod:`storage.compact`): recorded at creation, so an
+        uncommitted one is known as a copy (its salvage removes it), and in COMMIT, from which readers skip them.
 
         Raises:
             DiskFullError: no space for the segment's metadata (what was created of it is removed again).
@@ -87,8 +104,10 @@ class SegmentWriter:
         seg_id = seg_id or new_segment_id(rank, world_size)
         writer = None
         try:
-            array = _create_array(loc, seg_id, dim=dim, dtype=dtype, chunk_rows=chunk_rows, rank=rank, world=world_size)
-            writer = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds)
+            array = _create_array(
+                loc, seg_id, dim=dim, dtype=dtype, chunk_rows=chunk_rows, rank=rank, world=world_size, replaces=replaces
+            )
+            writer = cls(loc, seg_id, array, chunk_rows=chunk_rows, flush_seconds=flush_seconds, replaces=replaces)
             writer._take_lock()
             writer._heartbeat()
             writer._start_beat()
@@ -137,14 +156,6 @@ class SegmentWriter:
         if self._buf_n > self._buf_flushed:
             self._flush_chunk(complete=False)
 
-    def _padded_buffer(self) -> np.ndarray:
-        """The chunk as zarr stores it: rows past ``_buf_n`` hold the fill value 0."""
-        if self._buf_n == self.chunk_rows:
-            return self._buf_vectors
-        padded = self._buf_vectors.copy()
-        padded[self._buf_n :] = 0
-        return padded
-
     @property
     def _chunk_start(self) -> int:
         return self.rows_flushed - self._buf_flushed
@@ -158,9 +169,7 @@ class SegmentWriter:
             with self.loc.errors():
                 if end > self._array.shape[0]:
                     self._array.resize((end, self.dim))
-                block = self._buf_vectors if complete else self._buf_vectors[: self._buf_n]
-                self._array[self._chunk_start : end] = block
-            self._crcs[chunk] = chunk_crc(self._padded_buffer())
+                self._crcs[chunk] = write_chunk(self.loc, self.seg_id, chunk, self._buf_vectors[: self._buf_n])
             part = IndexColumns.concat(self._buf_index)
             sub = part.take(part.rows >= self.rows_flushed)
             part_name = f"part-{self._parts:06d}.parquet"
@@ -192,7 +201,9 @@ class SegmentWriter:
             if self._array.shape[0] != self.rows_flushed:
                 self._array.resize((self.rows_flushed, self.dim))
         try:  # index.parquet is streamed from the parts (index=None): memory stays flat whatever the rows
-            write_commit(self.loc, self.seg_id, None, crcs, self.chunk_rows, self._array, salvaged=False)
+            write_commit(
+                self.loc, self.seg_id, None, crcs, self.chunk_rows, self._array, salvaged=False, replaces=self.replaces
+            )
         except OSError as exc:
             raise _disk_error(exc, self.loc, self.seg_id, self.rows_flushed) from exc
         self.committed = True
@@ -261,8 +272,18 @@ class SegmentWriter:
         self._beat = Beat(self._heartbeat, interval=beat_interval(stale), stale=stale, what=what).start()
 
 
-def _create_array(loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_rows: int, rank: int, world: int) -> Any:
-    """The segment's group (attributes name the writer) and its empty (0, dim) vector array."""
+def _create_array(
+    loc: Location,
+    seg_id: str,
+    *,
+    dim: int,
+    dtype: str,
+    chunk_rows: int,
+    rank: int,
+    world: int,
+    replaces: list[str] | None,
+) -> Any:
+    """The segment's group (attributes name the writer, and a compaction's sources) and its empty vector array."""
     writer: dict[str, str | int | float] = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -270,21 +291,21 @@ def _create_array(loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_row
         "world_size": world,
         "started": time.time(),
     }
+    attrs: dict[str, Any] = {"writer": writer, "chunk_rows": chunk_rows}
+    if replaces:
+        attrs["replaces"] = sorted(replaces)
     with loc.errors():
-        return _create_group_array(loc, seg_id, dim=dim, dtype=dtype, chunk_rows=chunk_rows, writer=writer)
+        return _create_group_array(loc, seg_id, dim=dim, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs)
 
 
 def _create_group_array(
-    loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_rows: int, writer: dict[str, str | int | float]
+    loc: Location, seg_id: str, *, dim: int, dtype: str, chunk_rows: int, attrs: dict[str, Any]
 ) -> Any:
     import zarr
     from zarr.codecs import BytesCodec, Crc32cCodec
 
     group = zarr.open_group(
-        store=loc.zarr_store(),
-        path=f"{SEGMENTS}/{seg_id}",
-        mode="w-",
-        attributes={"ddx_segment": {"writer": writer, "chunk_rows": chunk_rows}},
+        store=loc.zarr_store(), path=f"{SEGMENTS}/{seg_id}", mode="w-", attributes={"ddx_segment": attrs}
     )
     array = group.create_array(
         "vectors",
@@ -295,8 +316,7 @@ def _create_group_array(
         serializer=BytesCodec(endian="little"),
         compressors=[Crc32cCodec()],
         filters=None,
-        # zarr skips chunks that equal the fill value; readers memory-map every chunk file, so write them all
-        config={"write_empty_chunks": True},
+        config={"write_empty_chunks": True},  # chunk files are written by SegmentWriter, never skipped
     )
     return array
 

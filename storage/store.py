@@ -44,7 +44,7 @@ from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, claim_and_sa
 from storage.segment_format import IndexColumns, check_rows, chunk_file, key_seeds, row_crcs
 from storage.spec import TeacherSpec
 
-__all__ = ["FORMAT_VERSION", "TeacherStore", "default_chunk_rows"]
+__all__ = ["FORMAT_VERSION", "TeacherStore", "default_chunk_rows", "scan_segment"]
 
 CHUNK_TARGET_BYTES = 32 << 20
 # How gathers read local format-2 chunks: "pread" (one preadv a row, no read-ahead; default) or "mmap".
@@ -84,6 +84,7 @@ class TeacherStore:
         self.dtype: str = attrs["storage_dtype"]
         self.format_version: int = attrs["format_version"]
         self._segments: list[SegmentReader] = []
+        self.replaced: list[str] = []
         self._rows = 0
         self._index: KeyIndex | None = None
         self._gather: RowGather | None = None
@@ -225,6 +226,8 @@ class TeacherStore:
         """Reload the list of committed segments (another writer may have committed since).
 
         Reads the store as it is now, also on object stores (no listing cache: :class:`storage.fs.Location`).
+        A segment that a committed compaction replaces (:mod:`storage.compact`) is left out even while it is
+        still there, waiting for its removal: its rows are read from the compacted segment, once.
         """
         for seg in self._segments:
             seg.close()
@@ -232,12 +235,33 @@ class TeacherStore:
             self._gather.files.close()
         if self._gather is not None and self._gather.ranges is not None:
             self._gather.ranges.clear()
-        ids = [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
-        self._segments = [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in ids]
+        readers = self._committed_readers()
+        replaced = {r for seg in readers for r in seg.replaces}
+        self._segments = [seg for seg in readers if seg.seg_id not in replaced]
+        self.replaced = sorted(seg.seg_id for seg in readers if seg.seg_id in replaced)  # still there, not read
         self._rows = sum(s.rows for s in self._segments)  # get_rows checks bounds against it every batch
         self._index = None
         self._gather = None
         self._chunk_refs = None
+
+    def _committed_readers(self, tries: int = 5) -> list[SegmentReader]:
+        """A reader for every committed segment; listed again when one vanishes while being opened.
+
+        Committed segments are removed only by a compaction, after the segment that replaces them is committed,
+        so a listing taken again after a removal holds that segment.
+        """
+
+        def listed() -> list[str]:
+            return [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
+
+        for _ in range(tries - 1):
+            ids = listed()
+            try:
+                return [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in ids]
+            except IntegrityError:
+                if all(self.loc.isdir(SEGMENTS, s) for s in ids):
+                    raise  # damage, not a removal
+        return [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in listed()]
 
     @property
     def segments(self) -> list[SegmentReader]:
@@ -424,29 +448,12 @@ class TeacherStore:
         """
         code = ROLES.index(role) if role is not None else None
         for seg in self._segments:
-            cols = seg.index()
-            by_row = np.empty(len(cols.rows), dtype=np.int64)
-            by_row[cols.rows] = np.arange(len(cols.rows))  # rows are 0..n-1 once each (index() checked)
-            cols = cols.take(by_row)
-            for c, vecs in _scan_chunks(seg, verify=verify):
-                lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
-                vecs = vecs[: hi - lo]
-                if verify and cols.crcs is not None:
-                    self._check_scanned(seg, cols.take(slice(lo, hi)), vecs)
-                sel = slice(None) if code is None else cols.roles[lo:hi] == code
-                chunk_keys, vecs = cols.keys[lo:hi][sel], vecs[sel]  # select once, not once per batch
+            for cols, vecs in scan_segment(seg, verify=verify):
+                sel = slice(None) if code is None else cols.roles == code
+                chunk_keys, vecs = cols.keys[sel], vecs[sel]  # select once, not once per batch
                 for s in range(0, len(vecs), batch_size):
                     yield chunk_keys[s : s + batch_size], vecs[s : s + batch_size]
                 del vecs  # lets the scan reuse this chunk's buffer once the caller drops its batches
-
-    def _check_scanned(self, seg: SegmentReader, cols: IndexColumns, vecs: np.ndarray) -> None:
-        assert cols.crcs is not None
-        seeds = key_seeds(cols.keys)
-        bad = check_rows(seeds, cols.crcs, vecs)
-        if len(bad):
-            i = int(bad[0])
-            got = int(row_crcs(seeds[i : i + 1], vecs[i : i + 1])[0])
-            raise _row_error(self.url, seg, int(cols.rows[i]), got, int(cols.crcs[i]), None)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -541,7 +548,7 @@ def _create_remote(loc: Location, attrs: dict[str, Any]) -> None:
 
 
 def _scan_chunks(seg: SegmentReader, *, verify: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """(chunk number, its rows incl. padding) for every chunk, each file read once, nothing left mapped.
+    """(chunk number, its rows, incl. formats 1-2's padding) for every chunk, each file read once, nothing left mapped.
 
     Plain chunks, local or remote, come from :meth:`SegmentReader.read_chunks` (one read of the whole file
     each, the next one read while this one is checked, nothing kept: RSS stays flat whatever the store
@@ -558,15 +565,48 @@ def _scan_chunks(seg: SegmentReader, *, verify: bool) -> Iterator[tuple[int, np.
         file = chunk_file(seg.seg_id, c)[2:]
         if data is None:
             raise seg.damage("is missing", *file)
-        problem = seg.size_problem(len(data))
+        problem = seg.size_problem(c, len(data))
         if problem is None and verify and not seg.has_row_checksums:
             problem = seg.raw_problem(c, data, trailer=False)
         if problem is not None:
             raise seg.damage(problem, *file)
-        rows = data[:-4].view(seg.dtype).reshape(seg.chunk_rows, seg.dim)
+        rows = data[:-4].view(seg.dtype).reshape(seg.rows_in(c), seg.dim)
         del data
         yield c, rows
         del rows
+
+
+def scan_segment(seg: SegmentReader, *, verify: bool = True) -> Iterator[tuple[IndexColumns, np.ndarray]]:
+    """One committed segment in row order: (index entries, rows) a chunk at a time, each chunk checked first.
+
+    Format-2+ rows are checked one by one (CRC32C(key ‖ row): the data and the key it is paired with),
+    format-1 chunks against their CRC32C in COMMIT; ``verify=False`` skips both.
+
+    Raises:
+        IntegrityError: a chunk or the segment's index is damaged.
+    """
+    cols = seg.index()
+    by_row = np.empty(len(cols.rows), dtype=np.int64)
+    by_row[cols.rows] = np.arange(len(cols.rows))  # rows are 0..n-1 once each (index() checked)
+    cols = cols.take(by_row)
+    for c, vecs in _scan_chunks(seg, verify=verify):
+        lo, hi = c * seg.chunk_rows, min((c + 1) * seg.chunk_rows, seg.rows)
+        vecs = vecs[: hi - lo]
+        part = cols.take(slice(lo, hi))
+        if verify and part.crcs is not None:
+            _check_scanned(seg, part, vecs)
+        yield part, vecs
+        del vecs
+
+
+def _check_scanned(seg: SegmentReader, cols: IndexColumns, vecs: np.ndarray) -> None:
+    assert cols.crcs is not None
+    seeds = key_seeds(cols.keys)
+    bad = check_rows(seeds, cols.crcs, vecs)
+    if len(bad):
+        i = int(bad[0])
+        got = int(row_crcs(seeds[i : i + 1], vecs[i : i + 1])[0])
+        raise _row_error(seg.loc.url, seg, int(cols.rows[i]), got, int(cols.crcs[i]), None)
 
 
 def _load_checked(seg: SegmentReader, c: int) -> np.ndarray:

@@ -99,16 +99,24 @@ def verify_store(
     loc = store.loc if isinstance(store, TeacherStore) else Location(store, storage_options)
     report = VerifyReport()
     dim, dtype = _verify_root(loc, report)
-    keys = []
+    keys: dict[str, np.ndarray] = {}
+    replaces: dict[str, list[str]] = {}
     for name in loc.listdir(SEGMENTS):
         if loc.exists(SEGMENTS, name, "COMMIT"):
-            seg_keys = _verify_segment(loc, name, dim, dtype, report)
+            seg_keys = _verify_segment(loc, name, dim, dtype, report, replaces)
             if seg_keys is not None:
-                keys.append(seg_keys)
+                keys[name] = seg_keys
         else:
             _verify_other(loc, name, report)
-    if keys and not report.problems:
-        stacked = np.concatenate(keys)
+    replaced = {old: new for new, olds in replaces.items() for old in olds if old in keys or loc.isdir(SEGMENTS, old)}
+    for old, new in sorted(replaced.items()):
+        report.notes.append(
+            f"segment {old} is replaced by compacted segment {new} (readers skip it); "
+            "'ddx cache compact' or 'ddx cache gc' removes it"
+        )
+    visible = [k for name, k in keys.items() if name not in replaced]
+    if visible and not report.problems:
+        stacked = np.concatenate(visible)
         duplicates = repeated(stacked)
         if duplicates:
             report.notes.append(
@@ -154,9 +162,10 @@ def _verify_root(loc: Location, report: VerifyReport) -> tuple[int | None, str |
 
 
 def _verify_segment(
-    loc: Location, seg_id: str, dim: int | None, dtype: str | None, report: VerifyReport
+    loc: Location, seg_id: str, dim: int | None, dtype: str | None, report: VerifyReport, replaces: dict[str, list[str]]
 ) -> np.ndarray | None:
-    """Check one committed segment; returns its keys (for the duplicate count) when its index is sound."""
+    """Check one committed segment; returns its keys (for the duplicate count) when its index is sound, and
+    records the segments its COMMIT replaces (a compaction) in ``replaces``."""
     base = f"{SEGMENTS}/{seg_id}"
     report.segments += 1
     doc, why = parse_json(loc.read_bytes(SEGMENTS, seg_id, "COMMIT"))
@@ -168,6 +177,8 @@ def _verify_segment(
         report.damage(problems)
         return None
     report.damage(commit_store_problems(doc, f"{base}/COMMIT", dim=dim, dtype=dtype))
+    if isinstance(doc.get("replaces"), list):
+        replaces[seg_id] = [str(s) for s in doc["replaces"]]
     report.rows += doc["rows"]
     report.chunks += len(doc["chunk_crc32c"])
     try:
@@ -210,7 +221,7 @@ def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
         file = seg.file("vectors", "c", str(c), "0")
         if data is None:
             report.damage([Damage(file, "is missing")])
-        elif (problem := seg.size_problem(len(data))) is not None:
+        elif (problem := seg.size_problem(c, len(data))) is not None:
             report.damage([Damage(file, problem)])
         else:
             report.damage(_chunk_problems(seg, c, rows, data, file))
@@ -221,7 +232,7 @@ def _verify_data(seg: SegmentReader, report: VerifyReport) -> np.ndarray | None:
 def _chunk_problems(seg: SegmentReader, c: int, rows: IndexColumns | None, data: np.ndarray, file: str) -> list[Damage]:
     """Chunk ``c``'s CRC (against COMMIT and its trailer), then its rows' CRC32C(key ‖ row) from the index."""
     row_bytes = seg.dim * seg.dtype.itemsize
-    per_row = crc.piece_crcs(data[:-4].reshape(seg.chunk_rows, row_bytes))
+    per_row = crc.piece_crcs(data[:-4].reshape(seg.rows_in(c), row_bytes))
     if (problem := seg.crc_problem(c, crc.concat_crc(per_row, row_bytes), data)) is not None:
         return [Damage(file, problem)]  # the rows are not checked against a chunk that is wrong as a whole
     if rows is None:

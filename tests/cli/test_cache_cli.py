@@ -66,7 +66,7 @@ def test_ls_and_info_json(store: Path, bert: TeacherEncoder) -> None:
 
     info = json.loads(cache("info", str(store), "--json").stdout)
     assert info["fingerprint"] == bert.spec.fingerprint and info["teacher_spec"] == bert.spec.to_dict()
-    assert (info["dim"], info["storage_dtype"], info["format_version"]) == (32, "float16", 2)
+    assert (info["dim"], info["storage_dtype"], info["format_version"]) == (32, "float16", 3)
     assert info["rows"] == n_pass + n_query and info["roles"] == data["roles"]
 
 

@@ -27,6 +27,7 @@ EXPECTED = [
     (),
     ("precompute-teacher",),
     ("cache",),
+    ("cache", "compact"),
     ("cache", "gc"),
     ("cache", "info"),
     ("cache", "ls"),

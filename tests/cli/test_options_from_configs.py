@@ -21,12 +21,14 @@ from distill.evaluate.config import EvalConfig
 from distill.route.fit import RouterConfig
 from distill.route.routed_model import RouterExportConfig
 from distill.train.config import MSE_REDUCTION, TrainConfig
+from precompute.config import RayConfig
 from precompute.pipeline import PrecomputeConfig
 from precompute.teacher import TeacherConfig
 
-# command path -> the configs its options set (precompute-teacher: the teacher's options are TeacherConfig's)
+# command path -> the configs its options set (precompute-teacher: the teacher's options are TeacherConfig's, the
+# --ray-* options RayConfig's)
 CONFIGS: dict[tuple[str, ...], tuple[type, ...]] = {
-    ("precompute-teacher",): (PrecomputeConfig, TeacherConfig),
+    ("precompute-teacher",): (PrecomputeConfig, TeacherConfig, RayConfig),
     ("train",): (TrainConfig,),
     ("evaluate",): (EvalConfig,),
     ("router", "fit"): (RouterConfig,),

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zarr.storage._local as zarr_local
 
 from precompute.pipeline import PrecomputeConfig, precompute
 from precompute.sources import Source, SourceOptions, TextRecord
@@ -28,6 +27,7 @@ from storage.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from storage.fs import Location
 from storage.keys import content_keys
 from storage.maintenance import verify_store
 from storage.metadata import sealed
@@ -212,7 +212,7 @@ def test_store_from_a_newer_format(bert: TeacherEncoder, seeded: Path, tmp_path:
     doc = json.loads(original)
     doc["attributes"]["ddx"] = sealed({**doc["attributes"]["ddx"], "format_version": 99})  # as a newer ddx writes it
     meta.write_text(json.dumps(doc))
-    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 2\. Upgrade"):
+    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 3\. Upgrade"):
         run(seeded, write_beir(tmp_path / "beir", ["new text"]), bert)
     assert json.loads(meta.read_text())["attributes"]["ddx"]["format_version"] == 99  # left as it was
     meta.write_text(original)
@@ -320,19 +320,20 @@ def test_matching_spec_goes_on_to_load_the_teacher(
 def test_disk_full_mid_write_then_rerun_completes(
     bert: TeacherEncoder, tiny_bert: Path, seeded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ENOSPC on the 4th chunk-file write (the injection point of tests/storage/test_disk_full.py)."""
+    """ENOSPC on the 4th chunk-file write (chunk files go through ``Location.write_atomic``, as in
+    tests/storage/test_disk_full.py)."""
     texts = tiny_corpus(80, seed=31)
     folder = write_beir(tmp_path / "new", texts)
-    put, writes = zarr_local._put, []
+    put, writes = Location.write_atomic, []
 
-    def full_after_three(path: Path, value: object, exclusive: bool = False) -> int:
-        if "/vectors/c/" in str(path):
-            writes.append(str(path))
+    def full_after_three(self: Location, data: bytes, *parts: str, sync: bool = True) -> None:
+        if "/vectors/c/" in "/".join(parts):
+            writes.append("/".join(parts))
             if len(writes) > 3:
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return put(path, value, exclusive=exclusive)
+                raise OSError(errno.ENOSPC, "No space left on device", self.join(*parts))
+        put(self, data, *parts, sync=sync)
 
-    monkeypatch.setattr(zarr_local, "_put", full_after_three)
+    monkeypatch.setattr(Location, "write_atomic", full_after_three)
     with pytest.raises(
         DiskFullError,
         match=r"Disk full while writing segment '.*': \d+ rows of this run are saved, "
@@ -344,7 +345,7 @@ def test_disk_full_mid_write_then_rerun_completes(
     [(failed, state)] = store.uncommitted_segments()
     assert state == "abandoned"  # the writer let go of its lock
 
-    monkeypatch.setattr(zarr_local, "_put", put)  # space freed
+    monkeypatch.setattr(Location, "write_atomic", put)  # space freed
     summary = run(seeded, folder, bert, flush_rows=8, flush_seconds=0)
     [salvaged] = summary.salvaged
     assert salvaged["segment"] == failed and 0 < salvaged["rows"] < len(texts)

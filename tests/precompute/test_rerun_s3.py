@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from precompute.pipeline import PrecomputeConfig, PrecomputeSummary, _may_overlap, _salvage_all, precompute
+from precompute.pipeline import PrecomputeConfig, PrecomputeSummary, precompute
+from precompute.recovery import may_overlap, salvage_abandoned
 from precompute.sources import SourceOptions, parse_source
 from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
 from storage.keys import key_slice, role_code
@@ -150,7 +151,7 @@ def test_b_a_live_overlapping_writer_is_named_in_a_warning_and_the_run_completes
     proc, _, seg_id = start_writer(url, passage_keys(folder)[:6])
     try:
         started = time.monotonic()
-        summary = _salvage_all(TeacherStore.open(url))
+        summary = salvage_abandoned(TeacherStore.open(url))
         assert summary == [] and time.monotonic() - started < stale, "a live writer is told within a few beats"
         summary_run = run(url, folder, bert)
         assert proc.poll() is None, "the writer lived throughout"
@@ -173,11 +174,11 @@ def test_other_ranks_of_the_same_world_size_are_not_watched(
     w = store.writer(rank=1, world_size=2, chunk_rows=4, flush_seconds=3600)
     try:
         started = time.monotonic()
-        assert _salvage_all(store, rank=0, world=2) == []
+        assert salvage_abandoned(store, rank=0, world=2) == []
         assert time.monotonic() - started < stale / 2 and capsys.readouterr().err == ""
-        assert _salvage_all(store, rank=1, world=2) == []  # watched (its own slice), found live: rank 0 warns
+        assert salvage_abandoned(store, rank=1, world=2) == []  # watched (its own slice), found live: rank 0 warns
         assert time.monotonic() - started < stale and capsys.readouterr().err == ""
-        assert _salvage_all(store) == []
+        assert salvage_abandoned(store) == []
         assert w.seg_id in capsys.readouterr().err
     finally:
         w.abort()
@@ -188,7 +189,7 @@ def test_a_live_local_writer_is_named_at_once(tmp_path: Path, capsys: pytest.Cap
     store = TeacherStore.create(tmp_path / "store", make_spec(16))
     with store.writer(chunk_rows=4) as w:
         started = time.monotonic()
-        assert _salvage_all(store) == []
+        assert salvage_abandoned(store) == []
         assert time.monotonic() - started < 1.0
         err = capsys.readouterr().err
         assert err.startswith("warning:") and w.seg_id in err and "waiting" not in err
@@ -200,5 +201,5 @@ def test_may_overlap_agrees_with_key_slice(theirs: tuple[int, int], mine: tuple[
     arr = np.frombuffer(keys, dtype="S16")
     shared = bool((key_slice(arr, *theirs) & key_slice(arr, *mine)).any())
     seg_id = f"20250101T000000-host-1-12-r{theirs[0]}of{theirs[1]}-abc123"
-    assert _may_overlap(seg_id, *mine) == shared
-    assert _may_overlap("made-up-id", *mine)
+    assert may_overlap(seg_id, *mine) == shared
+    assert may_overlap("made-up-id", *mine)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from precompute import pipeline
+from precompute import plan
 from precompute.pipeline import PrecomputeConfig, precompute
 from precompute.sources import LineOrigins, SourceOptions, TextBlock, parse_source
 from precompute.sources import ledger as ledger_module
@@ -51,7 +51,7 @@ class Counted:
 
 def _scan_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[int, int, int]:
     with monkeypatch.context() as m:
-        seen = Counted(m, pipeline, "KeySet", KeySet)
+        seen = Counted(m, plan, "KeySet", KeySet)
         ids = Counted(m, ledger_module, "KeyTable", KeyTable)
         spec = TeacherSpec(
             model="stub", weights_id="files:stub", pooling="mean", normalize=True, max_seq_length=8, dim=4

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from precompute.config import GTE_QWEN2_QUERY_PROMPT
-from precompute.teacher import TeacherConfig, expected_spec, load_teacher, weights_identity
+from precompute.teacher import (
+    TeacherConfig,
+    count_tokens,
+    expected_spec,
+    load_teacher,
+    load_tokenizer,
+    spec_from_files,
+    weights_identity,
+)
 from storage.errors import DdxError
 from storage.spec import TeacherSpec
 from tests.precompute.test_pipeline import one_torch_thread  # noqa: F401 - autouse fixture
@@ -181,6 +189,8 @@ def _variant(source: Path, target: Path, edit: str) -> Path:
                 {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
             )
         )
+    elif edit == "do-lower-case":  # sentence-transformers lowercases before a cased tokenizer
+        _edit_json(folder / "sentence_bert_config.json", do_lower_case=True)
     elif edit == "no-saved-prompts":
         (folder / "config_sentence_transformers.json").unlink()
     elif edit == "dense-head":
@@ -206,6 +216,7 @@ def _variant(source: Path, target: Path, edit: str) -> Path:
         ("bert", "max-seq-length-in-st-config", {}),
         ("bert", "legacy-pooling-config", {}),
         ("qwen", "no-saved-prompts", {}),
+        ("qwen", "do-lower-case", {}),
         ("bert", "dense-head", {}),
     ],
 )
@@ -214,16 +225,26 @@ def test_expected_spec_from_files_is_the_loaded_spec(
 ) -> None:
     """Every field read from the files (no weights) equals what the loaded teacher reports: a prediction that
     differed would refuse a store the teacher actually matches. Only tiny BERT's padding side is left to the load
-    (its tokenizer_config.json does not save one: the tokenizer class's default applies)."""
+    (its tokenizer_config.json does not save one: the tokenizer class's default applies). ``spec_from_files``
+    settles it from the tokenizer alone: its whole spec, so its fingerprint, is the loaded teacher's (what the
+    Ray driver creates the store with), and the tokenizer alone counts tokens as the loaded teacher does."""
     path = {"bert": tiny_bert, "qwen": tiny_qwen2}[model]
     if edit:
         path = _variant(path, tmp_path / "variant", edit)
     config = TeacherConfig(model=str(path), device="cpu", **overrides)
     expected = expected_spec(config)
-    loaded = load_teacher(config).spec.to_dict()
+    encoder = load_teacher(config)
+    loaded = encoder.spec.to_dict()
     assert expected == {k: loaded[k] for k in expected}
     unsettled = {f.name for f in fields(TeacherSpec)} - set(expected)
     assert unsettled == (set() if model == "qwen" or "padding_side" in overrides else {"padding_side"})
+    assert spec_from_files(config) == encoder.spec
+    assert spec_from_files(config).fingerprint == encoder.spec.fingerprint
+    texts = ["a protein study of the heart", "zebra " * 300, "Ünïcödé — 漢字", "x", "The Protein STUDY"]
+    tokenizer = load_tokenizer(config)
+    for role in ("query", "passage"):
+        counted = count_tokens(tokenizer, texts, encoder.spec.prompt(role), encoder.spec.max_seq_length)
+        np.testing.assert_array_equal(counted, encoder.token_lengths(texts, role))
 
 
 def test_expected_spec_leaves_out_what_the_files_do_not_settle(tiny_bert: Path, tmp_path: Path) -> None:
@@ -240,12 +261,25 @@ def test_expected_spec_leaves_out_what_the_files_do_not_settle(tiny_bert: Path, 
 
 def test_expected_spec_loads_no_weights(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sentence_transformers import SentenceTransformer
+    from transformers import PreTrainedModel
 
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("expected_spec loaded the model")
+        raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(SentenceTransformer, "__init__", refuse)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", refuse)
     assert expected_spec(TeacherConfig(model=str(tiny_bert), device="cpu"))["dim"] == 32
+    spec = spec_from_files(TeacherConfig(model=str(tiny_bert), dtype="bfloat16"))  # a driver planning GPU actors
+    assert (spec.dim, spec.padding_side, spec.dtype) == (32, "right", "bfloat16")
+
+
+def test_spec_from_files_names_what_the_files_do_not_settle(tiny_bert: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_bert, tmp_path / "odd"))
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "x", "path": "", "type": "my_package.modules.Whitening"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(DdxError, match=r"its files do not settle dim without loading its weights.*local engine"):
+        spec_from_files(TeacherConfig(model=str(folder), device="cpu"))
 
 
 @pytest.mark.parametrize(

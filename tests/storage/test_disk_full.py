@@ -32,9 +32,9 @@ def store(new_store: Callable[..., TeacherStore]) -> TeacherStore:
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Append a path fragment: from then on, writes whose path contains it fail with ENOSPC; clear() frees space.
 
-    Chunk files go through zarr's LocalStore (``zarr.storage._local._put``), index.parquet through
-    ``open`` in ``storage.segment_format`` (streamed), everything else through ``Location.write_atomic``;
-    all three are patched.
+    Array metadata goes through zarr's LocalStore (``zarr.storage._local._put``), index.parquet through
+    ``open`` in ``storage.segment_format`` (streamed), everything else (chunk files included) through
+    ``Location.write_atomic``; all three are patched.
     """
     fragments: list[str] = []
     put, write_atomic = zarr_local._put, Location.write_atomic
@@ -47,9 +47,9 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         check(str(path))
         return put(path, value, exclusive=exclusive)
 
-    def fake_write_atomic(self: Location, data: bytes, *parts: str) -> None:
+    def fake_write_atomic(self: Location, data: bytes, *parts: str, sync: bool = True) -> None:
         check(self.join(*parts))
-        write_atomic(self, data, *parts)
+        write_atomic(self, data, *parts, sync=sync)
 
     def fake_open(file: object, *args: Any, **kwargs: Any) -> Any:  # index.parquet is streamed to a temp file
         check(str(file))

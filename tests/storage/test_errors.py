@@ -64,7 +64,7 @@ def test_newer_format_version(new_store: Callable[..., TeacherStore]) -> None:
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["ddx"] = sealed({**meta["attributes"]["ddx"], "format_version": 99})
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 2\. Upgrade"):
+    with pytest.raises(FormatVersionError, match=r"has format version 99; this ddx reads versions up to 3\. Upgrade"):
         TeacherStore.open(store.url)
     meta["attributes"]["ddx"] = sealed({**meta["attributes"]["ddx"], "format_version": "1"})  # not an int
     meta_path.write_text(json.dumps(meta))

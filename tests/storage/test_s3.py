@@ -204,10 +204,10 @@ def test_a_failing_heartbeat_surfaces_at_the_next_flush(monkeypatch: pytest.Monk
         write = Location.write_atomic
         failing = threading.Event()
 
-        def flaky(self: Location, data: bytes, *parts: str) -> None:
+        def flaky(self: Location, data: bytes, *parts: str, sync: bool = True) -> None:
             if parts[-1] == "HEARTBEAT" and failing.is_set():
                 raise ConnectionResetError("connection reset by peer")
-            write(self, data, *parts)
+            write(self, data, *parts, sync=sync)
 
         monkeypatch.setattr(Location, "write_atomic", flaky)
         failing.set()

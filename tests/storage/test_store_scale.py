@@ -41,9 +41,9 @@ def test_commit_fsyncs_every_chunk_and_vectors_dir_before_commit(
         events.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    def write_atomic(self: Location, data: bytes, *parts: str) -> None:
+    def write_atomic(self: Location, data: bytes, *parts: str, sync: bool = True) -> None:
         events.append("WRITE " + "/".join(parts))
-        real_write(self, data, *parts)
+        real_write(self, data, *parts, sync=sync)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Location, "write_atomic", write_atomic)

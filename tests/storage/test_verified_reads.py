@@ -163,7 +163,7 @@ def test_evaluate_teacher_mode_exits_1_on_a_damaged_store(tiny_bert: Path, tmp_p
 
 
 def test_format_1_store_topped_up_by_this_ddx(tmp_path: Path) -> None:
-    """A format-1 store keeps its root; new segments are format 2. Each segment is checked its own way."""
+    """A format-1 store keeps its root; new segments are format 3. Each segment is checked its own way."""
     from tests.storage.test_format_v1 import FIXTURE, _expected
 
     copy = Path(shutil.copytree(FIXTURE, tmp_path / "v1"))
@@ -171,7 +171,7 @@ def test_format_1_store_topped_up_by_this_ddx(tmp_path: Path) -> None:
     more = make_rows(6, 4, prefix="new")
     write_rows(store, more, chunk_rows=4)
     store = TeacherStore.open(copy)
-    assert store.format_version == 1 and sorted(s.format_version for s in store.segments) == [1, 1, 2]
+    assert store.format_version == 1 and sorted(s.format_version for s in store.segments) == [1, 1, 3]
     keys, vectors = _expected()
     all_keys, all_vectors = np.concatenate([keys, more.keys]), np.concatenate([vectors, more.vectors])
     np.testing.assert_array_equal(store.get(all_keys), all_vectors)

@@ -92,17 +92,19 @@ def test_flipped_trailer_only(store: TeacherStore) -> None:
     np.testing.assert_array_equal(TeacherStore.open(store.url).get(rows.keys), rows.vectors)
 
 
-def test_truncated_chunk(store: TeacherStore) -> None:
-    path = _chunk_path(store, 10, 2)
+@pytest.mark.parametrize(("chunk", "rows"), [(1, 4), (2, 2)])  # a full chunk; the segment's last chunk (trimmed)
+def test_truncated_chunk(store: TeacherStore, chunk: int, rows: int) -> None:
+    path = _chunk_path(store, 10, chunk)
     path.write_bytes(path.read_bytes()[:50])
     seg_id = _seg_id(store, 10)
+    expected = rows * DIM * 2 + 4
     report = verify_store(store)
     assert report.problems == [
-        f"segments/{seg_id}/vectors/c/2/0: has 50 bytes, expected {CHUNK_BYTES} (4 x 16 float16 + CRC)"
+        f"segments/{seg_id}/vectors/c/{chunk}/0: has 50 bytes, expected {expected} ({rows} x 16 float16 + CRC)"
     ]
     fresh = TeacherStore.open(store.url)
-    gid = fresh.locate(make_rows(10, DIM, prefix="a").keys[8:9])  # a row of chunk 2
-    with pytest.raises(IntegrityError, match=rf"c/2/0 is damaged: has 50 bytes, expected {CHUNK_BYTES} .*verify"):
+    gid = fresh.locate(make_rows(10, DIM, prefix="a").keys[4 * chunk : 4 * chunk + 1])  # a row of that chunk
+    with pytest.raises(IntegrityError, match=rf"c/{chunk}/0 is damaged: has 50 bytes, expected {expected} .*verify"):
         fresh.get_rows(gid)
 
 
