@@ -1,6 +1,6 @@
 """Print the store damage matrix (docs/integrity.md) from real runs: file kind x damage -> what each reader did.
 
-Builds one tiny store (two committed format-2 segments of 10 and 6 rows in 4-row chunks, plus an
+Builds one tiny store (two committed format-3 segments of 10 and 6 rows in 4-row chunks, plus an
 abandoned segment with two index parts), then for every file kind and every damage (a bit flipped at
 10/50/90 % of the file and in its last byte, the file cut in half, the file deleted) copies the store,
 damages the one file and runs every reader on the copy: ``TeacherStore.open``, ``get`` and ``get_rows``

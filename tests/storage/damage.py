@@ -1,6 +1,6 @@
 """The damage matrix: every store file kind x {flip a byte, truncate, delete}, and what each reader does.
 
-One tiny store (two committed format-2 segments and one abandoned with index parts) is copied per case,
+One tiny store (two committed format-3 segments and one abandoned with index parts) is copied per case,
 one file damaged, then every reader runs: ``TeacherStore.open``, ``get`` and ``get_rows`` of every key,
 a full ``iter_batches`` scan, ``verify_store``, and ``ddx cache verify`` / ``ddx cache info`` through
 click's CliRunner. Each outcome is classified:
@@ -79,7 +79,7 @@ def build(base: Path) -> Pristine:
         "index.parquet": f"segments/{seg}/index.parquet",
         "vectors/zarr.json": f"segments/{seg}/vectors/zarr.json",
         "chunk": f"segments/{seg}/vectors/c/1/0",
-        "last chunk (padded)": f"segments/{seg}/vectors/c/2/0",
+        "last chunk (trimmed)": f"segments/{seg}/vectors/c/2/0",
         "index part": f"segments/{crashed.seg_id}/parts/part-000000.parquet",
     }
     rows = Rows(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in ("keys", "vectors", "roles", "n_tokens")))
