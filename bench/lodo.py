@@ -123,8 +123,7 @@ def fold(args: argparse.Namespace, held_out: str, src: dict[str, str], timings: 
             out=str(p1),
             student=str(minilm_path()),
             data=tuple(p1_data),
-            lr=5e-5,
-            **{**common, **both, **overrides(args.p1)},
+            **{**common, "lr": 5e-5, **both, **overrides(args.p1)},
         )
         start = time.perf_counter()
         train(cfg1)
@@ -135,10 +134,7 @@ def fold(args: argparse.Namespace, held_out: str, src: dict[str, str], timings: 
             out=str(p2),
             init=str(p1),
             data=tuple(p2_data),
-            lr=3e-5,
-            num_negatives=3,
-            mine_negatives=7,
-            **{**common, **both, **overrides(args.p2)},
+            **{**common, "lr": 3e-5, "num_negatives": 3, "mine_negatives": 7, **both, **overrides(args.p2)},
         )
         start = time.perf_counter()
         train(cfg2)
