@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         "split": "train,dev",
         "projection": args.projection,
         "teacher_dims": args.teacher_dims,
+        "bf16": args.bf16,
     }
     if "phase1" in stages:
         cfg1 = TrainConfig(
@@ -181,6 +182,7 @@ def main() -> None:
         "--phase2-out", default="phase2", help="phase-2 run folder under WORKDIR (keep runs of other settings)"
     )
     parser.add_argument("--no-phase1-eval", action="store_true", help="evaluate the phase-2 run only")
+    parser.add_argument("--bf16", action="store_true", help="train with bfloat16 autocast (fast on AMX CPUs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = run(args)
