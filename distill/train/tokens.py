@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from storage.fs import atomic_path, default_cache_dir
 from storage.index import KeyIndex
-from storage.keys import KEY_BYTES, KEY_DTYPE, as_key_array
+from storage.keys import as_key_array, keys_from_arrow, keys_to_arrow
 
 __all__ = ["TokenTable", "default_cache_dir", "tokenizer_fingerprint"]
 
@@ -86,11 +86,8 @@ class TokenTable:
         starts = []
         for path in parts:
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            keys_col = table.column("key").combine_chunks()
             ids_col = table.column("input_ids").combine_chunks()
-            keys = np.frombuffer(keys_col.buffers()[1], dtype=KEY_DTYPE)[
-                keys_col.offset : keys_col.offset + len(keys_col)
-            ]
+            keys = keys_from_arrow(table.column("key"))
             self._values.append(ids_col.values.to_numpy(zero_copy_only=True))
             self._offsets.append(ids_col.offsets.to_numpy())
             n = len(keys)
@@ -147,10 +144,7 @@ class TokenTable:
         return len(todo)
 
     def _write_part(self, keys: np.ndarray, ids: list[list[int]]) -> None:
-        key_arr = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(KEY_BYTES), len(keys), [None, pa.py_buffer(keys.tobytes())]
-        )
-        table = pa.table({"key": key_arr, "input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
+        table = pa.table({"key": keys_to_arrow(keys), "input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
         final = self.directory / f"part-{uuid.uuid4().hex}.arrow"
         with atomic_path(final) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
