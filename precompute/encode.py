@@ -78,8 +78,9 @@ class AsyncWriter:
     On success the segment is committed; on any error it is flushed and left for salvage.
     """
 
-    def __init__(self, writer: SegmentWriter, depth: int = 8) -> None:
+    def __init__(self, writer: SegmentWriter, depth: int = 8, on_append: Callable[[], None] | None = None) -> None:
         self.writer = writer
+        self._on_append = on_append  # called on the writer thread after each batch is appended (and any flush)
         self._queue: queue.Queue[tuple[np.ndarray, ...] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ddx-writer", daemon=True)
@@ -97,6 +98,8 @@ class AsyncWriter:
             if self._error is None:
                 try:
                     self.writer.append(*item)
+                    if self._on_append is not None:
+                        self._on_append()
                 except BaseException as exc:
                     self._error = exc
 

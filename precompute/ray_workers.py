@@ -29,7 +29,9 @@ from storage.spec import TeacherSpec
 
 __all__ = ["REPORT_SCHEMA", "FaultHook", "Job", "TokenCounter", "UnitEncoder", "settle_attempts", "unit_segment_id"]
 
-FaultHook = Callable[[str, dict[str, Any]], None]  # (event, info): "batch" after each batch, "committed" after commit
+# (event, info): "batch" after each encoded batch (encoder thread), "appended" after the writer thread appended
+# one (its flushes done: info["rows_flushed"] is on disk), "committed" after the commit
+FaultHook = Callable[[str, dict[str, Any]], None]
 
 REPORT_SCHEMA = pa.schema(
     [
@@ -160,7 +162,7 @@ class UnitEncoder:
             report["encoded"] += n
             self._event("batch", unit, writer, report)
 
-        with AsyncWriter(writer) as out:
+        with AsyncWriter(writer, on_append=lambda: self._event("appended", unit, writer, report)) as out:
             for role in ("query", "passage"):
                 at = np.flatnonzero(todo & (roles == role))
                 if len(at):

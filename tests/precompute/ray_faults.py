@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 # (event, unit, condition on info): mid-unit once rows of the segment are flushed (an uncommitted segment with
-# index parts for salvage), and right after a unit's commit (its task had not returned: Ray retries it)
+# index parts for salvage), and right after a unit's commit (its task had not returned: Ray retries it). The
+# mid-unit kill is on the writer thread's "appended" event: the encoder's "batch" events can all pass before the
+# writer thread flushed anything (a unit fits in its queue), and then that kill never happened (seen under load).
 KILLS = (
-    ("batch", 1, lambda info: info["rows_flushed"] > 0),
+    ("appended", 1, lambda info: info["rows_flushed"] > 0),
     ("committed", 2, lambda info: True),
 )
 

@@ -141,7 +141,7 @@ def test_killed_actors_lose_nothing_and_store_nothing_twice(
     config = ray_config(tmp_path / "store", corpus, tiny_bert)
     hook = functools.partial(kill_once, str(markers))
     summary = precompute_ray(config, RayConfig(unit_rows=30, actors=1, actor_gpus=0), fault_hook=hook)
-    assert sorted(p.name for p in markers.iterdir()) == ["batch-u1", "committed-u2"]  # both kills happened
+    assert sorted(p.name for p in markers.iterdir()) == ["appended-u1", "committed-u2"]  # both kills happened
     store = TeacherStore.open(tmp_path / "store")
     assert_same_store(store, reference)
     unit1 = sorted(s.seg_id for s in store.segments if "-u000001-" in s.seg_id)
