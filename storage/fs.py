@@ -45,6 +45,10 @@ __all__ = [
     "replace_dir",
 ]
 
+# fsspec protocols whose open(mode="xb") is a conditional create (s3fs: PUT with If-None-Match: *; memory: a
+# check and a write under the GIL). fsspec's base file accepts "xb" on any backend and may check-then-write, so
+# on others exclusive create is check-then-write-then-read-back, with a warning (_create_then_confirm).
+_CONDITIONAL_CREATE = frozenset({"s3", "s3a", "memory"})
 _warned_no_exclusive: set[str] = set()  # filesystem protocols already warned about, once a process
 
 
@@ -441,12 +445,14 @@ class Location:
             return True
         if self.fs.exists(path):  # a server that ignores If-None-Match must not let a later creator win
             return False
+        if self.protocol not in _CONDITIONAL_CREATE:  # fsspec accepts "xb" everywhere; atomic only on these
+            return self._create_then_confirm(path, data)
         try:
             with self.fs.open(path, "xb") as f:
                 f.write(data)
         except FileExistsError:
             return False
-        except NotImplementedError:  # this fsspec backend cannot open "xb"
+        except NotImplementedError:
             return self._create_then_confirm(path, data)
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):
@@ -461,7 +467,7 @@ class Location:
         Narrower than a conditional create, not closed (both can read their own bytes back if their
         writes do not interleave), so it says so once per process.
         """
-        protocol = str(self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
+        protocol = self.protocol
         if protocol not in _warned_no_exclusive:
             _warned_no_exclusive.add(protocol)
             warnings.warn(
@@ -469,10 +475,12 @@ class Location:
                 "recovering one crashed segment at once may both act; restart crashed runs one at a time here.",
                 stacklevel=3,
             )
-        if self.fs.exists(path):
-            return False
-        self.fs.pipe_file(path, data)
+        self.fs.pipe_file(path, data)  # the caller checked that nothing is there
         return self.fs.cat_file(path) == data
+
+    @property
+    def protocol(self) -> str:
+        return str(self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
 
     @_remote_errors
     def size(self, *parts: str) -> int:

@@ -504,3 +504,18 @@ def test_exclusive_create_on_a_server_that_ignores_the_condition(monkeypatch: py
     assert not loc.create_exclusive(b"second", "claim")
     assert loc.read_bytes("claim") == b"first"
     loc.remove("claim")
+
+
+def test_a_backend_not_known_to_create_conditionally_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsspec's base file accepts "xb" on any backend (maybe as check-then-write), so a protocol not known to make it
+    a conditional create is not trusted with it: write-then-read-back, and a warning that it is not safe."""
+    import storage.fs as fs
+
+    loc = Location("memory://ddx-unknown-backend")
+    monkeypatch.setattr(fs, "_CONDITIONAL_CREATE", frozenset({"s3"}))  # as if memory:// were some other backend
+    monkeypatch.setattr(fs, "_warned_no_exclusive", set())
+    with pytest.warns(UserWarning, match="no exclusive create"):
+        assert loc.create_exclusive(b"first", "claim")
+    assert not loc.create_exclusive(b"second", "claim")
+    assert loc.read_bytes("claim") == b"first"
+    loc.remove("claim")
