@@ -129,8 +129,7 @@ def _evaluate_set(
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """One table row per mode for one eval set (and its TREC run files with ``save_run``), and ``on_set``'s rows
     and record."""
-    need_teacher = bool({"teacher", "hybrid"} & set(modes))
-    v, rate = set_vectors(es, enc, store, need_teacher, config.teacher, config.title_join)
+    v, rate = set_vectors(es, enc, store, modes, config.teacher, config.title_join)
     priority = trec_tie_priority(es.doc_ids)
     if max(config.k_values) > len(es.doc_ids):
         es.notes.append(
@@ -173,9 +172,10 @@ def _cosine(mode: str, v: SetVectors, enc: Encoders) -> float | None:
     if v.store is None or v.q_p is None or mode not in ("hybrid", "projected"):
         return 1.0 if mode == "teacher" else None
     store, rows_q, rows_d = v.teacher()
-    q_p, d_s = v.q_p, v.d_s
+    q_p = v.q_p
     sims = [_mean_cos(q_p, truncate_teacher(store.get_rows(rows_q, dtype="float32"), enc.teacher_dims))]
     if mode == "projected":
+        d_s = v.student_corpus()
         sample = np.arange(0, len(d_s), max(1, len(d_s) // 20_000))
         sims.append(_mean_cos(enc.project(d_s[sample]), store.get_rows(rows_d[sample], dtype="float32")))
         return round(float(np.average(sims, weights=[len(q_p), len(sample)])), 4)

@@ -73,6 +73,33 @@ def test_every_mode_runs_and_teacher_metrics_match_pytrec_eval(phase2_run, teach
     assert Path(result.files[1]).read_text().splitlines()[0].startswith("data,split,mode,")
 
 
+def test_teacher_and_hybrid_modes_never_encode_the_corpus_with_the_student(
+    phase2_run, teacher_store, corpus, tmp_path, monkeypatch
+):
+    """Both search stored teacher passages: at 8.8 M passages a student pass over the corpus is hours for nothing."""
+    from distill.evaluate.inputs import Encoders
+
+    encoded: list[tuple[str, int]] = []
+    original = Encoders.student_vectors
+
+    def recording(self, texts, role):  # the real encoder, with what it was asked to encode written down
+        encoded.append((role, len(texts)))
+        return original(self, texts, role)
+
+    monkeypatch.setattr(Encoders, "student_vectors", recording)
+    modes = ("teacher", "hybrid")
+    both = evaluate_retrieval(_config(phase2_run.out, teacher_store, corpus.spec, tmp_path, modes=modes))
+    assert [role for role, n in encoded if n] == ["query"]
+    encoded.clear()
+    every = evaluate_retrieval(_config(phase2_run.out, teacher_store, corpus.spec, tmp_path / "all"))
+    assert ("passage", N_PASSAGES) in encoded  # the student and projected modes still encode it, once
+    assert sum(n for role, n in encoded if role == "passage") == N_PASSAGES
+    by_mode = {r["mode"]: r for r in every.rows}
+    for row in both.rows:  # same numbers as when every mode runs
+        assert row["nDCG@10"] == pytest.approx(by_mode[row["mode"]]["nDCG@10"], abs=1e-9)
+        assert row["mean_cos_to_teacher"] == pytest.approx(by_mode[row["mode"]]["mean_cos_to_teacher"], abs=1e-6)
+
+
 def test_saved_trec_runs_reproduce_the_reported_metrics(phase2_run, teacher_store, corpus, tmp_path):
     result = evaluate_retrieval(
         _config(
