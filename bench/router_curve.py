@@ -9,7 +9,9 @@ timings accumulate in WORKDIR/timings.json):
   and distractors up to ``--max-passages``; DL-19 with its judged queries and, per query in turn, its judged
   passages (highest grade first) up to ``--max-passages``;
 * ``precompute`` — the teacher over both subsets, into one store;
-* ``phase1``, ``phase2`` — the recipe of bench/e2e_scifact.py (phase 2 on SciFact train with mined negatives);
+* ``phase1``, ``phase2`` — the recipe of bench/e2e_scifact.py: phase 1 on both sets; phase 2 on ``--phase2-sources``
+  (default SciFact's train half; ``scifact,hotpotqa,triples`` is e2e_scifact's mix), 7 mined negatives, into
+  ``--phase2-out``;
 * ``fit``        — ``ddx router fit`` on the dev queries, one router folder per ``--targets`` entry;
 * ``evaluate``   — ``ddx evaluate --routed`` on SciFact test and DL-19 test for each router.
 
@@ -18,6 +20,8 @@ Without the subset options the whole corpora are used (a full run: precompute al
 Usage:
     python bench/router_curve.py --workdir /tmp/ddx-router --max-passages 500 --max-queries 100
     python bench/router_curve.py --workdir /tmp/ddx-router --stages fit,evaluate --targets ndcg10,rr10,logp
+    python bench/router_curve.py --workdir /tmp/ddx-router-full --stages phase2,fit,evaluate \
+        --phase2-sources scifact,hotpotqa,triples --phase2-out phase2_mix
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import json
 import random
 import time
 from pathlib import Path
+
+from e2e_scifact import sources  # the yardstick's data sets (python bench/router_curve.py: bench/ is on sys.path)
 
 STAGES = ("subset", "precompute", "phase1", "phase2", "fit", "evaluate")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -131,7 +137,12 @@ def run(args: argparse.Namespace) -> dict:
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     sci, dl = work / "data" / "scifact", work / "data" / "dl19"
     spec = {"scifact": f"beir:{sci}", "dl19": f"beir:{dl}"}
-    store, p1, p2 = work / "store", work / "phase1", work / "phase2"
+    store, p1, p2 = work / "store", work / "phase1", work / args.phase2_out
+    shared = sources(Path(args.data_root))
+    names = args.phase2_sources.split(",")
+    if unknown := [n for n in names if n not in {**shared, **spec}]:
+        raise SystemExit(f"--phase2-sources: unknown {unknown}; choose from scifact, dl19, hotpotqa, triples")
+    phase2_data = tuple(spec[n] if n in spec else shared[n] for n in names)
     stages, out = args.stages.split(","), {}
     if "subset" in stages:
         root = Path(args.data_root)
@@ -158,11 +169,12 @@ def run(args: argparse.Namespace) -> dict:
         _timed(timings, "phase1", lambda: train(cfg1))
     if "phase2" in stages:
         cfg2 = TrainConfig(
-            phase=2, out=str(p2), init=str(p1), data=(spec["scifact"],), lr=3e-5, num_negatives=3, mine_negatives=7,
+            phase=2, out=str(p2), init=str(p1), data=phase2_data, lr=3e-5, num_negatives=3, mine_negatives=7,
             **common,
         )  # fmt: skip
-        _timed(timings, "phase2", lambda: train(cfg2))
+        _timed(timings, p2.name, lambda: train(cfg2))
     suffix = "" if args.fit_split == "dev" else f"-{args.fit_split.replace(',', '+')}"
+    suffix += "" if p2.name == "phase2" else f"-{p2.name}"
     targets = [t + suffix for t in args.targets.split(",")]
     if "fit" in stages:
         from distill.route.fit import RouterConfig, fit_router
@@ -226,6 +238,12 @@ def main() -> None:
     parser.add_argument(
         "--fit-split", default="dev", help="SciFact split the routers are fitted on (dev: queries phase 2 never saw)"
     )
+    parser.add_argument(
+        "--phase2-sources",
+        default="scifact",
+        help="phase-2 data: scifact (its train half), hotpotqa, triples (the shared data sets); comma-separated",
+    )
+    parser.add_argument("--phase2-out", default="phase2", help="phase-2 run folder under WORKDIR (routers follow it)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
