@@ -430,9 +430,10 @@ class Location:
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
         """Create a file holding ``data`` only if nothing is there yet; False when it already exists.
 
-        Locally ``O_CREAT | O_EXCL``; on fsspec filesystems ``open(mode="xb")``, a conditional PUT where
-        the backend implements it (s3fs, gcsfs, the memory filesystem). A backend without exclusive
-        create falls back to check-then-write, which two processes can both pass.
+        Locally ``O_CREAT | O_EXCL``; on the fsspec protocols in ``_CONDITIONAL_CREATE`` (s3fs, the memory
+        filesystem) ``open(mode="xb")``, a conditional PUT. Any other backend (gcsfs, adlfs included), an
+        fsspec too old to open "xb", or a server refusing conditional writes falls back to
+        check-then-write-then-read-back, which two processes can both pass, with a warning.
         """
         path = self.join(*parts)
         if self.is_local:
@@ -452,7 +453,7 @@ class Location:
                 f.write(data)
         except FileExistsError:
             return False
-        except NotImplementedError:
+        except NotImplementedError:  # fsspec before "xb" support (the s3 extra allows s3fs/fsspec 2024.6)
             return self._create_then_confirm(path, data)
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):

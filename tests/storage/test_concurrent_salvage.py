@@ -14,6 +14,7 @@ idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -462,6 +463,15 @@ def test_exclusive_create(tmp_path: Path) -> None:
         loc.remove("claim")
 
 
+def _first_creator_wins(loc: Location, *, warns: bool) -> None:
+    """Two creates of one claim: the first wins, the second is told it lost, the first's bytes stay."""
+    with pytest.warns(UserWarning, match="no exclusive create") if warns else contextlib.nullcontext():
+        assert loc.create_exclusive(b"first", "claim")
+    assert not loc.create_exclusive(b"second", "claim")
+    assert loc.read_bytes("claim") == b"first"
+    loc.remove("claim")
+
+
 @pytest.mark.parametrize(
     "refusal",
     [NotImplementedError("File mode not supported"), OSError(errno.ENOSYS, "NotImplemented (S3 501)")],
@@ -484,11 +494,7 @@ def test_exclusive_create_without_backend_support_warns_and_confirms(
 
     monkeypatch.setattr(loc.fs, "open", open_without_x)
     monkeypatch.setattr(fs, "_warned_no_exclusive", set())
-    with pytest.warns(UserWarning, match="no exclusive create"):
-        assert loc.create_exclusive(b"first", "claim")
-    assert not loc.create_exclusive(b"second", "claim")
-    assert loc.read_bytes("claim") == b"first"
-    loc.remove("claim")
+    _first_creator_wins(loc, warns=True)
 
 
 def test_exclusive_create_on_a_server_that_ignores_the_condition(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -500,10 +506,7 @@ def test_exclusive_create_on_a_server_that_ignores_the_condition(monkeypatch: py
         return real_open(path, "wb" if mode == "xb" else mode, **kw)
 
     monkeypatch.setattr(loc.fs, "open", open_ignoring_x)
-    assert loc.create_exclusive(b"first", "claim")
-    assert not loc.create_exclusive(b"second", "claim")
-    assert loc.read_bytes("claim") == b"first"
-    loc.remove("claim")
+    _first_creator_wins(loc, warns=False)
 
 
 def test_a_backend_not_known_to_create_conditionally_warns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -514,8 +517,4 @@ def test_a_backend_not_known_to_create_conditionally_warns(monkeypatch: pytest.M
     loc = Location("memory://ddx-unknown-backend")
     monkeypatch.setattr(fs, "_CONDITIONAL_CREATE", frozenset({"s3"}))  # as if memory:// were some other backend
     monkeypatch.setattr(fs, "_warned_no_exclusive", set())
-    with pytest.warns(UserWarning, match="no exclusive create"):
-        assert loc.create_exclusive(b"first", "claim")
-    assert not loc.create_exclusive(b"second", "claim")
-    assert loc.read_bytes("claim") == b"first"
-    loc.remove("claim")
+    _first_creator_wins(loc, warns=True)
