@@ -175,13 +175,18 @@ def run(args: argparse.Namespace) -> dict:
         _timed(timings, p2.name, lambda: train(cfg2))
     suffix = "" if args.fit_split == "dev" else f"-{args.fit_split.replace(',', '+')}"
     suffix += "" if p2.name == "phase2" else f"-{p2.name}"
+    fit_names = args.fit_sources.split(",")
+    if unknown := [n for n in fit_names if n not in {**shared, **spec}]:
+        raise SystemExit(f"--fit-sources: unknown {unknown}; choose from scifact, dl19, hotpotqa, triples")
+    fit_data = tuple(spec[n] if n in spec else shared[n] for n in fit_names)
+    suffix += "" if fit_names == ["scifact"] else f"-fit-{'+'.join(fit_names)}"
     targets = [t + suffix for t in args.targets.split(",")]
     if "fit" in stages:
         from distill.route.fit import RouterConfig, fit_router
 
         for target in targets:
             cfg = RouterConfig(
-                store=str(store), model=str(p2), data=(spec["scifact"],), split=args.fit_split, mine_negatives=7,
+                store=str(store), model=str(p2), data=fit_data, split=args.fit_split, mine_negatives=7,
                 target=target.removesuffix(suffix), out=str(work / "routers" / target), seed=args.seed,
             )  # fmt: skip
             out[f"fit_{target}"] = _timed(timings, f"fit_{target}", lambda c=cfg: fit_router(c)).to_dict()
@@ -242,6 +247,11 @@ def main() -> None:
         "--phase2-sources",
         default="scifact",
         help="phase-2 data: scifact (its train half), hotpotqa, triples (the shared data sets); comma-separated",
+    )
+    parser.add_argument(
+        "--fit-sources",
+        default="scifact",
+        help="router fit data: scifact (its --fit-split), hotpotqa (its dev questions), triples; comma-separated",
     )
     parser.add_argument("--phase2-out", default="phase2", help="phase-2 run folder under WORKDIR (routers follow it)")
     parser.add_argument("--seed", type=int, default=42)

@@ -24,7 +24,7 @@ def option(default: T, text: str, **extra: Any) -> T:
 
 
 # The values of TrainConfig's choice fields; the three loss options are spelled as the losses' parameters.
-ProjectionInit = Literal["ridge", "random"]
+ProjectionInit = Literal["procrustes", "ridge", "random"]
 ProjectionKind = Literal["mlp", "none"]
 MseReduction = Literal["vector", "element"]
 InfoNceSpace = str  # "projected", "hybrid", "student", or several joined with "+" (infonce_spaces)
@@ -65,8 +65,7 @@ class TrainConfig:
     lr: float = option(2e-5, "Student learning rate.")  # pretrained weights: keep it small
     projection_lr: float | None = option(  # see resolved_projection_lr
         None,
-        "Projection learning rate (default 1e-4 after the ridge warm start, 1e-3 from random, the student's --lr in "
-        "phase 2).",
+        "Projection learning rate (default 1e-4 after a warm start, 1e-3 from random, the student's --lr in phase 2).",
     )
     warmup: float = option(0.1, "< 1: fraction of steps; >= 1: steps.")
     weight_decay: float = 0.01
@@ -84,9 +83,11 @@ class TrainConfig:
     grad_accum: int = option(1, "Gradient accumulation steps.")
     max_seq_length: int | None = option(None, "Student tokens per text (default: the student's).")
     projection_hidden: int | None = option(None, "Projection hidden width (default 2 × student dim).")
-    # "random" starts a new projection from random weights.
+    # "random" starts a new projection from random weights (distill/train/warm_start.py: why procrustes).
     projection_init: ProjectionInit = option(  # noqa: RUF009 - a Field, as from field()
-        "ridge", "New projections: fit the output layer by ridge regression on stored vectors first."
+        "procrustes",
+        "New projections: fit the output layer to stored vectors first, orthogonally scaled (procrustes: keeps "
+        "unseen domains apart) or by least squares (ridge); random: no fit.",
     )
     # "none" is the reference system's "MRL" mode (distill.model.teacher_dims): no projection; the student's own
     # output is trained into the teacher's first D dims, renormalised, and the hybrid searches those cut vectors.
@@ -158,7 +159,9 @@ class TrainConfig:
         if self.bf16 and self.fp16:
             raise DdxError("Choose one of --bf16 and --fp16.")
         if self.projection_init not in get_args(ProjectionInit):
-            raise DdxError(f"projection_init must be 'ridge' or 'random', got {self.projection_init!r}.")
+            raise DdxError(
+                f"projection_init must be one of {', '.join(get_args(ProjectionInit))}, got {self.projection_init!r}."
+            )
         if self.negatives_scope not in get_args(NegativesScope):
             raise DdxError(f"negatives_scope must be 'batch' or 'own', got {self.negatives_scope!r}.")
         if self.mse_reduction not in get_args(MseReduction):
@@ -199,7 +202,7 @@ class TrainConfig:
             return self.projection_lr
         if self.phase == 2 or self.init:
             return self.lr
-        return 1e-4 if self.projection_init == "ridge" else 1e-3
+        return 1e-3 if self.projection_init == "random" else 1e-4
 
     @property
     def resolved_mse_weight(self) -> float:

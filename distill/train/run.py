@@ -277,19 +277,19 @@ def _training_args(config: TrainConfig, out: Path) -> TrainingArguments:
 
 
 def _warm_start(
-    model: StudentModelWithProjection, dataset: Phase1Dataset | Phase2Dataset, seed: int
+    model: StudentModelWithProjection, dataset: Phase1Dataset | Phase2Dataset, method: str, seed: int
 ) -> dict[str, Any] | str:
-    """The ridge warm start of a new projection's output layer; skipped, with a line on stderr, without one."""
+    """The warm start of a new projection's output layer; skipped, with a line on stderr, without one."""
     from distill.train.datasets import Phase1Dataset
-    from distill.train.warm_start import ridge_warm_start
+    from distill.train.warm_start import warm_start_projection
 
     if model.teacher_dims is not None:
         note = "skipped: --projection none has no projection to fit"
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ddx train: ridge warm start {note}.", file=sys.stderr, flush=True)
+            print(f"ddx train: projection warm start {note}.", file=sys.stderr, flush=True)
         return note
     assert isinstance(dataset, Phase1Dataset)  # phase 1
-    return ridge_warm_start(model, dataset, seed=seed)
+    return warm_start_projection(model, dataset, method=method, seed=seed)
 
 
 def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
@@ -315,8 +315,8 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     tokens = TokenTable.for_tokenizer(model.student.tokenizer, max_length, config.token_cache)
     data.add_tokens(sources, tokens)
     dataset, sampler, collate = _dataset(config, data, store, tokens, model.teacher_dims)
-    if config.phase == 1 and not config.init and config.projection_init == "ridge":
-        data.report["warm_start"] = _warm_start(model, dataset, config.seed)
+    if config.phase == 1 and not config.init and config.projection_init != "random":
+        data.report["warm_start"] = _warm_start(model, dataset, config.projection_init, config.seed)
     trainer = DistillTrainer(
         model=DistillModule(
             model,

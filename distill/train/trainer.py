@@ -198,7 +198,7 @@ class DistillTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """AdamW with the projection on its own learning rate: a new one starts from the ridge warm start (or from
+        """AdamW with the projection on its own learning rate: a new one starts from the warm start (or from
         random weights, ``projection_init="random"``), not pretrained like the student.
 
         With ``l2sp`` > 0 the student's weights decay toward their values at this point (the run's start) instead of

@@ -58,7 +58,7 @@ def test_train_then_evaluate_as_real_processes(store: Path, corpus: Corpus, tiny
     proc = _ddx(*_train_args(store, corpus, tiny_bert, out, "--projection", "none", "--teacher-dims", "32", "--json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["report"]["teacher_dims"] == STUDENT_DIM
-    assert "ridge warm start skipped: --projection none has no projection to fit" in proc.stderr
+    assert "projection warm start skipped: --projection none has no projection to fit" in proc.stderr
     run = json.loads((out / "ddx_run.json").read_text())
     assert (run["projection"], run["teacher_dims"]) == ("none", STUDENT_DIM)
     proc = _ddx(
