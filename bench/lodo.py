@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,15 @@ def main() -> None:
     spec.update(recipe=args.recipe, overrides={"both": args.set, "phase1": args.p1, "phase2": args.p2})
     spec.update(bf16=args.bf16, phase1_only=args.phase1_only, modes=args.modes)
     for held_out in args.folds.split(","):
-        spec["folds"][held_out] = fold(args, held_out, src, spec["timings"])
-        out_file.write_text(json.dumps(spec, indent=2, default=str))
+        result = fold(args, held_out, src, spec["timings"])
+        # Read again before writing: another fold of this recipe may have finished meanwhile (runs of one recipe
+        # in parallel, one fold each), and its result must not be lost to this process's older copy.
+        done = json.loads(out_file.read_text()) if out_file.exists() else {"folds": {}, "timings": {}}
+        spec["folds"] = {**done["folds"], held_out: result}
+        spec["timings"] = {**done["timings"], **spec["timings"]}
+        tmp = out_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(spec, indent=2, default=str))
+        os.replace(tmp, out_file)
     rows = [{"recipe": args.recipe, **r} for r in spec["folds"].values()]
     print(json.dumps(rows, indent=2, default=str)) if args.json else print_table(rows)
 
