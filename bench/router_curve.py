@@ -139,10 +139,14 @@ def run(args: argparse.Namespace) -> dict:
     spec = {"scifact": f"beir:{sci}", "dl19": f"beir:{dl}"}
     store, p1, p2 = work / "store", work / "phase1", work / args.phase2_out
     shared = sources(Path(args.data_root))
-    names = args.phase2_sources.split(",")
-    if unknown := [n for n in names if n not in {**shared, **spec}]:
-        raise SystemExit(f"--phase2-sources: unknown {unknown}; choose from scifact, dl19, hotpotqa, triples")
-    phase2_data = tuple(spec[n] if n in spec else shared[n] for n in names)
+
+    def pick(option: str, value: str) -> tuple[str, ...]:  # data-set names → specs (this run's subsets first)
+        names = value.split(",")
+        if unknown := [n for n in names if n not in {**shared, **spec}]:
+            raise SystemExit(f"{option}: unknown {unknown}; choose from scifact, dl19, hotpotqa, triples")
+        return tuple(spec[n] if n in spec else shared[n] for n in names)
+
+    phase2_data = pick("--phase2-sources", args.phase2_sources)
     stages, out = args.stages.split(","), {}
     if "subset" in stages:
         root = Path(args.data_root)
@@ -175,11 +179,8 @@ def run(args: argparse.Namespace) -> dict:
         _timed(timings, p2.name, lambda: train(cfg2))
     suffix = "" if args.fit_split == "dev" else f"-{args.fit_split.replace(',', '+')}"
     suffix += "" if p2.name == "phase2" else f"-{p2.name}"
-    fit_names = args.fit_sources.split(",")
-    if unknown := [n for n in fit_names if n not in {**shared, **spec}]:
-        raise SystemExit(f"--fit-sources: unknown {unknown}; choose from scifact, dl19, hotpotqa, triples")
-    fit_data = tuple(spec[n] if n in spec else shared[n] for n in fit_names)
-    suffix += "" if fit_names == ["scifact"] else f"-fit-{'+'.join(fit_names)}"
+    fit_data = pick("--fit-sources", args.fit_sources)
+    suffix += "" if args.fit_sources == "scifact" else f"-fit-{args.fit_sources.replace(',', '+')}"
     targets = [t + suffix for t in args.targets.split(",")]
     if "fit" in stages:
         from distill.route.fit import RouterConfig, fit_router
