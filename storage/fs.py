@@ -431,10 +431,9 @@ class Location:
         """Create a file holding ``data`` only if nothing is there yet; False when it already exists.
 
         Locally ``O_CREAT | O_EXCL``; on the fsspec protocols in ``_CONDITIONAL_CREATE`` (s3fs, the memory
-        filesystem) ``open(mode="xb")``, a conditional PUT (s3fs before 2025.7.0 sent small files as a plain
-        PUT, s3fs#973: pyproject's floors exclude it). Any other backend (gcsfs, adlfs included) or a server
-        refusing conditional writes falls back to check-then-write-then-read-back, which two processes can both
-        pass, with a warning.
+        filesystem) ``open(mode="xb")``, a conditional PUT. Any other backend (gcsfs, adlfs included), an
+        fsspec too old to open "xb", or a server refusing conditional writes falls back to
+        check-then-write-then-read-back, which two processes can both pass, with a warning.
         """
         path = self.join(*parts)
         if self.is_local:
@@ -454,6 +453,8 @@ class Location:
                 f.write(data)
         except FileExistsError:
             return False
+        except NotImplementedError:  # fsspec before "xb" support (the s3 extra allows s3fs/fsspec 2024.6)
+            return self._create_then_confirm(path, data)
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):
                 raise

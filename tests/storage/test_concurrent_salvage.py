@@ -472,30 +472,19 @@ def _first_creator_wins(loc: Location, *, warns: bool) -> None:
     loc.remove("claim")
 
 
-def test_dependency_floors_exclude_the_s3fs_whose_xb_was_a_plain_put() -> None:
-    """s3fs 2024.12-2025.5 accepted "xb" but sent small files (every claim marker) as a plain PUT (s3fs#973, fixed in
-    2025.7.0 by #974): create_exclusive would have trusted a create that was not conditional, without a warning."""
-    import tomllib
-
-    from packaging.requirements import Requirement
-    from packaging.version import Version
-
-    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
-    specs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
-    for req in map(Requirement, specs):
-        if req.name in ("s3fs", "fsspec"):
-            assert not req.specifier.contains(Version("2025.5.1")), f"{req}: allows an s3fs/fsspec without safe 'xb'"
-
-
-def test_exclusive_create_on_a_server_refusing_conditional_writes_warns_and_confirms(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    "refusal",
+    [NotImplementedError("File mode not supported"), OSError(errno.ENOSYS, "NotImplemented (S3 501)")],
+    ids=["fsspec-no-xb", "server-501"],
+)
+def test_exclusive_create_without_backend_support_warns_and_confirms(
+    refusal: Exception, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A server that refuses conditional writes (s3fs raises ENOSYS for S3's 501: older MinIO, Ceph) falls back to
-    write-then-read-back, and says once that it is not safe."""
+    """A filesystem that cannot open "xb", or a server that refuses conditional writes (s3fs raises ENOSYS for S3's
+    501), falls back to write-then-read-back, and says once that it is not safe."""
     import storage.fs as fs
 
-    refusal = OSError(errno.ENOSYS, "NotImplemented (S3 501)")
-    loc = Location("memory://ddx-no-exclusive-OSError")
+    loc = Location(f"memory://ddx-no-exclusive-{type(refusal).__name__}")
     real_open = loc.fs.open
 
     def open_without_x(path: str, mode: str = "rb", **kw: object):  # type: ignore[no-untyped-def]
