@@ -21,6 +21,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -49,7 +50,19 @@ __all__ = [
 # check and a write under the GIL). fsspec's base file accepts "xb" on any backend and may check-then-write, so
 # on others exclusive create is check-then-write-then-read-back, with a warning (_create_then_confirm).
 _CONDITIONAL_CREATE = frozenset({"s3", "s3a", "memory"})
+# s3fs accepted "xb" from 2024.12.0 but sent a file smaller than one part as a plain PUT, If-None-Match dropped,
+# until 2025.7.0 (s3fs#973, fixed by #974); every claim ddx writes is that small. pyproject cannot raise the
+# extra's floor without sending pip's resolver into a backtrack, so the version is checked where it matters.
+_S3FS_CONDITIONAL_XB = (2025, 7, 0)
 _warned_no_exclusive: set[str] = set()  # filesystem protocols already warned about, once a process
+
+
+def _s3fs_version() -> tuple[int, ...]:
+    """The installed s3fs's calendar version as (year, month, patch); (0,) when it cannot be read."""
+    import s3fs  # only asked for s3:// locations, which fsspec opened with s3fs
+
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(getattr(s3fs, "__version__", "")))
+    return tuple(int(g or 0) for g in m.groups()) if m else (0,)
 
 
 def default_cache_dir() -> Path:
@@ -430,11 +443,14 @@ class Location:
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
         """Create a file holding ``data`` only if nothing is there yet; False when it already exists.
 
-        Locally ``O_CREAT | O_EXCL``; on the fsspec protocols in ``_CONDITIONAL_CREATE`` (s3fs, the memory
-        filesystem) ``open(mode="xb")``, a conditional PUT. Any other backend (gcsfs, adlfs included), an
-        fsspec too old to open "xb", or a server refusing conditional writes falls back to
-        check-then-write-then-read-back, which two processes can both pass, with a warning.
+        Locally ``O_CREAT | O_EXCL``; on the fsspec protocols in ``_CONDITIONAL_CREATE`` (s3fs from 2025.7.0,
+        the memory filesystem) ``open(mode="xb")``, a conditional PUT. Any other backend (gcsfs, adlfs
+        included), an fsspec too old to open "xb", an s3fs whose "xb" was a plain PUT for small files, or a
+        server refusing conditional writes falls back to check-then-write-then-read-back, which two processes
+        can both pass, with a warning. ``data`` must not be empty (s3fs writes an empty file unconditionally).
         """
+        if not data:
+            raise ValueError("create_exclusive needs bytes to write: an empty object is not created conditionally")
         path = self.join(*parts)
         if self.is_local:
             try:
@@ -448,6 +464,8 @@ class Location:
             return False
         if self.protocol not in _CONDITIONAL_CREATE:  # fsspec accepts "xb" everywhere; atomic only on these
             return self._create_then_confirm(path, data)
+        if self.protocol in ("s3", "s3a") and _s3fs_version() < _S3FS_CONDITIONAL_XB:
+            return self._create_then_confirm(path, data, because="s3fs before 2025.7.0 (s3fs#973): pip install -U s3fs")
         try:
             with self.fs.open(path, "xb") as f:
                 f.write(data)
@@ -462,18 +480,20 @@ class Location:
             return self._create_then_confirm(path, data)
         return self.fs.cat_file(path) == data  # of two racers on a server ignoring the condition, the loser learns it
 
-    def _create_then_confirm(self, path: str, data: bytes) -> bool:
+    def _create_then_confirm(self, path: str, data: bytes, because: str = "") -> bool:
         """Check-then-write, then read back: of two racing writers the one overwritten learns it lost.
 
         Narrower than a conditional create, not closed (both can read their own bytes back if their
-        writes do not interleave), so it says so once per process.
+        writes do not interleave), so it says so once per process, with ``because`` when the fix is known.
         """
         protocol = self.protocol
         if protocol not in _warned_no_exclusive:
             _warned_no_exclusive.add(protocol)
             warnings.warn(
-                f"{self.url!r}: this filesystem ({protocol}) has no exclusive create, so two processes "
-                "recovering one crashed segment at once may both act; restart crashed runs one at a time here.",
+                f"{self.url!r}: this filesystem ({protocol}) has no exclusive create"
+                + (f" ({because})" if because else "")
+                + ", so two processes recovering one crashed segment at once may both act; restart crashed runs "
+                "one at a time here.",
                 stacklevel=3,
             )
         self.fs.pipe_file(path, data)  # the caller checked that nothing is there

@@ -463,6 +463,14 @@ def test_exclusive_create(tmp_path: Path) -> None:
         loc.remove("claim")
 
 
+def test_exclusive_create_refuses_empty_data(tmp_path: Path) -> None:
+    """s3fs writes an empty file with an unconditional touch, so an empty claim could never be exclusive."""
+    for loc in (Location(tmp_path), Location("memory://ddx-exclusive-empty")):
+        with pytest.raises(ValueError, match="needs bytes to write"):
+            loc.create_exclusive(b"", "claim")
+        assert not loc.exists("claim")
+
+
 def _first_creator_wins(loc: Location, *, warns: bool) -> None:
     """Two creates of one claim: the first wins, the second is told it lost, the first's bytes stay."""
     with pytest.warns(UserWarning, match="no exclusive create") if warns else contextlib.nullcontext():

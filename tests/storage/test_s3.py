@@ -434,3 +434,34 @@ def test_force_obeys_a_local_writers_flock(tmp_path: Path) -> None:
     assert store.uncommitted_segments() == [(w.seg_id, "active")]
     w.abort()
     assert store.salvage(force=True) == [(w.seg_id, 5)]  # the flush wrote the partial chunk too
+
+
+def test_a_small_claim_is_a_conditional_put(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim markers are a few dozen bytes: on this s3fs (≥ 2025.7.0) their "xb" is a PUT with If-None-Match,
+    so a creator that passed the existence check in the same instant as another still loses (no pre-check here)."""
+    import warnings
+
+    loc = Location(s3.url("small-claim"), s3.storage_options)
+    monkeypatch.setattr(loc.fs, "exists", lambda path, **kw: False)  # both racers saw nothing there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trusted: no fallback, no warning
+        assert loc.create_exclusive(b'{"token": "first"}', "claim")
+        assert not loc.create_exclusive(b'{"token": "second"}', "claim")
+    assert loc.read_bytes("claim") == b'{"token": "first"}'
+
+
+@pytest.mark.parametrize("version", ["2024.12.0", "2025.5.1"])
+def test_an_s3fs_whose_xb_was_a_plain_put_is_not_trusted(version: str, s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3fs 2024.12–2025.5 sent a small "xb" file as a plain PUT (s3fs#973): create_exclusive must not take it for
+    a conditional create, but fall back to check-write-read-back and say so, naming the upgrade."""
+    import s3fs
+
+    import storage.fs as fs
+
+    monkeypatch.setattr(s3fs, "__version__", version)
+    monkeypatch.setattr(fs, "_warned_no_exclusive", set())
+    loc = Location(s3.url(f"old-s3fs-{version}"), s3.storage_options)
+    with pytest.warns(UserWarning, match=r"no exclusive create \(s3fs before 2025\.7\.0 \(s3fs#973\): pip install -U"):
+        assert loc.create_exclusive(b"first", "claim")
+    assert not loc.create_exclusive(b"second", "claim")
+    assert loc.read_bytes("claim") == b"first"
