@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from precompute.batching import padding_waste, token_budget_batches
-from precompute.teacher import TeacherEncoder
+from precompute.teacher import PendingVectors, TeacherEncoder
 from storage.errors import DdxError
 from storage.keys import role_code
 from storage.segment import SegmentWriter
@@ -44,15 +44,35 @@ def encode_role(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Encode ``texts`` (all of ``role``, ``lengths`` tokens each) in token-budget batches, longest first, and hand
-    each batch's rows to ``out``; ``on_batch(texts, tokens)`` after each. Returns (real tokens, padded tokens)."""
+    each batch's rows to ``out``; ``on_batch(texts, tokens)`` after each. Returns (real tokens, padded tokens).
+
+    One batch is in flight ahead: batch i+1 is tokenized and queued on the device before batch i's vectors are
+    waited for, so the GPU does not idle while the host tokenizes (each batch's indices travel with its own
+    pending vectors, so rows never change places). A batch that fails to launch (out of memory, say) still
+    hands the one before it to the writer.
+    """
     batches = token_budget_batches(lengths, budget, max_batch)
     real, padded = padding_waste(lengths, batches)
     code = role_code(role)
-    for b in batches:
-        vectors = encoder.encode([texts[i] for i in b], role)
-        out.put(keys[b], vectors, np.full(len(b), code, np.uint8), lengths[b])
+
+    def hand_over(b: np.ndarray, pending: PendingVectors) -> None:
+        out.put(keys[b], pending.result(), np.full(len(b), code, np.uint8), lengths[b])
         if on_batch is not None:
             on_batch(len(b), int(lengths[b].sum()))
+
+    in_flight: tuple[np.ndarray, PendingVectors] | None = None
+    for b in batches:
+        try:
+            launched = encoder.launch([texts[i] for i in b], role)
+        except BaseException:
+            if in_flight is not None:
+                hand_over(*in_flight)
+            raise
+        if in_flight is not None:
+            hand_over(*in_flight)
+        in_flight = (b, launched)
+    if in_flight is not None:
+        hand_over(*in_flight)
     return real, padded
 
 

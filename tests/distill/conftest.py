@@ -383,6 +383,7 @@ def forbid_teacher(teacher_dir: Path) -> Iterator[list[str]]:
         mp.setattr(precompute.teacher, "load_teacher", lambda *a, **k: trip("load_teacher"))
         mp.setattr(precompute.pipeline, "load_teacher", lambda *a, **k: trip("load_teacher"))
         mp.setattr(precompute.teacher.TeacherEncoder, "encode", lambda *a, **k: trip("TeacherEncoder.encode"))
+        mp.setattr(precompute.teacher.TeacherEncoder, "launch", lambda *a, **k: trip("TeacherEncoder.launch"))
         mp.setattr(SentenceTransformer, "encode", guarded_encode)
         mp.setattr(SentenceTransformer, "__init__", guarded_init)
         mp.setattr(Qwen2Model, "forward", lambda *a, **k: trip("Qwen2Model.forward"))

@@ -15,7 +15,7 @@ import pytest
 
 from precompute.batching import padding_waste, token_budget_batches
 from precompute.pipeline import PrecomputeConfig, PrecomputeSummary, precompute, resolve_rank
-from precompute.teacher import TeacherConfig, TeacherEncoder, load_teacher
+from precompute.teacher import PendingVectors, TeacherConfig, TeacherEncoder, load_teacher
 from storage.keys import content_keys, key_slice
 from storage.store import TeacherStore
 from tests.tiny_models import QWEN_QUERY_PROMPT, tiny_corpus
@@ -104,7 +104,7 @@ def qwen(tiny_qwen2: Path) -> TeacherEncoder:
 
 
 class Recorder:
-    """What really ran: texts per role through ``encoder.encode``, and calls of the model's forward."""
+    """What really ran: texts per role through ``encoder.launch``, and calls of the model's forward."""
 
     def __init__(self) -> None:
         self.texts: dict[str, list[str]] = {"query": [], "passage": []}
@@ -116,14 +116,14 @@ class Recorder:
 
 @pytest.fixture
 def recorder(bert: TeacherEncoder, monkeypatch: pytest.MonkeyPatch):
-    """Wraps ``bert.encode`` (texts per role) and counts its model's forward passes with a hook."""
-    rec, original = Recorder(), bert.encode
+    """Wraps ``bert.launch`` (texts per role) and counts its model's forward passes with a hook."""
+    rec, original = Recorder(), bert.launch
 
-    def encode(texts: list[str], role: str) -> np.ndarray:
+    def launch(texts: list[str], role: str) -> PendingVectors:
         rec.texts[role].extend(texts)
         return original(texts, role)
 
-    monkeypatch.setattr(bert, "encode", encode)
+    monkeypatch.setattr(bert, "launch", launch)
     handle = bert.model.register_forward_hook(lambda *_: setattr(rec, "forwards", rec.forwards + 1))
     yield rec
     handle.remove()

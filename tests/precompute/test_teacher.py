@@ -22,7 +22,9 @@ from precompute.teacher import (
     weights_identity,
 )
 from storage.errors import DdxError
+from storage.keys import content_keys
 from storage.spec import TeacherSpec
+from storage.store import TeacherStore
 from tests.precompute.test_pipeline import one_torch_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import QWEN_QUERY_PROMPT
 
@@ -306,3 +308,40 @@ def test_default_device_follows_the_launcher(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert default_device() == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_blocks_give_the_eager_vectors(device: str, tiny_qwen2: Path, tmp_path: Path) -> None:
+    """--compile: every block compiled once (dynamic shapes: batches of any size and length reuse it), the same
+    spec, and the eager teacher's vectors to float noise through the real pipeline (a misaligned row: ~0.1)."""
+    import torch
+
+    from precompute.pipeline import PrecomputeConfig, precompute
+    from tests.precompute.test_pipeline import write_beir
+    from tests.tiny_models import tiny_corpus
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    eager = load_teacher(TeacherConfig(model=str(tiny_qwen2), device=device))
+    compiled = load_teacher(TeacherConfig(model=str(tiny_qwen2), device=device, compile=True))
+    assert compiled.spec == eager.spec
+    blocks = compiled.model[0].auto_model.layers
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in blocks)
+    texts = tiny_corpus(50, seed=9)
+    folder = write_beir(tmp_path / "beir", texts, texts[:10])
+    for name, enc in (("eager", eager), ("compiled", compiled)):
+        config = PrecomputeConfig(
+            store=str(tmp_path / name),
+            data=(f"beir:{folder}",),
+            teacher=TeacherConfig(model=str(tiny_qwen2)),
+            token_budget=96,
+            max_batch_size=7,
+            progress=False,
+        )
+        with torch._dynamo.config.patch(error_on_recompile=name == "compiled"):  # compiled once, at load
+            summary = precompute(config, encoder=enc)
+        assert summary.encoded == 60 and summary.forward_calls > 8  # many batch shapes
+    for role, role_texts in (("passage", texts), ("query", texts[:10])):
+        a, b = (TeacherStore.open(tmp_path / n).get(content_keys(role, role_texts)) for n in ("eager", "compiled"))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-2 if device == "cuda" else 1e-3)
