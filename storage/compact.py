@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,12 +157,23 @@ def _replaces_attr(store: TeacherStore, seg_id: str) -> list[str]:
     return [str(s) for s in value] if isinstance(value, list) else []
 
 
+def copy_id(first: str) -> str:
+    """The id of a copy of adjacent segments starting at ``first``: it sorts right after ``first`` and before every
+    segment after it (a later id differs from ``first`` within ``first``'s length, unless it is ``first`` plus a
+    suffix: a copy of it), so readers resolve each key to the same row as before the compaction. The suffix keeps
+    ``precompute.recovery``'s rank pattern from matching: a copy is no rank's."""
+    return f"{first}-c{uuid.uuid4().hex[:6]}"
+
+
 def _groups(segments: list[SegmentReader], target: int) -> list[list[SegmentReader]]:
-    """Consecutive (in id order) segments smaller than ``target`` rows, packed into groups of at most ``target``
-    rows; groups of one are dropped (nothing to merge)."""
+    """Runs of adjacent (in id order) segments smaller than ``target`` rows, packed into groups of at most
+    ``target`` rows; groups of one are dropped (nothing to merge). A segment left alone ends the run: a copy of
+    the segments on both sides of it would move the later ones' rows ahead of it, and a key stored in both would
+    then resolve to another row (readers take the first segment in id order)."""
     groups: list[list[SegmentReader]] = [[]]
     for seg in sorted(segments, key=lambda s: s.seg_id):
         if seg.rows >= target:
+            groups.append([])
             continue
         if sum(s.rows for s in groups[-1]) + seg.rows > target:
             groups.append([])
@@ -190,6 +202,7 @@ def _copy(store: TeacherStore, sources: list[SegmentReader], *, replaces: list[s
     """Write every source row (each key once) into a new segment and commit it; (its id, rows, rows dropped)."""
     writer = SegmentWriter.create(
         store.loc,
+        seg_id=copy_id(sources[0].seg_id),
         dim=store.dim,
         dtype=store.dtype,
         chunk_rows=default_chunk_rows(store.dim, store.dtype),

@@ -70,6 +70,7 @@ class Beat:
         self._stop = threading.Event()
         self.last_ok = time.monotonic()
         self.error: BaseException | None = None  # the first failure since the last check
+        self.lapsed: float | None = None  # a silence of >= stale seconds, seen before a beat (sticky)
         self.beats = 0
         self._thread = threading.Thread(target=self._run, name="ddx-heartbeat", daemon=True)
 
@@ -82,7 +83,16 @@ class Beat:
             self.beat_now()
 
     def beat_now(self) -> None:
-        """One beat; a failure is recorded for :meth:`check`, not raised."""
+        """One beat; a failure is recorded for :meth:`check`, not raised.
+
+        After a silence of ``stale`` seconds (the process was paused: SIGSTOP, a suspended VM, a stalled disk;
+        or every beat failed) others may have presumed the owner dead and acted, so no beat follows: the lapse
+        is kept for :meth:`check`, whichever of the owner and this thread runs first after the pause.
+        """
+        silent = time.monotonic() - self.last_ok
+        if self.lapsed is not None or silent >= self.stale:
+            self.lapsed = max(self.lapsed or 0.0, silent)
+            return
         try:
             self._beat()
         except Exception as exc:
@@ -103,12 +113,14 @@ class Beat:
             RemoteStoreError: the heartbeat lapsed; other processes may presume the owner dead and act.
         """
         error, self.error = self.error, None
-        silent = time.monotonic() - self.last_ok
+        silent = max(time.monotonic() - self.last_ok, self.lapsed or 0.0)
         if silent >= self.stale:
+            self.lapsed = silent
+            why = f"last error: {error!r}" if error is not None else "the process was paused, or stalled"
             raise RemoteStoreError(
-                f"{self.what}: no heartbeat could be written for {silent:.0f} s (others presume a writer dead after "
-                f"{self.stale:.0f} s and may salvage its segment), last error: {error!r}. Rows flushed so far are kept "
-                "for salvage; check the network and rerun the same command to resume."
+                f"{self.what}: no heartbeat was written for {silent:.0f} s ({why}; others presume a writer dead "
+                f"after {self.stale:.0f} s and may salvage its segment). Rows flushed so far are kept for salvage; "
+                "nothing more is written to it: rerun the same command to resume."
             )
         if error is not None:
             warnings.warn(

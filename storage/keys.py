@@ -80,11 +80,18 @@ def key_hex(key: bytes | np.bytes_) -> str:
 
 
 def as_key_array(keys: Iterable[bytes] | np.ndarray) -> np.ndarray:
-    """Any collection of 16-byte keys as a contiguous ``S16`` array."""
+    """Any collection of 16-byte keys as a contiguous ``S16`` array.
+
+    Shorter ones are NUL-padded (numpy hands out an ``S16`` element with its trailing NULs stripped); a longer
+    one is no key of ddx's and is refused, never truncated (two such keys could collapse into one).
+    """
     if isinstance(keys, np.ndarray) and keys.dtype == KEY_DTYPE:
         return np.ascontiguousarray(keys)
-    blob = b"".join(bytes(k).ljust(KEY_BYTES, b"\x00") for k in keys)
-    return np.frombuffer(blob, dtype=KEY_DTYPE)
+    parts = [bytes(k) for k in keys]
+    if any(len(k) > KEY_BYTES for k in parts):
+        n = next(len(k) for k in parts if len(k) > KEY_BYTES)
+        raise ValueError(f"Content keys are {KEY_BYTES} bytes; got one of {n} bytes.")
+    return np.frombuffer(b"".join(k.ljust(KEY_BYTES, b"\x00") for k in parts), dtype=KEY_DTYPE)
 
 
 def keys_to_arrow(keys: np.ndarray | Iterable[bytes]) -> Any:  # -> pyarrow.FixedSizeBinaryArray

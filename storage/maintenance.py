@@ -82,7 +82,8 @@ def gc_store(
     ``force`` (``ddx cache gc --force``): segments whose writer is known dead but still counts as alive
     (a remote writer's heartbeat is younger than ``stale_after``) are treated as abandoned: ``True`` for
     every uncommitted segment, or a collection of segment ids. A local writer's flock is still obeyed (the
-    kernel holds it only for a live process). Forcing a writer that is in fact alive loses what it writes after.
+    kernel holds it only for a live process). Forcing a writer that is in fact alive loses what it writes after
+    (it stops at its next flush, finding the COMMIT).
 
     Returns one entry per segment acted on (with ``dry_run``: that would be): ``id``, ``bytes`` and
     ``action`` — 'removed'; 'salvaged' with the ``rows`` kept; or 'damaged' with ``detail`` (left in place).

@@ -108,6 +108,12 @@ def seal_matches(obj: dict[str, Any]) -> bool:
     return bool(obj.get("checksum") == _seal(obj))
 
 
+def _sealed(obj: dict[str, Any], version: Any) -> bool:
+    """Whether ``obj`` must match its seal: format 2 on, or any object carrying one. Format 1 had none, so a
+    flipped bit turning '3' into '1' must not turn the checks off (the seal covers the version too)."""
+    return (_is_int(version) and version >= 2) or "checksum" in obj
+
+
 def _seal_problem(obj: dict[str, Any]) -> str | None:
     return None if seal_matches(obj) else "its content does not match its checksum (a changed byte)"
 
@@ -134,7 +140,7 @@ def root_problems(doc: dict[str, Any]) -> list[Damage]:
         out.append("not a Zarr v3 group (zarr_format/node_type changed)")
     attrs = doc["attributes"]["ddx"]
     version = attrs.get("format_version")
-    if _is_int(version) and version >= 2 and (p := _seal_problem(attrs)):
+    if _sealed(attrs, version) and (p := _seal_problem(attrs)):
         out.append(p)
     spec_data = attrs.get("teacher_spec")
     spec_wrong = ["is missing"] if not isinstance(spec_data, dict) else spec_problems(spec_data)
@@ -156,7 +162,7 @@ def commit_problems(doc: dict[str, Any], file: str) -> list[Damage]:
     if version not in _COMMIT_FIELDS or not _is_int(version):
         return [Damage(file, f"format_version {version!r} is not one of {sorted(_COMMIT_FIELDS)}")]
     out = []
-    if version >= 2 and (p := _seal_problem(doc)):
+    if _sealed(doc, version) and (p := _seal_problem(doc)):
         out.append(p)
     for name, kind in _COMMIT_FIELDS[version].items():
         value = doc.get(name)

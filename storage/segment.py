@@ -145,7 +145,8 @@ def claim_and_salvage(loc: Location, seg_id: str, *, force: bool = False) -> Sal
 
     ``force`` treats the segment's remote writer as dead whatever its heartbeat says (for a writer known
     dead, when waiting out ``stale_after`` is not wanted: ``ddx cache gc --force``); the claim, the checks
-    and the outcome are the same. Forcing a writer that is in fact alive loses the rows it writes after.
+    and the outcome are the same. Forcing a writer that is in fact alive loses the rows it writes after: it stops at
+    its next flush, finding the COMMIT, instead of rewriting files the COMMIT vouches for.
 
     Example:
         >>> claim_and_salvage(store.loc, seg_id)  # doctest: +SKIP

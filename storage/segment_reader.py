@@ -46,7 +46,7 @@ from storage.segment_format import (
     read_index_bytes,
 )
 
-__all__ = ["SegmentReader"]
+__all__ = ["SegmentReader", "commit_replaces", "read_commit"]
 
 
 class SegmentReader:
@@ -62,9 +62,17 @@ class SegmentReader:
         FormatVersionError: the segment was committed by a newer ddx.
     """
 
-    def __init__(self, loc: Location, seg_id: str, *, dim: int | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        loc: Location,
+        seg_id: str,
+        *,
+        dim: int | None = None,
+        dtype: str | None = None,
+        commit: dict[str, Any] | None = None,
+    ) -> None:
         self.loc, self.seg_id = loc, seg_id
-        self.commit: dict[str, Any] = self._read_commit()
+        self.commit: dict[str, Any] = commit if commit is not None else read_commit(loc, seg_id)
         if problems := commit_store_problems(self.commit, self.file("COMMIT"), dim=dim, dtype=dtype):
             raise problems[0].error(loc.url)
         self.format_version = int(self.commit["format_version"])
@@ -94,8 +102,7 @@ class SegmentReader:
     @property
     def replaces(self) -> list[str]:
         """Segments whose rows this one holds (a compaction, :mod:`storage.compact`); readers skip them."""
-        value = self.commit.get("replaces")
-        return [str(s) for s in value] if isinstance(value, list) else []
+        return commit_replaces(self.commit)
 
     @property
     def has_row_checksums(self) -> bool:
@@ -114,21 +121,6 @@ class SegmentReader:
             return self.loc.read_bytes(SEGMENTS, self.seg_id, *parts)
         except FileNotFoundError as exc:
             raise self.damage("is missing", *parts) from exc
-
-    def _read_commit(self) -> dict[str, Any]:
-        doc, why = parse_json(self._read("COMMIT"))
-        if doc is None:
-            raise self.damage(str(why), "COMMIT")
-        version = doc.get("format_version")
-        if isinstance(version, int) and version > FORMAT_VERSION and seal_matches(doc):
-            raise FormatVersionError(
-                f"Segment {self.file()} of {self.loc.url!r} has format version {version}; this ddx reads versions "
-                f"up to {FORMAT_VERSION}. Upgrade ddx (pip install -U ddx) to read it."
-            )
-        problems = commit_problems(doc, self.file("COMMIT"))
-        if problems:
-            raise problems[0].error(self.loc.url)
-        return doc
 
     def _read_vectors_meta(self, dim: int | None, dtype: str | None) -> dict[str, Any]:
         data = self._read("vectors", "zarr.json")
@@ -409,3 +401,36 @@ def _plain(meta: dict[str, Any], chunk_rows: int) -> bool:
         and sep == "/"
         and chunk_shape[0] == chunk_rows
     )
+
+
+def commit_replaces(commit: dict[str, Any]) -> list[str]:
+    """The segments a COMMIT says its segment replaces (a compaction's copy, :mod:`storage.compact`)."""
+    value = commit.get("replaces")
+    return [str(s) for s in value] if isinstance(value, list) else []
+
+
+def read_commit(loc: Location, seg_id: str) -> dict[str, Any]:
+    """A segment's COMMIT, parsed and checked (:func:`storage.metadata.commit_problems`).
+
+    Raises:
+        IntegrityError: missing, unparsable, or fails a check.
+        FormatVersionError: committed by a newer ddx.
+    """
+    file = "/".join((SEGMENTS, seg_id, "COMMIT"))
+    try:
+        data = loc.read_bytes(SEGMENTS, seg_id, "COMMIT")
+    except FileNotFoundError as exc:
+        raise Damage(file, "is missing").error(loc.url) from exc
+    doc, why = parse_json(data)
+    if doc is None:
+        raise Damage(file, str(why)).error(loc.url)
+    version = doc.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION and seal_matches(doc):
+        raise FormatVersionError(
+            f"Segment {SEGMENTS}/{seg_id} of {loc.url!r} has format version {version}; this ddx reads versions "
+            f"up to {FORMAT_VERSION}. Upgrade ddx (pip install -U ddx) to read it."
+        )
+    problems = commit_problems(doc, file)
+    if problems:
+        raise problems[0].error(loc.url)
+    return doc

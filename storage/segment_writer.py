@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import DiskFullError
+from storage.errors import DdxError, DiskFullError
 from storage.fs import Location
 from storage.heartbeat import Beat, beat_interval, stale_after
-from storage.keys import KEY_DTYPE
+from storage.keys import KEY_DTYPE, ROLES, as_key_array
 from storage.segment_format import (
     SEGMENTS,
     IndexColumns,
@@ -77,6 +77,7 @@ class SegmentWriter:
         self._beat: Beat | None = None  # remote stores: the heartbeat thread (local ones hold an flock instead)
         self._beat_lock = threading.Lock()  # one heartbeat write at a time: its row count never goes back
         self.committed = False
+        self._lost = False  # another process may have salvaged the segment: never write to it again
 
     @classmethod
     def create(
@@ -125,8 +126,7 @@ class SegmentWriter:
         """Buffer rows; full chunks (and the partial one, every ``flush_seconds``) reach disk."""
         if self.committed:
             raise ValueError(f"Segment {self.seg_id!r} is committed and immutable; append through a new writer.")
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(keys):
-            raise ValueError(f"Expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}.")
+        keys, vectors, roles, n_tokens = self._checked(keys, vectors, roles, n_tokens)
         start = 0
         while start < len(keys):
             take = min(self.chunk_rows - self._buf_n, len(keys) - start)
@@ -151,6 +151,41 @@ class SegmentWriter:
         if self._buf_n > self._buf_flushed and time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
+    def _checked(
+        self, keys: np.ndarray, vectors: np.ndarray, roles: np.ndarray, n_tokens: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rows as stored (keys S16, vectors cast to the store's dtype, roles uint8, n_tokens int32), or a
+        DdxError naming the field, before anything of them is buffered: a row that cannot be stored exactly as
+        given is refused, never truncated, wrapped or stored as NaN/inf."""
+        where = f"Segment {self.seg_id!r}"
+        keys = keys if isinstance(keys, np.ndarray) else as_key_array(keys)
+        vectors, roles, n_tokens = (np.asarray(a) for a in (vectors, roles, n_tokens))
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(keys):
+            raise DdxError(f"{where}: expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}.")
+        if not (len(keys) == len(roles) == len(n_tokens)) or roles.ndim != 1 or n_tokens.ndim != 1:
+            raise DdxError(
+                f"{where}: keys, roles and n_tokens must be 1-d of one length, got {len(keys)}, {roles.shape} and "
+                f"{n_tokens.shape}."
+            )
+        if keys.dtype != KEY_DTYPE:
+            raise DdxError(f"{where}: keys must be 16-byte content keys (numpy S16), got dtype {keys.dtype}.")
+        if vectors.dtype.kind != "f":
+            raise DdxError(f"{where}: vectors must be floating point, got dtype {vectors.dtype}.")
+        with np.errstate(over="ignore"):  # an overflow is reported below, as the row it spoils
+            stored = vectors.astype(self._buf_vectors.dtype, copy=False)
+        if len(stored) and not np.isfinite(stored).all():
+            row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
+            raise DdxError(
+                f"{where}: vectors row {row} is NaN or infinite as {stored.dtype} (of {len(stored)} rows given, none "
+                "stored); the teacher overflowed: run it in bfloat16 or float32 (--dtype), or store float32."
+            )
+        for name, values, top in (("roles", roles, len(ROLES) - 1), ("n_tokens", n_tokens, 2**31 - 1)):
+            if len(values) and (values.dtype.kind not in "iu" or values.min() < 0 or values.max() > top):
+                raise DdxError(
+                    f"{where}: {name} must be integers in 0..{top}, got {values.dtype} {values.min()}..{values.max()}."
+                )
+        return keys, stored, roles.astype(np.uint8), n_tokens.astype(np.int32)
+
     def flush(self) -> None:
         """Write the partial chunk now (atomically replacing its earlier version)."""
         if self._buf_n > self._buf_flushed:
@@ -161,8 +196,7 @@ class SegmentWriter:
         return self.rows_flushed - self._buf_flushed
 
     def _flush_chunk(self, *, complete: bool) -> None:
-        if self._beat is not None:
-            self._beat.check()  # raises once beats have failed for stale_after: others may be salvaging this segment
+        self._check_still_mine()
         chunk = self._chunk_start // self.chunk_rows
         end = self._chunk_start + self._buf_n
         try:
@@ -185,6 +219,24 @@ class SegmentWriter:
         else:
             self._buf_index, self._buf_flushed = [part], self._buf_n
 
+    def _check_still_mine(self) -> None:
+        """Raise before writing into a segment others may have salvaged: the heartbeat lapsed for ``stale_after``
+        (beats failing, or this process paused), or a COMMIT is there (salvaged: ``ddx cache gc --force``, or a
+        pause). Rewriting its last chunk or vectors/zarr.json under a COMMIT would break the sha256 COMMIT
+        records, and with it every open of the store."""
+        try:
+            if self._beat is not None:
+                self._beat.check()
+            if self.loc.exists(SEGMENTS, self.seg_id, "COMMIT"):
+                raise DdxError(
+                    f"Segment {self.seg_id!r} of {self.loc.url!r} was committed by another process while this writer "
+                    f"had it open (salvaged as abandoned); its {self.rows_flushed} flushed rows are stored. Nothing "
+                    "more is written to it: rerun the same command to encode the rest."
+                )
+        except DdxError:
+            self._lost = True
+            raise
+
     def commit(self) -> int:
         """Flush the last rows, write index.parquet and then COMMIT; returns the row count.
 
@@ -193,8 +245,8 @@ class SegmentWriter:
         if self.committed:
             return self.rows_flushed
         self.flush()
+        self._check_still_mine()
         if self._beat is not None:
-            self._beat.check()
             self._beat.stop()  # COMMIT ends the segment's life: no heartbeat may follow it
         crcs = [self._crcs[i] for i in range(n_chunks(self.rows_flushed, self.chunk_rows))]
         with self.loc.errors():
@@ -218,7 +270,7 @@ class SegmentWriter:
         """
         beating = self._beat is not None and self._beat.running
         self._release()
-        if beating and not self.committed:
+        if beating and not self.committed and not self._lost:  # a lost segment gets no more writes
             with contextlib.suppress(Exception):
                 self._heartbeat(closed=True)
 

@@ -42,6 +42,7 @@ from storage.metadata import FORMAT_VERSION, STORAGE_DTYPES, Damage, read_root_a
 from storage.remote_rows import REMOTE_CACHE_BYTES, DiskChunks, RangeReader, remote_cache_dir
 from storage.segment import SEGMENTS, SegmentReader, SegmentWriter, claim_and_salvage, segment_state
 from storage.segment_format import IndexColumns, check_rows, chunk_file, key_seeds, row_crcs
+from storage.segment_reader import commit_replaces, read_commit
 from storage.spec import TeacherSpec
 
 __all__ = ["FORMAT_VERSION", "TeacherStore", "default_chunk_rows", "scan_segment"]
@@ -235,33 +236,53 @@ class TeacherStore:
             self._gather.files.close()
         if self._gather is not None and self._gather.ranges is not None:
             self._gather.ranges.clear()
-        readers = self._committed_readers()
-        replaced = {r for seg in readers for r in seg.replaces}
-        self._segments = [seg for seg in readers if seg.seg_id not in replaced]
-        self.replaced = sorted(seg.seg_id for seg in readers if seg.seg_id in replaced)  # still there, not read
+        self._segments, self.replaced = self._committed_readers()
         self._rows = sum(s.rows for s in self._segments)  # get_rows checks bounds against it every batch
         self._index = None
         self._gather = None
         self._chunk_refs = None
 
-    def _committed_readers(self, tries: int = 5) -> list[SegmentReader]:
-        """A reader for every committed segment; listed again when one vanishes while being opened.
+    def _committed_readers(self, tries: int = 5) -> tuple[list[SegmentReader], list[str]]:
+        """A reader for every committed segment no other COMMIT replaces, and the ids of those replaced.
 
-        Committed segments are removed only by a compaction, after the segment that replaces them is committed,
-        so a listing taken again after a removal holds that segment.
+        Every COMMIT is read first and only the segments to read get a reader: a replaced segment waits for (or
+        is in the middle of) its removal, which on an object store deletes its files one by one, so nothing of
+        it but its COMMIT's existence is looked at. Hidden names (``.<id>.<random>.removing``: a local removal
+        in progress, or killed midway) are never segments. Listed again when a segment vanishes while being
+        opened: committed segments are removed only by a compaction, after the segment that replaces them is
+        committed, so a listing taken again after a removal holds that segment.
         """
 
-        def listed() -> list[str]:
-            return [s for s in self.loc.listdir(SEGMENTS) if self.loc.exists(SEGMENTS, s, "COMMIT")]
+        def attempt() -> tuple[list[SegmentReader], list[str]]:
+            ids = [s for s in self.loc.listdir(SEGMENTS) if not s.startswith(".")]
+            commits: dict[str, dict[str, Any]] = {}
+            damaged: dict[str, IntegrityError] = {}
+            for s in ids:
+                if not self.loc.exists(SEGMENTS, s, "COMMIT"):
+                    continue
+                try:
+                    commits[s] = read_commit(self.loc, s)
+                except IntegrityError as exc:
+                    damaged[s] = exc
+            replaced = {r for doc in commits.values() for r in commit_replaces(doc)}
+            for s, error in damaged.items():
+                if s not in replaced:
+                    raise error
+            readers = [
+                SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype, commit=doc)
+                for s, doc in commits.items()
+                if s not in replaced
+            ]
+            gone_meanwhile = [s for s in replaced & (set(commits) | set(damaged)) if not self.loc.isdir(SEGMENTS, s)]
+            return readers, sorted(replaced & (set(commits) | set(damaged)) - set(gone_meanwhile))
 
         for _ in range(tries - 1):
-            ids = listed()
             try:
-                return [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in ids]
+                return attempt()
             except IntegrityError:
-                if all(self.loc.isdir(SEGMENTS, s) for s in ids):
+                if all(self.loc.isdir(SEGMENTS, s) for s in self.loc.listdir(SEGMENTS) if not s.startswith(".")):
                     raise  # damage, not a removal
-        return [SegmentReader(self.loc, s, dim=self.spec.dim, dtype=self.dtype) for s in listed()]
+        return attempt()
 
     @property
     def segments(self) -> list[SegmentReader]:

@@ -21,6 +21,7 @@ from cli.main import cli
 from storage import IntegrityError, TeacherStore, compact_store, gc_store, store_info, verify_store
 from storage.compact import remove_replaced
 from storage.segment import SegmentReader, claim_and_salvage
+from storage.segment_writer import SegmentWriter
 from tests.storage.rows import Rows, make_rows, make_spec, write_rows
 from tests.storage.s3 import S3
 
@@ -56,7 +57,8 @@ def assert_each_key_once(store: TeacherStore, rows: Rows) -> None:
 def test_compact_merges_small_segments_and_keeps_every_key_once(new_store: Callable[..., TeacherStore]) -> None:
     store = new_store(DIM)
     big = make_rows(40, DIM, prefix="big")
-    write_rows(store, big, chunk_rows=8)  # at or above the target: left alone
+    with SegmentWriter.create(store.loc, seg_id="20000101T000000-big", dim=DIM, dtype=store.dtype, chunk_rows=8) as w:
+        w.append(*big.args())  # at or above the target: left alone; first in id order, so it splits no run
     rows = small_segments(store, [5, 7, 3, 9, 6, 2], overlap=2)  # 10 rows repeated across segments
     all_rows = Rows(*(np.concatenate(c) for c in zip(big.args(), rows.args(), strict=True)))
     store.refresh()
@@ -136,12 +138,35 @@ elif point == "removing":  # one source removed, the others still there
                 die()
 
     fs.Location.remove = patched
+elif point == "mid-removal":  # killed inside a source's removal: some of its files deleted, its COMMIT not yet
+    if url.startswith("s3://"):  # a recursive delete, object by object
+        remove = fs.Location.remove
+
+        def patched(self, *parts):
+            if len(parts) == 2 and parts[0] == "segments":
+                self.fs.rm(self.join(*parts, "vectors", "zarr.json"))
+                die()
+            remove(self, *parts)
+
+        fs.Location.remove = patched
+    else:  # renamed to a hidden .<id>.<random>.removing, then deleted entry by entry
+        import shutil
+
+        tree = fs._remove_tree
+
+        def patched_tree(path):
+            if path.parent.name == "segments":
+                shutil.rmtree(path / "vectors")
+                die()
+            tree(path)
+
+        fs._remove_tree = patched_tree
 compact.compact_store(TeacherStore.open(url), target_rows=target)
 print("finished")
 """
 
 
-@pytest.mark.parametrize("point", ["copying", "committed", "removing"])
+@pytest.mark.parametrize("point", ["copying", "committed", "removing", "mid-removal"])
 def test_a_killed_compaction_loses_nothing_and_shows_no_key_twice(
     point: str, new_store: Callable[..., TeacherStore]
 ) -> None:
@@ -154,7 +179,7 @@ def test_a_killed_compaction_loses_nothing_and_shows_no_key_twice(
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     seen = TeacherStore.open(store.url)
     assert_each_key_once(seen, rows)  # right after the kill: every key, once
-    expected_replaced = {"copying": 0, "committed": 4, "removing": 3}[point]
+    expected_replaced = {"copying": 0, "committed": 4, "removing": 3, "mid-removal": 3}[point]
     assert len(seen.replaced) == expected_replaced
     assert len(seen.uncommitted_segments()) == (1 if point == "copying" else 0)
     report = compact_store(TeacherStore.open(store.url), target_rows=100)  # the next run finishes the job
@@ -162,11 +187,14 @@ def test_a_killed_compaction_loses_nothing_and_shows_no_key_twice(
     assert len(done.segments) == 1 and done.replaced == [] and done.uncommitted_segments() == []
     assert report.segments_after == 1
     assert_each_key_once(done, rows)
+    if point == "mid-removal":  # the killed removal's hidden copy: gc's to sweep
+        swept = gc_store(done)
+        assert [d["id"] for d in swept if d["id"].endswith(".removing")], swept
     names = [p.name for p in Path(store.url, "segments").iterdir() if p.is_dir()]
     assert names == [done.segments[0].seg_id]  # no source, copy or hidden leftover remains
 
 
-@pytest.mark.parametrize("point", ["copying", "committed"])
+@pytest.mark.parametrize("point", ["copying", "committed", "mid-removal"])
 def test_a_killed_compaction_on_s3(point: str, s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
     """On S3 the killed process's claims (and the copy's heartbeat) count as alive until ``stale_after``: readers see
     each key once at once; a compaction run after that finishes the job."""
@@ -258,3 +286,30 @@ def test_cache_compact_command(new_store: Callable[..., TeacherStore]) -> None:
     assert bad.exit_code == 2 and "Invalid value for '--target-rows'" in bad.output
     missing = runner.invoke(cli, ["cache", "compact", str(Path(store.url).parent / "nope")])
     assert missing.exit_code == 1 and missing.output.startswith("Error: No teacher store at")
+
+
+def test_compaction_keeps_which_row_a_repeated_key_resolves_to(new_store: Callable[..., TeacherStore]) -> None:
+    """Readers resolve a key stored twice to the first segment in id order. Small segments on both sides of one left
+    alone are not merged into one copy, and a copy sorts where its first source did: the key stays on its row."""
+    store = new_store(DIM)
+    dup = make_rows(1, DIM, prefix="dup")
+    layout = [("a", 1.0, 2), ("b", None, 2), ("c", 2.0, 40), ("d", None, 2), ("e", 3.0, 2)]  # c: too big to merge
+    for name, value, n in layout:
+        rows = make_rows(n, DIM, prefix=f"seg-{name}")
+        keys, vectors = rows.keys, rows.vectors
+        if value is not None:
+            keys = np.concatenate([dup.keys, keys])
+            vectors = np.concatenate([np.full((1, DIM), value, vectors.dtype), vectors])
+        w = SegmentWriter.create(
+            store.loc, seg_id=f"20260101T000000-host-1-r0of1-00000{name}", dim=DIM, dtype=store.dtype, chunk_rows=4
+        )
+        w.append(keys, vectors, np.zeros(len(keys), np.uint8), np.ones(len(keys), np.int32))
+        w.commit()
+    before = TeacherStore.open(store.url)
+    assert before.get(dup.keys)[0, 0] == 1.0
+    report = compact_store(before, target_rows=10)
+    after = TeacherStore.open(store.url)
+    assert sorted(len(m["sources"]) for m in report.merged) == [2, 2]  # a+b and d+e; c ends the run
+    assert [s.rows for s in after.segments] == [5, 41, 5]  # in id order: the copy of a+b, c, the copy of d+e
+    assert after.get(dup.keys)[0, 0] == 1.0
+    assert verify_store(after).ok

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from precompute.pipeline import PrecomputeConfig, precompute
-from precompute.teacher import TeacherConfig
+from precompute.teacher import PendingVectors, TeacherConfig
 from storage import TeacherSpec, TeacherStore, content_keys, gc_store, verify_store
 from storage.claim import segment_claim
 from storage.fs import Location
@@ -59,9 +59,9 @@ class KeyEncoder:
     def token_lengths(self, texts: list[str], role: str) -> np.ndarray:
         return np.array([len(t.split()) + 2 for t in texts], dtype=np.int32)
 
-    def encode(self, texts: list[str], role: str) -> np.ndarray:
+    def launch(self, texts: list[str], role: str) -> PendingVectors:
         self.forward_calls += 1
-        return vectors_for(content_keys(role, texts), DIM, "float32")
+        return PendingVectors(vectors_for(content_keys(role, texts), DIM, "float32"))
 
 
 def all_texts() -> tuple[list[str], np.ndarray]:

@@ -23,7 +23,7 @@ import pytest
 
 from storage import IntegrityError, StoreExistsError, TeacherStore, gc_store, verify_store
 from storage.claim import CLAIM, segment_claim
-from storage.errors import RemoteStoreError
+from storage.errors import DdxError, RemoteStoreError
 from storage.fs import Location
 from storage.heartbeat import beat_interval
 from storage.segment import claim_and_salvage, segment_state
@@ -218,7 +218,7 @@ def test_a_failing_heartbeat_surfaces_at_the_next_flush(monkeypatch: pytest.Monk
             w.append(*rows[:4].args())  # a full chunk: flushed
         failing.set()
         time.sleep(1.6)  # no beat for longer than stale_after
-        with pytest.raises(RemoteStoreError, match="no heartbeat could be written for"):
+        with pytest.raises(RemoteStoreError, match="no heartbeat was written for"):
             w.append(*rows[4:8].args())
         w.abort()
     finally:
@@ -465,3 +465,102 @@ def test_an_s3fs_whose_xb_was_a_plain_put_is_not_trusted(version: str, s3: S3, m
         assert loc.create_exclusive(b"first", "claim")
     assert not loc.create_exclusive(b"second", "claim")
     assert loc.read_bytes("claim") == b"first"
+
+
+PAUSED_WRITER = """
+import sys, time
+import numpy as np
+from storage import TeacherStore
+from storage.errors import DdxError
+from tests.storage.rows import make_rows
+
+rows = make_rows(8, int(sys.argv[2]))
+w = TeacherStore.open(sys.argv[1]).writer(chunk_rows=4, flush_seconds=3600)
+w.append(*rows[:6].args())
+w.flush()
+print(w.seg_id, flush=True)
+sys.stdin.readline()  # the parent SIGSTOPs this process here, salvages the segment, then SIGCONTs it
+time.sleep(1.0)  # the heartbeat thread runs first after the pause
+try:
+    w.append(*rows[6:].args())
+    w.commit()
+    print("COMMITTED", flush=True)
+except DdxError as exc:
+    w.abort()
+    print("REFUSED", str(exc).splitlines()[0], flush=True)
+"""
+
+
+def test_a_paused_writer_does_not_write_into_its_salvaged_segment(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer process paused (SIGSTOP) past stale_after is presumed dead and its segment salvaged by another; once
+    resumed, it must not rewrite the segment's last chunk or vectors/zarr.json under the salvager's COMMIT (that
+    made every open of the store fail): it stops with one line, and the salvaged rows stay readable."""
+    monkeypatch.setenv("DDX_STALE_AFTER", "1.5")
+    url = s3.url("paused-writer")
+    TeacherStore.create(url, make_spec(DIM), storage_options=s3.storage_options)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_WRITER, url, str(DIM)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        seg_id = child.stdout.readline().strip()
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)  # past stale_after: its heartbeat is old
+        store = TeacherStore.open(url, storage_options=s3.storage_options)
+        assert store.salvage() == [(seg_id, 6)]
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        child.send_signal(signal.SIGCONT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert out.startswith("REFUSED") and "no heartbeat was written for" in out, (out, err[-2000:])
+    after = TeacherStore.open(url, storage_options=s3.storage_options)
+    rows = make_rows(8, DIM)
+    assert after.rows == 6
+    np.testing.assert_array_equal(after.get(rows.keys[:6]), rows.vectors[:6])
+    assert verify_store(after).ok
+
+
+def test_a_forced_salvage_stops_the_live_writer_at_its_next_flush() -> None:
+    """``ddx cache gc --force`` on a writer that is in fact alive: the writer's next flush finds the COMMIT and
+    stops (one line), instead of overwriting files the COMMIT vouches for."""
+    store = TeacherStore.create(f"memory://ddx-forced-{os.getpid()}", make_spec(DIM))
+    try:
+        rows = make_rows(8, DIM)
+        w = store.writer(chunk_rows=4, flush_seconds=3600)
+        w.append(*rows[:6].args())
+        w.flush()
+        assert claim_and_salvage(Location(store.url), w.seg_id, force=True).rows == 6
+        with pytest.raises(DdxError, match="was committed by another process while this writer had it open"):
+            w.append(*rows[6:].args())
+        w.abort()
+        after = TeacherStore.open(store.url)
+        np.testing.assert_array_equal(after.get(rows.keys[:6]), rows.vectors[:6])
+        assert verify_store(after).ok
+        assert not after.loc.exists("segments", w.seg_id, "HEARTBEAT")  # the aborting writer wrote nothing more
+    finally:
+        store.loc.remove()
+
+
+def test_a_beat_after_a_pause_does_not_hide_the_lapse() -> None:
+    """The heartbeat thread may run before the writer after a pause: its beat must not make the silence look
+    fresh (the writer would then go on writing into a segment others salvaged meanwhile)."""
+    from storage.heartbeat import Beat
+
+    beats: list[float] = []
+    beat = Beat(lambda: beats.append(time.monotonic()), interval=3600, stale=0.3, what="segment x")
+    beat.beat_now()
+    assert len(beats) == 1
+    time.sleep(0.4)  # the whole process paused past stale
+    beat.beat_now()  # the beat thread wakes first
+    assert len(beats) == 1  # no beat after the lapse: the segment must look as dead as others found it
+    with pytest.raises(RemoteStoreError, match="paused, or stalled"):
+        beat.check()

@@ -214,7 +214,7 @@ def test_writer_rejects_wrong_shapes(new_store: Callable[..., TeacherStore]) -> 
     store = new_store(DIM)
     rows = make_rows(3, DIM)
     with store.writer(chunk_rows=4) as w:
-        with pytest.raises(ValueError, match=r"Expected vectors of shape \(3, 16\), got \(3, 8\)"):
+        with pytest.raises(ValueError, match=r"expected vectors of shape \(3, 16\), got \(3, 8\)"):
             w.append(rows.keys, rows.vectors[:, :8], rows.roles, rows.n_tokens)
         w.append(*rows.args())
     store.refresh()
