@@ -22,8 +22,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 echo "== precompute bench"
-timeout 190 python3 bench/gpu_precompute.py --corpus .gpu/dl19_corpus.jsonl --copies 1 --st-batch-sizes 32 128 \
-  --token-budgets 65536 131072 --json-out "$out/gpu_precompute.json" --profile-out "$out/profile.txt" \
+timeout 300 python3 bench/gpu_precompute.py --corpus .gpu/dl19_corpus.jsonl --copies 1 --st-batch-sizes 32 128 \
+  --token-budgets 65536 131072 --compile --json-out "$out/gpu_precompute.json" --profile-out "$out/profile.txt" \
   > "$out/gpu_precompute.log" 2>&1
 echo "rc=$?"; tail -6 "$out/gpu_precompute.log"
 echo "== train step bench"
@@ -33,5 +33,5 @@ echo "rc=$?"; tail -5 "$out/gpu_train_step.log"
 echo "== tests"
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs > "$out/pytest_gpu.txt" 2>&1
 echo "rc=$?"; tail -3 "$out/pytest_gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs --timeout 120 > "$out/pytest_default.txt" 2>&1
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs --timeout 120 > "$out/pytest_default.txt" 2>&1
 echo "rc=$?"; tail -5 "$out/pytest_default.txt"

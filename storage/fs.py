@@ -587,6 +587,15 @@ def _write_local_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     if sync:
         with atomic_open(path, "wb") as f:
             f.write(data)
+        _fsync_dir(path.parent)  # the rename itself: without it a power cut can bring the old file (or none) back
         return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -251,6 +251,14 @@ def sync_vectors(loc: Location, seg_id: str, chunks: int) -> None:
         loc.fsync(*vectors, "c")
     loc.fsync(*vectors)
     loc.fsync(SEGMENTS, seg_id)
+    loc.fsync(SEGMENTS)  # the segment's own name, or a power cut can drop the whole folder
+
+
+def sync_vectors_meta(loc: Location, seg_id: str) -> None:
+    """fsync ``vectors/zarr.json`` and its folder: zarr rewrites it on every resize (temp file and rename, no
+    fsync), and COMMIT records its sha256, which every open checks."""
+    loc.fsync(SEGMENTS, seg_id, "vectors", "zarr.json")
+    loc.fsync(SEGMENTS, seg_id, "vectors")
 
 
 def role_counts(roles: np.ndarray) -> dict[str, int]:
@@ -391,6 +399,7 @@ def write_commit(
     }
     if replaces:
         commit["replaces"] = sorted(replaces)
+    sync_vectors_meta(loc, seg_id)  # after the last resize: what COMMIT vouches for is on disk first
     if summary.row_checksums:
         meta = loc.read_bytes(SEGMENTS, seg_id, "vectors", "zarr.json")
         commit.update(

@@ -526,11 +526,14 @@ def _create_local(target: Path, attrs: dict[str, Any]) -> None:
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.creating"
     try:
         zarr.open_group(store=LocalStore(str(tmp)), mode="w-", attributes={"ddx": attrs}).create_group(SEGMENTS)
+        for made in (tmp / "zarr.json", tmp / SEGMENTS / "zarr.json", tmp / SEGMENTS, tmp):  # zarr does not fsync
+            Location(made).fsync()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk (or an interrupt) leaves no half-made store
         raise
     try:
         os.rename(tmp, target)
+        Location(target.parent).fsync()  # the store's name: a power cut must not take a created store back
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if (target / "zarr.json").exists() or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
