@@ -5,11 +5,12 @@
       hybrid/                plain SentenceTransformer emitting teacher-space vectors
       projection_layer.pt    projection weights and dims
       ddx_run.json           resolved config, store fingerprint and teacher spec, --projection and the teacher_dims
-                             it trained into (null: the full vectors), data report, final losses
+                             it trained into (null: the full vectors), data report and fingerprint, final losses
       train_log.jsonl        every logged step (loss and its parts, learning rate)
       train_loss.png         the loss and its parts against the step (with matplotlib)
       checkpoints/           HF checkpoints (optimizer, scheduler, RNG) with a ddx manifest each: --resume continues
-                             from the newest complete one (distill.train.checkpoints), skipping damaged ones
+                             from the newest complete one (distill.train.checkpoints), skipping damaged ones, and
+                             only on the data it was trained on (its ddx_data.json: distill.train.checkpoint_data)
 
 Training writes it (:mod:`distill.train.run`); evaluation and routing read it.
 """

@@ -5,7 +5,8 @@ no marker that it finished. A run killed mid-save, or a file truncated later, le
 ``get_last_checkpoint`` still picks, and the resume dies in safetensors or ``torch.load`` with a traceback.
 
 ddx writes ``ddx_checkpoint.json`` (size and blake2b of every file) once the Trainer has finished a checkpoint
-(:class:`ManifestCallback`, on ``on_save``), and ``--resume`` takes the newest checkpoint that is complete:
+(:class:`ManifestCallback`, on ``on_save``; just before it, ``ddx_data.json``, the data the checkpoint was trained
+on: :mod:`distill.train.checkpoint_data`), and ``--resume`` takes the newest checkpoint that is complete:
 
 * with a manifest: every listed file is there with its size and digest (a flipped byte is caught too);
 * without one (a run of an older ddx, or a kill between the save and its manifest): the files resume needs are
@@ -33,6 +34,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from distill.train.checkpoint_data import write_data
 from storage.errors import DdxError
 from storage.fs import atomic_open
 
@@ -201,7 +203,15 @@ def find_resume(checkpoints: str | os.PathLike[str]) -> ResumePoint:
 
 
 class ManifestCallback(TrainerCallback):
-    """Writes the manifest of each checkpoint once the Trainer has saved all of it (rank 0, after every rank)."""
+    """Writes the manifest of each checkpoint once the Trainer has saved all of it (rank 0, after every rank).
+
+    Args:
+        data: the run's data fingerprint (:mod:`distill.train.checkpoint_data`), written into each checkpoint just
+            before its manifest, which then covers it too; None: none.
+    """
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        self.data = data
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch.distributed as dist
@@ -210,4 +220,6 @@ class ManifestCallback(TrainerCallback):
             dist.barrier()  # every rank has written its rng_state_<rank>.pth
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
+            if self.data is not None:
+                write_data(folder, self.data)
             write_manifest(folder, state.global_step)

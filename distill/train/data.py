@@ -197,23 +197,28 @@ class PreparedData:
     def add_tokens(self, sources: list[Source], table: TokenTable) -> int:
         """Second pass over ``sources``: student tokens of every text training reads; returns how many were new.
 
-        Tokenizes the texts the token table lacks, then fills ``texts.tokens`` with every text's handle.
+        Tokenizes the texts the token table lacks, then fills ``texts.tokens`` with every text's handle. The
+        blocks stream into one :meth:`TokenTable.add_blocks` call, which maps the new parts once: linear in the
+        texts (a ``table.add`` per block rebuilt the table's index each time, quadratic).
         """
         texts = self.texts
         want = np.zeros(len(texts.keys), dtype=bool)
         want[self.to_tokenize] = True
         want &= table.locate(texts.keys) < 0
-        added = 0
-        for source in sources if want.any() else []:  # nothing to tokenize: no pass over the sources
-            for block in batched(source.iter_texts(), BLOCK):
-                k = content_keys([r.role for r in block], [r.text for r in block])
-                pos = texts.positions(k)
-                sel = [j for j in range(len(block)) if pos[j] >= 0 and want[pos[j]]]
-                if sel:
-                    added += table.add(k[sel], [block[j].text for j in sel])
-                    want[pos[sel]] = False
+        added = table.add_blocks(self._untokenized(sources, want)) if want.any() else 0  # else no pass over sources
         texts.tokens = table.locate(texts.keys)
         return added
+
+    def _untokenized(self, sources: list[Source], want: np.ndarray) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """(keys, texts) per block of ``sources``: the texts whose positions ``want`` marks, each once."""
+        for source in sources:
+            for block in batched(source.iter_texts(), BLOCK):
+                k = content_keys([r.role for r in block], [r.text for r in block])
+                pos = self.texts.positions(k)
+                sel = [j for j in range(len(block)) if pos[j] >= 0 and want[pos[j]]]
+                if sel:
+                    want[pos[sel]] = False
+                    yield k[sel], [block[j].text for j in sel]
 
 
 def scan_sources(sources: list[Source]) -> tuple[TextIndex, list[IdMap]]:

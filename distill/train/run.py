@@ -301,6 +301,7 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from distill.train.checkpoint_data import add_lengths, check_resume_data, data_fingerprint
     from distill.train.checkpoints import ManifestCallback, find_resume
     from distill.train.trainer import DistillModule, DistillTrainer, JsonLogCallback, StderrProgressCallback
 
@@ -309,12 +310,19 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     resume = find_resume(out / "checkpoints") if config.resume else None
     sources, data = _resolve(config, store)
+    fingerprint = data_fingerprint(config, data, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    resumed = resume.checkpoint if resume is not None else None
+    if resumed is not None:  # before the student loads; the token lengths are checked once they are known
+        check_resume_data(resumed, fingerprint, announce=int(os.environ.get("RANK", "0")) == 0)
     set_seed(config.seed)
     model = _load_model(config, store)
     max_length = int(cast(int, model.student.max_seq_length))  # typed int | None by sentence-transformers
     tokens = TokenTable.for_tokenizer(model.student.tokenizer, max_length, config.token_cache)
     data.add_tokens(sources, tokens)
     dataset, sampler, collate = _dataset(config, data, store, tokens, model.teacher_dims)
+    fingerprint = add_lengths(fingerprint, sampler.lengths)
+    if resumed is not None:
+        check_resume_data(resumed, fingerprint, announce=False)
     if config.phase == 1 and not config.init and config.projection_init != "random":
         data.report["warm_start"] = _warm_start(model, dataset, config.projection_init, config.seed)
     trainer = DistillTrainer(
@@ -336,10 +344,10 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
         trainer.remove_callback(callback)
     trainer.add_callback(JsonLogCallback(out / "train_log.jsonl"))
     trainer.add_callback(StderrProgressCallback(f"phase {config.phase}", enabled=config.progress))
-    trainer.add_callback(ManifestCallback())
+    trainer.add_callback(ManifestCallback(data=fingerprint))
     if resume is not None and trainer.is_world_process_zero():
         resume.announce()
-    checkpoint = str(resume.checkpoint) if resume and resume.checkpoint else None
+    checkpoint = str(resumed) if resumed is not None else None
     trainer.train(resume_from_checkpoint=checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(
@@ -371,6 +379,7 @@ def run_training(config: TrainConfig, store: TeacherStore) -> TrainResult:
             "projection": config.projection,
             "teacher_dims": model.teacher_dims,  # D of --projection none (resolved); null: the full vectors
             "token_table": tokens.directory.name,
+            "data": fingerprint,  # what it trained on (distill.train.checkpoint_data), as its checkpoints record
             "result": result.to_dict(),
         }
         write_run(out, run)

@@ -2,12 +2,18 @@
 
 A table lives in ``<cache>/tokens/<fingerprint>/`` where the fingerprint covers the tokenizer's full
 definition and the max length, so a table is reused by every run with the same student tokenizer
-and thrown away by none. Each run that meets new texts appends one Arrow IPC part; parts are
-memory-mapped, and ``gather`` returns id arrays without copying the table.
+and thrown away by none. A run that meets new texts appends Arrow IPC parts of at most ``PART_ROWS``
+rows, each committed by its rename; parts are memory-mapped record batch by record batch, and ``gather``
+returns id arrays without copying the table.
+
+Filling is linear in the texts: ``add_blocks`` streams any number of blocks into the parts and maps the
+new parts, rebuilding the key index, once at the end. Adding block by block with ``add`` re-mapped every
+part and re-sorted every key after each block: 1.6 M texts in blocks of 8,192 took 40 s and 196 parts,
+10 M extrapolated to ~27 min and ~1,220 parts (stub tokenizer, so the table's own work alone).
 
 Example:
     >>> table = TokenTable.for_tokenizer(tokenizer, max_length=256)      # doctest: +SKIP
-    >>> table.add(keys, texts)                                           # doctest: +SKIP
+    >>> table.add_blocks((keys, texts) for keys, texts in blocks)       # doctest: +SKIP
     >>> ids = table.gather(table.locate(keys))                           # doctest: +SKIP
 """
 
@@ -15,7 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -28,6 +37,9 @@ from storage.keys import as_key_array, keys_from_arrow, keys_to_arrow
 __all__ = ["TokenTable", "default_cache_dir", "tokenizer_fingerprint"]
 
 TOKENIZE_BATCH = 4096
+PART_ROWS = 1 << 20  # rows a part holds at most: 10 M texts make ~10 parts
+BATCH_ROWS = 1 << 16  # rows buffered into one record batch (~64 MB of ids at 256 tokens), however small the blocks
+SCHEMA = pa.schema([("key", pa.binary(16)), ("input_ids", pa.list_(pa.int32()))])
 
 
 def tokenizer_fingerprint(tokenizer: Any, max_length: int) -> str:
@@ -80,21 +92,23 @@ class TokenTable:
         return cls(directory, tokenizer, max_length)
 
     def reload(self) -> None:
-        """Map every part on disk (parts another run added since are picked up)."""
-        parts = sorted(self.directory.glob("part-*.arrow"))
-        index_parts, self._values, self._offsets, start = [], [], [], 0
-        starts = []
-        for path in parts:
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            ids_col = table.column("input_ids").combine_chunks()
-            keys = keys_from_arrow(table.column("key"))
-            self._values.append(ids_col.values.to_numpy(zero_copy_only=True))
-            self._offsets.append(ids_col.offsets.to_numpy())
-            n = len(keys)
-            lengths = np.diff(self._offsets[-1]).astype(np.int32)
-            index_parts.append((keys, np.arange(start, start + n, dtype=np.int64), np.zeros(n, np.uint8), lengths))
-            starts.append(start)
-            start += n
+        """Map every part on disk (parts another run added since are picked up) and index all their keys.
+
+        Each record batch of a part is one chunk of handles: ``_starts[c]`` is chunk ``c``'s first handle.
+        """
+        index_parts, self._values, self._offsets, starts, start = [], [], [], [], 0
+        for path in sorted(self.directory.glob("part-*.arrow")):
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                ids_col, keys = batch.column("input_ids"), keys_from_arrow(batch.column("key"))
+                self._values.append(ids_col.values.to_numpy(zero_copy_only=True))
+                self._offsets.append(ids_col.offsets.to_numpy())
+                n = len(keys)
+                lengths = np.diff(self._offsets[-1]).astype(np.int32)
+                index_parts.append((keys, np.arange(start, start + n, dtype=np.int64), np.zeros(n, np.uint8), lengths))
+                starts.append(start)
+                start += n
         self._starts = np.array([*starts, start], dtype=np.int64)
         self._lengths = np.concatenate([p[3] for p in index_parts]) if index_parts else np.empty(0, np.int32)
         self._index = KeyIndex.build(index_parts)
@@ -112,42 +126,63 @@ class TokenTable:
 
     def gather(self, handles: np.ndarray) -> list[np.ndarray]:
         """Token id arrays (int32 views into the memory-mapped parts), one per handle."""
-        part = np.searchsorted(self._starts, handles, side="right") - 1
+        chunk = np.searchsorted(self._starts, handles, side="right") - 1
         out = []
-        for p, h in zip(part.tolist(), np.asarray(handles).tolist(), strict=True):
-            r = h - int(self._starts[p])
-            offs = self._offsets[p]
-            out.append(self._values[p][offs[r] : offs[r + 1]])
+        for c, h in zip(chunk.tolist(), np.asarray(handles).tolist(), strict=True):
+            r = h - int(self._starts[c])
+            offs = self._offsets[c]
+            out.append(self._values[c][offs[r] : offs[r + 1]])
         return out
 
-    def add(self, keys: np.ndarray, texts: list[str]) -> int:
-        """Tokenize the texts whose keys are missing and append them as one part; returns how many."""
-        keys = as_key_array(keys)
-        todo = np.flatnonzero(self.locate(keys) < 0)
-        if len(todo) == 0:
-            return 0
-        _, first = np.unique(keys[todo], return_index=True)
-        todo = todo[np.sort(first)]
+    def add(self, keys: np.ndarray, texts: Sequence[str]) -> int:
+        """Tokenize the texts whose keys are missing and append them; returns how many.
+
+        One call, one index rebuild: to add many blocks, pass them all to :meth:`add_blocks`.
+        """
+        return self.add_blocks([(keys, texts)])
+
+    def add_blocks(self, blocks: Iterable[tuple[np.ndarray, Sequence[str]]]) -> int:
+        """Tokenize the texts of every ``(keys, texts)`` block whose keys are missing; returns how many.
+
+        A key already in the table, or met earlier in this call, is skipped. Rows stream into parts of at most
+        ``PART_ROWS``, each committed whole by its rename, and the table maps the new parts once, when the
+        blocks end: linear in the texts however many blocks. If a block raises, the parts already full stay
+        committed (and mapped), the one being filled is dropped, and the error propagates.
+        """
+        met = _KeyRuns()
+        added = 0
+        with _PartWriter(self.directory) as parts:
+            try:
+                for keys, texts in blocks:
+                    keys = as_key_array(keys)
+                    todo = np.flatnonzero((self.locate(keys) < 0) & ~met.contains(keys))
+                    _, first = np.unique(keys[todo], return_index=True)
+                    todo = todo[np.sort(first)]
+                    if len(todo):
+                        parts.write(keys[todo], self._tokenize([texts[i] for i in todo.tolist()]))
+                        met.add(keys[todo])
+                        added += len(todo)
+            except BaseException:
+                if parts.committed:
+                    self.reload()
+                raise
+        if added:
+            self.reload()
+        return added
+
+    def _tokenize(self, texts: list[str]) -> pa.Array:
+        """The texts' ids (truncated at ``max_length``) as an Arrow list<int32> array."""
         ids: list[list[int]] = []
-        for s in range(0, len(todo), TOKENIZE_BATCH):
-            batch = [texts[i] for i in todo[s : s + TOKENIZE_BATCH]]
+        for s in range(0, len(texts), TOKENIZE_BATCH):
             enc = self.tokenizer(
-                batch,
+                texts[s : s + TOKENIZE_BATCH],
                 truncation=True,
                 max_length=self.max_length,
                 return_attention_mask=False,
                 return_token_type_ids=False,
             )
             ids.extend(enc["input_ids"])
-        self._write_part(keys[todo], ids)
-        self.reload()
-        return len(todo)
-
-    def _write_part(self, keys: np.ndarray, ids: list[list[int]]) -> None:
-        table = pa.table({"key": keys_to_arrow(keys), "input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
-        final = self.directory / f"part-{uuid.uuid4().hex}.arrow"
-        with atomic_path(final) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
+        return pa.array(ids, type=pa.list_(pa.int32()))
 
     def pad(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) int64 arrays padded to the longest sequence on the tokenizer's side."""
@@ -160,3 +195,107 @@ class TokenTable:
             else:
                 ids[i, : len(s)], mask[i, : len(s)] = s, 1
         return ids, mask
+
+
+class _PartWriter:
+    """Rows into ``part-<uuid>.arrow`` files of at most ``PART_ROWS`` rows, in record batches of ~``BATCH_ROWS``.
+
+    A part is written to a temp name and renamed when full or when the writer closes cleanly; when the block
+    raises, the part being filled is removed (readers never see a part without its footer, or half a block).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.committed = 0  # parts renamed into place so far
+        self._stack: ExitStack | None = None
+        self._ipc: Any = None
+        self._rows = 0  # rows in the open part, written or buffered
+        self._keys: list[pa.Array] = []
+        self._ids: list[pa.Array] = []
+        self._buffered = 0
+
+    def __enter__(self) -> _PartWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self._commit()
+        elif self._stack is not None:
+            self._stack.__exit__(exc_type, exc, tb)  # closes the file, then atomic_path removes it: nothing renamed
+
+    def write(self, keys: np.ndarray, ids: pa.Array) -> None:
+        """Append rows (``keys[i]`` → ``ids[i]``), starting a new part whenever the open one is full."""
+        done = 0
+        while done < len(keys):
+            take = min(len(keys) - done, PART_ROWS - self._rows)
+            self._keys.append(keys_to_arrow(keys[done : done + take]))
+            self._ids.append(ids.slice(done, take))
+            self._buffered += take
+            self._rows += take
+            done += take
+            if self._buffered >= BATCH_ROWS:
+                self._flush()
+            if self._rows >= PART_ROWS:
+                self._commit()
+
+    def _flush(self) -> None:
+        """Write the buffered rows as one record batch of the open part (opening one when none is)."""
+        if not self._buffered:
+            return
+        if self._stack is None:
+            self._stack = ExitStack()
+            tmp = self._stack.enter_context(atomic_path(self.directory / f"part-{uuid.uuid4().hex}.arrow"))
+            sink = self._stack.enter_context(pa.OSFile(str(tmp), "wb"))
+            self._ipc = self._stack.enter_context(pa.ipc.new_file(sink, SCHEMA))
+        batch = pa.record_batch([pa.concat_arrays(self._keys), pa.concat_arrays(self._ids)], schema=SCHEMA)
+        self._ipc.write_batch(batch)
+        self._keys, self._ids, self._buffered = [], [], 0
+
+    def _commit(self) -> None:
+        """Write what is buffered, then close and rename the open part."""
+        self._flush()
+        if self._stack is not None:
+            self._stack.close()  # the IPC footer, the file, then atomic_path's rename, in that order
+            self.committed += 1
+        self._stack, self._ipc, self._rows = None, None, 0
+
+
+class _KeyRuns:
+    """Keys met during one ``add_blocks`` call, as sorted runs merged like a binary counter.
+
+    A run merges with the one before it while that one is no longer, so n keys live in at most log2(n) runs and
+    each is merged O(log n) times; one sorted array grown block by block would copy O(n²/block) keys. Runs are
+    sorted by the key's first 8 bytes as a uint64 (keys are hashes): searching ``S16`` directly was 2.5× slower.
+    A key is met only if its whole 16 bytes match; two keys sharing 8 bytes (odds ~n²/2⁶⁵) can at worst make
+    one be tokenized twice, which the index resolves (first part wins).
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (uint64 prefixes, sorted; their keys)
+
+    def add(self, keys: np.ndarray) -> None:
+        prefix, keys = _prefix(keys), np.asarray(keys)
+        while self._runs and len(self._runs[-1][0]) <= len(prefix):
+            last_prefix, last_keys = self._runs.pop()
+            prefix, keys = np.concatenate([last_prefix, prefix]), np.concatenate([last_keys, keys])
+        order = np.argsort(prefix, kind="stable")  # timsort: merging sorted runs is ~linear
+        self._runs.append((prefix[order], keys[order]))
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        prefix = _prefix(keys)
+        order = np.argsort(prefix)  # sorted needles walk each run forward: 2.5x faster at 1.6 M keys
+        prefix, keys = prefix[order], np.asarray(keys)[order]
+        found = np.zeros(len(keys), dtype=bool)
+        for run_prefix, run_keys in self._runs:
+            pos = np.minimum(np.searchsorted(run_prefix, prefix), len(run_prefix) - 1)
+            found |= (run_prefix[pos] == prefix) & (run_keys[pos] == keys)
+        out = np.empty_like(found)
+        out[order] = found
+        return out
+
+
+def _prefix(keys: np.ndarray) -> np.ndarray:
+    """Each ``S16`` key's first 8 bytes as a uint64."""
+    return np.ascontiguousarray(keys).view(np.uint64)[::2].copy()
