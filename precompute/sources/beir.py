@@ -154,12 +154,13 @@ class BeirSource(Source):
 
     def _hard_negatives(self) -> HardNegatives:
         assert self.hard_negatives_path is not None
-        out: HardNegatives = {}
+        lists: dict[str, tuple[list[str], list[str]]] = {}  # appended per line: a query on many lines stays linear
         for origin, obj in iter_json_lines(self.hard_negatives_path, self):
             qid, pos, neg = obj.get("query-id"), obj.get("pos", []), obj.get("neg")
             if qid is None or not isinstance(neg, list) or not isinstance(pos, list):
                 self.reject(origin, 'expected {"query-id": str, "pos": [ids], "neg": [ids]}')
                 continue
-            old_pos, old_neg = out.get(str(qid), ((), ()))
-            out[str(qid)] = (old_pos + tuple(map(str, pos)), old_neg + tuple(map(str, neg)))
-        return out
+            both = lists.setdefault(str(qid), ([], []))
+            both[0].extend(map(str, pos))
+            both[1].extend(map(str, neg))
+        return {qid: (tuple(pos), tuple(neg)) for qid, (pos, neg) in lists.items()}
