@@ -180,7 +180,8 @@ class SegmentWriter:
                 "stored); the teacher overflowed: run it in bfloat16 or float32 (--dtype), or store float32."
             )
         for name, values, top in (("roles", roles, len(ROLES) - 1), ("n_tokens", n_tokens, 2**31 - 1)):
-            if len(values) and (values.dtype.kind not in "iu" or values.min() < 0 or values.max() > top):
+            whole = values.dtype.kind in "iu" or (values.dtype.kind == "f" and bool(np.all(np.mod(values, 1) == 0)))
+            if len(values) and (not whole or values.min() < 0 or values.max() > top):  # 3.0 is 3; 2.5 is refused
                 raise DdxError(
                     f"{where}: {name} must be integers in 0..{top}, got {values.dtype} {values.min()}..{values.max()}."
                 )

@@ -4,11 +4,17 @@ An eval set is a source's split: its judged queries, the whole corpus (distracto
 qrels. The model under evaluation encodes it once (:class:`Encoders`); the teacher's vectors come from
 the store by content key (missing ones are encoded with ``--teacher`` or reported with the command
 that adds them). :func:`mode_inputs` then hands each retrieval mode its queries and passages, the
-store's passages streamed block by block.
+store's passages streamed block by block in store-row order (searches map results back to documents).
+
+The student's corpus vectors are kept for every mode that searches them, on disk (:class:`SpilledVectors`),
+not in RAM: as one float32 array they grew RSS by 3.0 GiB at 2 M passages of 384-d (13 GiB at MS MARCO's
+8.84 M); spilled, encoding adds about one encoded block whatever the corpus size (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Collection, Iterator
@@ -34,7 +40,7 @@ if TYPE_CHECKING:  # both import torch; Encoders loads the one it needs when it 
 
     from distill.model.model import StudentModelWithProjection
 
-__all__ = ["Encoders", "EvalSet", "SetVectors", "load_eval_set", "mode_inputs", "set_vectors"]
+__all__ = ["Encoders", "EvalSet", "SetVectors", "SpilledVectors", "load_eval_set", "mode_inputs", "set_vectors"]
 
 STUDENT_CORPUS_MODES = frozenset({"student", "projected"})  # modes that search student-encoded passages
 TEACHER_MODES = frozenset({"teacher", "hybrid"})  # modes that search stored teacher passages
@@ -187,18 +193,78 @@ class Encoders:
         return self.model.teacher_dims if self.model is not None else None
 
 
+class SpilledVectors:
+    """``[n, dim]`` float32 vectors in an unnamed temp file, written and read a block at a time: bounded RAM.
+
+    The file comes from :func:`tempfile.TemporaryFile` in ``TMPDIR`` (point it at a disk, not a tmpfs, for a
+    large corpus): it has no name, so the OS frees it when it is closed, when this object is collected, or when the
+    process ends, after an error or a kill too. Reads copy blocks out with ``preadv`` rather than through a map,
+    so the process holds the block it reads, not every page it has read.
+
+    Example:
+        >>> spilled = SpilledVectors(2)
+        >>> spilled.append(np.ones((3, 2), np.float32))
+        >>> len(spilled), [b.shape for b in spilled.blocks(2)], spilled[np.array([2])].tolist()
+        (3, [(2, 2), (1, 2)], [[1.0, 1.0]])
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.rows = dim, 0
+        self._file = tempfile.TemporaryFile(prefix="ddx-vectors-")  # noqa: SIM115 (lives as long as this object)
+
+    def append(self, vectors: np.ndarray) -> None:
+        """Add rows at the end (cast to float32)."""
+        self._file.write(_bytes(np.ascontiguousarray(vectors, np.float32)))
+        self._file.flush()  # reads go straight to the descriptor
+        self.rows += len(vectors)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def blocks(self, size: int = ENCODE_BLOCK) -> Iterator[np.ndarray]:
+        """The rows in order, ``size`` at a time, each a fresh array."""
+        for start in range(0, self.rows, size):
+            yield self._read(start, min(size, self.rows - start))
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at indices ``rows`` (a sample: one read a row)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"row indices must be in 0..{self.rows - 1}, got {rows.min()}..{rows.max()}.")
+        return np.concatenate([self._read(int(r), 1) for r in rows]) if len(rows) else self._read(0, 0)
+
+    def close(self) -> None:
+        """Free the file now (collection does it too)."""
+        self._file.close()
+
+    def _read(self, start: int, n: int) -> np.ndarray:
+        out = np.empty((n, self.dim), np.float32)
+        view, done, offset = _bytes(out), 0, start * self.dim * 4
+        while done < view.nbytes:
+            got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise DdxError(f"Internal: the spilled vectors file ends {view.nbytes - done} bytes early.")
+            done += got
+        return out
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous array (empty ones too, which ``memoryview.cast`` refuses)."""
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
 @dataclass
 class SetVectors:
     """One eval set's vectors, computed once and shared by every mode; teacher rows index the store."""
 
     q_s: np.ndarray  # student queries
-    d_s: np.ndarray | None  # student passages: None when no mode searches them (teacher, hybrid, routed)
+    d_s: SpilledVectors | None  # student passages (on disk): None when no mode searches them (teacher, hybrid, routed)
     q_p: np.ndarray | None = None  # projected student queries (ddx runs only)
     store: TeacherStore | None = None
     rows_q: np.ndarray | None = None  # store rows of the queries and passages (with a store only)
     rows_d: np.ndarray | None = None
 
-    def student_corpus(self) -> np.ndarray:
+    def student_corpus(self) -> SpilledVectors:
         if self.d_s is None:
             raise DdxError("Internal: the student corpus was not encoded for these modes (set_vectors' modes).")
         return self.d_s
@@ -244,17 +310,23 @@ def set_vectors(
     return v, rate
 
 
-def _student_corpus(es: EvalSet, enc: Encoders) -> np.ndarray:
-    """Student vectors of the corpus, encoded :data:`ENCODE_BLOCK` texts at a time into one array."""
-    out: np.ndarray | None = None
-    done = 0
-    for texts in es.doc_text_blocks():
-        vectors = enc.student_vectors(texts, "passage")
+def _student_corpus(es: EvalSet, enc: Encoders) -> SpilledVectors:
+    """Student vectors of the corpus, encoded :data:`ENCODE_BLOCK` texts at a time into a spilled file."""
+    out: SpilledVectors | None = None
+    try:
+        for texts in es.doc_text_blocks():
+            vectors = enc.student_vectors(texts, "passage")
+            if out is None:
+                out = SpilledVectors(vectors.shape[1])
+            out.append(vectors)
+            del vectors  # one encoded block alive at a time, not this one beside the next
         if out is None:
-            out = np.empty((len(es.doc_ids), vectors.shape[1]), np.float32)
-        out[done : done + len(vectors)] = vectors
-        done += len(vectors)
-    return out if out is not None else enc.student_vectors([], "passage")
+            out = SpilledVectors(enc.student_vectors([], "passage").shape[1])
+    except BaseException:
+        if out is not None:
+            out.close()  # now, not when the traceback lets go of it
+        raise
+    return out
 
 
 def mode_inputs(mode: str, v: SetVectors, enc: Encoders) -> tuple[np.ndarray, PassageSource]:
@@ -265,7 +337,9 @@ def mode_inputs(mode: str, v: SetVectors, enc: Encoders) -> tuple[np.ndarray, Pa
     """
     if mode in STUDENT_CORPUS_MODES:
         d_s = v.student_corpus()
-        return (v.q_s, d_s) if mode == "student" else (v.projected_queries(), lambda: enc.project_blocks(d_s))
+        if mode == "student":
+            return v.q_s, d_s.blocks
+        return v.projected_queries(), lambda: (p for block in d_s.blocks() for p in enc.project_blocks(block))
     store, rows_q, rows_d = v.teacher()
     if mode == "teacher":
         return store.get_rows(rows_q, dtype="float32"), store_blocks(store, rows_d)

@@ -17,6 +17,7 @@ from distill.search.search_inputs import (
     check_positive,
     chunk_tensor,
     clamp_k,
+    corpus_positions,
     iter_chunks,
     query_tensor,
 )
@@ -84,7 +85,8 @@ def faiss_search(
     elif index == "hnsw":
         built.hnsw.efSearch = ef_search
     scores, idx = built.search(q, k_out)
-    return np.where(idx >= 0, scores, -np.inf).astype(np.float32), idx.astype(np.int64)  # -1: not found, last
+    idx = corpus_positions(idx.astype(np.int64), passages, n_seen)  # a Reordered corpus: back to its positions
+    return np.where(idx >= 0, scores, -np.inf).astype(np.float32), idx  # -1: not found, last
 
 
 def _import_faiss() -> Any:

@@ -26,7 +26,9 @@ trec_eval ranks tied documents by id descending, so the returned top k is then e
 ranking, and its metrics equal those of the complete run for every cut-off up to k (which tied documents make the
 top k is decided here; pytrec_eval only orders what it is given). ``torch.topk`` alone leaves tie order
 unspecified. Selecting k + 1 finds the rows where a tie straddles the k-th place at no extra cost (the (k+1)-th
-score equals the k-th); only those rows are re-selected by priority.
+score equals the k-th); only those rows are re-selected by priority. A ``Reordered`` corpus (a store's rows read
+in row order) is scored in its read order with the priority of each passage's corpus position, and its results
+are mapped back to those positions: the same top k, ties included, as reading it in corpus order.
 
 Inputs are checked and chunked by :mod:`distill.search.search_inputs`; :func:`faiss_search` (the optional FAISS
 backend) lives in :mod:`distill.search.faiss_search` and is re-exported here.
@@ -45,9 +47,11 @@ from distill.search.search_inputs import (
     check_positive,
     chunk_tensor,
     clamp_k,
+    corpus_positions,
     default_device,
     iter_chunks,
     query_tensor,
+    read_order_priority,
 )
 from storage.errors import DdxError
 
@@ -74,8 +78,9 @@ def exact_search(
     Args:
         queries: ``[nq, d]`` array or tensor.
         passages: ``[N, d]`` numpy array (``np.memmap`` and float16 welcome), torch tensor, an iterable of
-            ``[n_i, d]`` blocks, or a callable returning one (e.g. a store's block reader). Blocks larger than
-            ``chunk_size`` are split; smaller ones are scored as they come.
+            ``[n_i, d]`` blocks, a callable returning one, or a ``Reordered`` corpus (e.g. a store's rows read in
+            row order: ``store_blocks``), whose results and ties are as if read in corpus order. Blocks larger
+            than ``chunk_size`` are split; smaller ones are scored as they come.
         k: results per query; more than N is clamped to N with a warning.
             Vectors must be finite: NaN or inf scores rank in an unspecified order.
         chunk_size: passages scored per step (bounds memory together with ``query_block``).
@@ -104,7 +109,8 @@ def exact_search(
     k, chunk_size = int(k), int(chunk_size)
     dev = torch.device(device) if device is not None else default_device()
     q = query_tensor(queries, dev, normalize)
-    prio = None if tie_priority is None else as_tensor(tie_priority).to(dev, torch.int64)
+    read_prio = read_order_priority(tie_priority, passages)
+    prio = None if read_prio is None else as_tensor(read_prio).to(dev, torch.int64)
     qb = query_block or max(1, SCORE_BLOCK_ELEMENTS // chunk_size)
     blocks = [slice(s, min(s + qb, q.shape[0])) for s in range(0, max(q.shape[0], 1), qb)]  # >= 1, even for 0 queries
     best: list[_Best | None] = [None] * len(blocks)
@@ -118,7 +124,8 @@ def exact_search(
         n_seen += p.shape[0]
         del p, col_prio  # free this chunk before the next is built: one chunk alive at a time
     k_out = clamp_k(k, n_seen)
-    return _collect(best, blocks, q.shape[0], k_out, prio)
+    scores, idx = _collect(best, blocks, q.shape[0], k_out, prio)
+    return scores, corpus_positions(idx, passages, n_seen)
 
 
 # --- top-k selection with deterministic ties ----------------------------------------------------------------------

@@ -56,6 +56,10 @@ def _short_roles(r: Rows) -> tuple[np.ndarray, ...]:
     return r.keys, r.vectors, r.roles[:2], r.n_tokens  # used to fail only at flush, losing the chunk's good rows
 
 
+def _fractional_tokens(r: Rows) -> tuple[np.ndarray, ...]:
+    return r.keys, r.vectors, r.roles, np.array([5.0, 2.5, 7.0])  # 5.0 and 7.0 would do; 2.5 is no count
+
+
 def _integer_vectors(r: Rows) -> tuple[np.ndarray, ...]:
     return r.keys, (r.vectors * 100).astype(np.int32), r.roles, r.n_tokens
 
@@ -70,6 +74,7 @@ CASES: dict[str, tuple[Spoil, str]] = {
     "n_tokens 2**40": (_huge_tokens, "n_tokens must be integers"),
     "roles shorter than keys": (_short_roles, "keys, roles and n_tokens must be 1-d of one length"),
     "integer vectors": (_integer_vectors, "vectors must be floating point"),
+    "fractional n_tokens": (_fractional_tokens, "n_tokens must be integers"),
 }
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from distill.search import search_inputs
 from distill.train import mining
 from distill.train.data import Phase2Examples, Ragged, TextIndex
 from distill.train.mining import mine_hard_negatives
@@ -104,41 +107,57 @@ def test_mined_negatives_never_repeat_given_ones_or_cross_data_sets(world) -> No
 
 
 class CountedStore:
-    """A store whose ``get_rows`` calls are counted."""
+    """A store whose ``get_rows`` calls (and their rows) and scans are counted."""
 
     def __init__(self, store: TeacherStore) -> None:
-        self.store, self.calls = store, 0
+        self.store, self.calls, self.scans, self.dim, self.rows = store, 0, 0, store.dim, store.rows
+        self.requests: list[np.ndarray] = []
 
     def get_rows(self, gids: np.ndarray, **kw: Any) -> np.ndarray:
         self.calls += 1
+        self.requests.append(np.asarray(gids))
         return self.store.get_rows(gids, **kw)
 
+    def iter_batches(self, *args: Any, **kw: Any) -> Any:
+        self.scans += 1
+        return self.store.iter_batches(*args, **kw)
 
-@pytest.mark.parametrize("stream_rows", [mining.STREAM_ROWS, 5])
-def test_against_brute_force_on_random_vectors(tmp_path: Path, monkeypatch, stream_rows: int) -> None:
-    """Many queries, random vectors: the mined lists equal a direct implementation of the rule.
 
-    The store is read in one gather for the queries and one per ``STREAM_ROWS`` passages and positives: not once a
-    query (5: one query's positives straddle two gathers).
+def read_passages_by(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Make mining gather its passages (``get_rows``) or scan the store for them, whatever their share of it."""
+    monkeypatch.setattr(search_inputs, "SCAN_DENSITY", {"gather": 2.0, "scan": 0.0}[how])
 
-    Positives sit near their query, as a teacher's do. (Mining searches the top ``k + positives + max(k, 20)``
-    candidates only, so a query whose positive ranks below that depth gets no mined negatives: everything above
-    it is skipped as a likely positive. The oracle below scans everything, hence realistic positives.)
-    """
+
+@dataclass
+class RandomWorld:
+    """Random query and passage vectors in a store, positives near their query (as a teacher's are)."""
+
+    examples: Phase2Examples
+    texts: TextIndex
+    store: TeacherStore
+    vectors: np.ndarray  # rows: n_q queries, then the passages
+    positives: list[np.ndarray]  # per query, its positives' rows in ``vectors``
+    planted: np.ndarray  # per query, an unjudged positive (planted for even queries only)
+    pos_of: dict[int, int]  # row in ``vectors`` → position in ``texts``
+
+
+def random_world(tmp_path: Path, n_q: int, n_p: int, dim: int, chunk_rows: int = 16) -> RandomWorld:
+    """Queries and passages stored in name order, so the key-sorted TextIndex lists them in a random row order."""
     rng = np.random.default_rng(0)
-    n_q, n_p, dim, k, margin = 20, 150, 16, 4, 0.9
     names = [f"q{i}" for i in range(n_q)] + [f"p{i}" for i in range(n_p)]
     roles = ["query"] * n_q + ["passage"] * n_p
     keys = content_keys(roles, names)
     vectors = rng.normal(size=(len(names), dim)).astype(np.float32)
-    chosen = rng.permutation(n_p)[: 3 * n_q].reshape(n_q, 3) + n_q
+    # Three passages a query, disjoint while there are enough (a shared one would sit near one query only).
+    chosen = rng.permutation(n_p)[: 3 * n_q] if 3 * n_q <= n_p else rng.integers(0, n_p, 3 * n_q)
+    chosen = chosen.reshape(n_q, 3) + n_q
     positives = [chosen[q, : rng.integers(1, 3)] for q in range(n_q)]
     for q, ps in enumerate(positives):
         vectors[ps] = vectors[q] + 0.3 * rng.normal(size=(len(ps), dim))
         if q % 2 == 0:  # an unjudged positive, closer to the query than the judged ones: must be skipped
             vectors[chosen[q, 2]] = vectors[q] + 0.1 * rng.normal(size=dim)
     store = TeacherStore.create(tmp_path / "store", make_spec(dim, normalize=False), dtype="float32")
-    with store.writer(chunk_rows=16) as w:
+    with store.writer(chunk_rows=chunk_rows) as w:
         w.append(keys, vectors, np.array([role_code(r) for r in roles], np.uint8), np.ones(len(names), np.int32))
     store.refresh()
     order = np.argsort(keys)
@@ -146,27 +165,109 @@ def test_against_brute_force_on_random_vectors(tmp_path: Path, monkeypatch, stre
         keys[order], np.array([role_code(roles[i]) for i in order], np.uint8), np.zeros(len(names), np.int16)
     )
     texts.gids = store.locate(texts.keys)
-    pos_of = {i: int(np.flatnonzero(order == i)[0]) for i in range(len(names))}
+    pos_of = {int(i): p for p, i in enumerate(order)}
     examples = Phase2Examples(
         np.array([pos_of[i] for i in range(n_q)]),
         Ragged.from_lists([[pos_of[int(p)] for p in ps] for ps in positives]),
         Ragged.from_lists([[] for _ in range(n_q)]),
         np.zeros(n_q, np.int16),
     )
+    return RandomWorld(examples, texts, store, vectors, positives, chosen[:, 2], pos_of)
+
+
+@pytest.mark.parametrize(("stream_rows", "read"), [(mining.STREAM_ROWS, "gather"), (5, "gather"), (5, "scan")])
+def test_against_brute_force_on_random_vectors(tmp_path: Path, monkeypatch, stream_rows: int, read: str) -> None:
+    """Many queries, random vectors: the mined lists equal a direct implementation of the rule.
+
+    The store is read in one gather for the queries and one per ``STREAM_ROWS`` positives, and the passages in one
+    gather per ``STREAM_ROWS`` of them or one scan: not once a query (5: one query's positives straddle two
+    gathers).
+
+    Positives sit near their query, as a teacher's do. (Mining searches the top ``k + positives + max(k, 20)``
+    candidates only, so a query whose positive ranks below that depth gets no mined negatives: everything above
+    it is skipped as a likely positive. The oracle below scans everything, hence realistic positives.)
+    """
+    n_q, n_p, k, margin = 20, 150, 4, 0.9
+    w = random_world(tmp_path, n_q, n_p, 16)
     monkeypatch.setattr(mining, "STREAM_ROWS", stream_rows)
-    counted = CountedStore(store)
-    mined, report = mine_hard_negatives(examples, texts, counted, k, margin=margin)  # type: ignore[arg-type]
-    n_pos = sum(len(ps) for ps in positives)
-    assert counted.calls == 1 + -(-n_p // stream_rows) + -(-n_pos // stream_rows)
+    read_passages_by(monkeypatch, read)
+    counted = CountedStore(w.store)
+    mined, report = mine_hard_negatives(w.examples, w.texts, counted, k, margin=margin)  # type: ignore[arg-type]
+    n_pos = sum(len(ps) for ps in w.positives)
+    passage_gathers = -(-n_p // stream_rows) if read == "gather" else 0
+    assert counted.calls == 1 + passage_gathers + -(-n_pos // stream_rows)
+    assert counted.scans == (read == "scan")
     assert report["queries"] == n_q and report["mined"] == n_q * k
     assert report["skipped_as_likely_positive"] >= n_q // 2, "every planted unjudged positive is skipped"
 
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = w.vectors / np.linalg.norm(w.vectors, axis=1, keepdims=True)
     for q in range(n_q):
         scores = unit[n_q:] @ unit[q]
-        limit = margin * scores[positives[q] - n_q].min()
-        ranked = [int(p) for p in np.argsort(-scores, kind="stable") if p + n_q not in positives[q]]
-        want = [pos_of[p + n_q] for p in ranked if scores[p] < limit][:k]
+        limit = margin * scores[w.positives[q] - n_q].min()
+        ranked = [int(p) for p in np.argsort(-scores, kind="stable") if p + n_q not in w.positives[q]]
+        want = [w.pos_of[p + n_q] for p in ranked if scores[p] < limit][:k]
         assert mined.negatives.row(q).tolist() == want
         if q % 2 == 0:
-            assert pos_of[int(chosen[q, 2])] not in want
+            assert w.pos_of[int(w.planted[q])] not in want
+
+
+def _small_query_blocks(monkeypatch: pytest.MonkeyPatch, dim: int, search_block: int, per_pass: int) -> None:
+    """Mine ``per_pass`` queries a pass (a multiple of ``search_block``, the search's query block)."""
+    monkeypatch.setattr(mining, "SEARCH_QUERY_BLOCK", search_block)
+    monkeypatch.setattr(mining, "QUERY_BLOCK_BYTES", per_pass * dim * 4)
+
+
+def test_query_blocks_mine_exactly_what_one_pass_mines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 6 queries (searched 3 at a time) give the lists and report of one pass over all 40 queries; every
+    query gather stays within a block, and each block streams the passages again."""
+    n_q, n_p, dim = 40, 150, 16
+    w = random_world(tmp_path, n_q, n_p, dim)
+    whole, whole_report = mine_hard_negatives(w.examples, w.texts, w.store, 5, margin=0.9)
+    _small_query_blocks(monkeypatch, dim, search_block=3, per_pass=6)
+    assert mining._query_block_rows(dim) == 6
+    counted = CountedStore(w.store)
+    blocked, report = mine_hard_negatives(w.examples, w.texts, counted, 5, margin=0.9)  # type: ignore[arg-type]
+    assert report == whole_report and report["mined"] > 0
+    for row in range(n_q):
+        np.testing.assert_array_equal(blocked.negatives.row(row), whole.negatives.row(row))
+    query_gathers = [r for r in counted.requests if np.isin(r, w.texts.gids[w.examples.query]).all()]
+    assert [len(r) for r in query_gathers] == [6] * 6 + [4]
+    assert counted.calls == 7 * 2, "per block: its queries and its positives"
+    assert counted.scans == 7, "per block: one scan for the passages (150 of the store's 190 rows)"
+
+
+def test_passages_are_read_in_store_row_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathered, the key-sorted corpus is read sorted by store row (a row-by-row read in key order jumps all over
+    the store); the mined lists still name corpus positions (the brute-force test checks them)."""
+    w = random_world(tmp_path, 10, 120, 8)
+    monkeypatch.setattr(mining, "STREAM_ROWS", 32)
+    read_passages_by(monkeypatch, "gather")
+    counted = CountedStore(w.store)
+    mine_hard_negatives(w.examples, w.texts, counted, 3)  # type: ignore[arg-type]
+    passage_rows = w.texts.gids[w.texts.roles == role_code("passage")]
+    assert not (np.diff(passage_rows) > 0).all(), "the fixture lists passages out of row order"
+    gathers = [r for r in counted.requests if len(r) == 32 or len(r) == 120 % 32][:4]
+    assert np.concatenate(gathers).tolist() == sorted(passage_rows.tolist())
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_queries(tmp_path: Path, monkeypatch) -> None:
+    """Doubling the queries (400 → 800, 1024-d) leaves the traced peak within a quarter of the 400 extra queries'
+    float32 size; gathering all queries at once grew it by more than their whole size (1.6 MB)."""
+    dim, n_p = 1024, 64
+    w = random_world(tmp_path, 800, n_p, dim, chunk_rows=64)
+    _small_query_blocks(monkeypatch, dim, search_block=32, per_pass=64)
+
+    def peak(n_q: int) -> int:
+        ex = w.examples
+        first = [Ragged.from_lists(r.rows()[:n_q]) for r in (ex.positives, ex.negatives)]
+        sub = Phase2Examples(ex.query[:n_q], first[0], first[1], ex.source[:n_q])
+        mine_hard_negatives(sub, w.texts, w.store, 2)  # warm: first-call allocations (indexes, file handles)
+        tracemalloc.start()
+        try:
+            mine_hard_negatives(sub, w.texts, w.store, 2)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(400), peak(800)
+    assert large - small < 0.25 * 400 * dim * 4, (small, large)
