@@ -205,7 +205,12 @@ def _salvage_claimed(loc: Location, seg_id: str) -> SalvageResult:
 
 
 def _copies_committed_segments(loc: Location, seg_id: str) -> bool:
-    """True for a compaction segment (group attribute ``replaces``) whose every source is still committed."""
+    """True for a compaction segment (group attribute ``replaces``) whose every source still there is committed.
+
+    ``replaces`` also names segments an earlier compaction replaced (inherited: their rows are in one of this copy's
+    committed sources), which gc may have removed since; a source of this copy is removed only after its COMMIT, so
+    while the copy is uncommitted, a source that is gone was an inherited one.
+    """
     try:
         attrs = json.loads(loc.read_bytes(SEGMENTS, seg_id, "zarr.json")).get("attributes", {}).get("ddx_segment", {})
     except (FileNotFoundError, ValueError, AttributeError):
@@ -213,7 +218,10 @@ def _copies_committed_segments(loc: Location, seg_id: str) -> bool:
     sources = attrs.get("replaces") if isinstance(attrs, dict) else None
     if not isinstance(sources, list) or not sources:
         return False
-    return all(isinstance(s, str) and loc.exists(SEGMENTS, s, "COMMIT") for s in sources)
+    if not all(isinstance(s, str) for s in sources):
+        return False
+    present = [s for s in sources if loc.isdir(SEGMENTS, s)]
+    return bool(present) and all(loc.exists(SEGMENTS, s, "COMMIT") for s in present)
 
 
 def _trim_last_chunk(loc: Location, seg_id: str, rows: int, chunk_rows: int, array: Any) -> int:

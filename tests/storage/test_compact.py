@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from storage import IntegrityError, TeacherStore, compact_store, gc_store, store_info, verify_store
-from storage.compact import remove_replaced
+from storage.compact import copy_id, remove_replaced
 from storage.segment import SegmentReader, claim_and_salvage
 from storage.segment_writer import SegmentWriter
 from tests.storage.rows import Rows, make_rows, make_spec, write_rows
@@ -313,3 +313,27 @@ def test_compaction_keeps_which_row_a_repeated_key_resolves_to(new_store: Callab
     assert [s.rows for s in after.segments] == [5, 41, 5]  # in id order: the copy of a+b, c, the copy of d+e
     assert after.get(dup.keys)[0, 0] == 1.0
     assert verify_store(after).ok
+
+
+def test_an_unfinished_copy_whose_inherited_source_is_gone_is_removed(new_store: Callable[..., TeacherStore]) -> None:
+    """A copy records the segments an earlier compaction replaced (inherited) besides its own sources; gc may remove
+    those meanwhile. Killed before its commit, the copy must still be removed by salvage (its rows are all in its
+    committed sources), not committed next to them as a second copy of every row."""
+    store = new_store(DIM)
+    rows = small_segments(store, [5, 6])
+    store.refresh()
+    sources = [s.seg_id for s in store.segments]
+    copy = SegmentWriter.create(
+        store.loc,
+        seg_id=copy_id(sources[0]),
+        dim=DIM,
+        dtype=store.dtype,
+        chunk_rows=4,
+        replaces=[*sources, "20000101T000000-gone-1-r0of1-abcdef"],  # inherited, since removed by gc
+    )
+    copy.append(*rows[:8].args())
+    copy.flush()
+    copy.abort()
+    assert claim_and_salvage(store.loc, copy.seg_id).outcome == "removed"
+    assert not Path(store.url, "segments", copy.seg_id).exists()
+    assert_each_key_once(store, rows)
