@@ -176,9 +176,10 @@ def run(args: argparse.Namespace) -> dict:
         "".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts))
     )
     spec = random_teacher_spec()
-    for budget in args.token_budgets:
-        encoder = TeacherEncoder(model, spec, device)
-        store = tmp / f"store_{budget}"
+
+    def ddx(name: str, budget: int) -> None:
+        """One ddx precompute of the corpus into a fresh store, recorded as ``name``."""
+        store = tmp / "store"
         reset()
         start = time.perf_counter()
         summary = precompute(
@@ -190,13 +191,16 @@ def run(args: argparse.Namespace) -> dict:
                 roles=("passage",),
                 progress=False,
             ),
-            encoder=encoder,
+            encoder=TeacherEncoder(model, spec, device),
         )
         sync()
-        record(f"ddx precompute (token budget {budget})", time.perf_counter() - start, peak())
+        record(name, time.perf_counter() - start, peak())
         results["runs"][-1]["padding_waste"] = round(summary.padding_waste, 4)
         results["runs"][-1]["encoded"] = summary.encoded
         shutil.rmtree(store, ignore_errors=True)
+
+    for budget in args.token_budgets:
+        ddx(f"ddx precompute (token budget {budget})", budget)
     if args.compile:  # the same model, its blocks compiled (regional torch.compile), at the first budget
         from precompute.teacher import compile_blocks
 
@@ -204,25 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         compile_blocks(model, spec)
         sync()
         results["compile_s"] = round(time.perf_counter() - start, 1)
-        store = tmp / "store_compiled"
-        reset()
-        start = time.perf_counter()
-        summary = precompute(
-            PrecomputeConfig(
-                store=str(store),
-                data=(f"beir:{corpus}",),
-                teacher=TeacherConfig(model="-"),
-                token_budget=args.token_budgets[0],
-                roles=("passage",),
-                progress=False,
-            ),
-            encoder=TeacherEncoder(model, spec, device),
-        )
-        sync()
-        record(f"ddx precompute --compile (token budget {args.token_budgets[0]})", time.perf_counter() - start, peak())
-        results["runs"][-1]["padding_waste"] = round(summary.padding_waste, 4)
-        results["runs"][-1]["encoded"] = summary.encoded
-        shutil.rmtree(store, ignore_errors=True)
+        ddx(f"ddx precompute --compile (token budget {args.token_budgets[0]})", args.token_budgets[0])
     if args.profile_out:
         results["profile"] = profile_precompute(args, model, spec, corpus, tmp, device)
     bare = min(r["seconds"] for r in results["runs"] if r["method"].startswith("bare"))

@@ -471,8 +471,8 @@ class Location:
                 f.write(data)
         except FileExistsError:
             return False
-        except NotImplementedError:  # fsspec before "xb" support (the s3 extra allows s3fs/fsspec 2024.6)
-            return self._create_then_confirm(path, data)
+        except NotImplementedError:  # a file class that refuses "xb" (fsspec's base file before it knew the mode;
+            return self._create_then_confirm(path, data)  # an s3fs that old took the version check's path above)
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):
                 raise

@@ -72,7 +72,10 @@ class SegmentReader:
         commit: dict[str, Any] | None = None,
     ) -> None:
         self.loc, self.seg_id = loc, seg_id
-        self.commit: dict[str, Any] = commit if commit is not None else read_commit(loc, seg_id)
+        found = commit if commit is not None else read_commit(loc, seg_id)
+        if found is None:
+            raise self.damage("is missing", "COMMIT")
+        self.commit: dict[str, Any] = found
         if problems := commit_store_problems(self.commit, self.file("COMMIT"), dim=dim, dtype=dtype):
             raise problems[0].error(loc.url)
         self.format_version = int(self.commit["format_version"])
@@ -409,18 +412,19 @@ def commit_replaces(commit: dict[str, Any]) -> list[str]:
     return [str(s) for s in value] if isinstance(value, list) else []
 
 
-def read_commit(loc: Location, seg_id: str) -> dict[str, Any]:
-    """A segment's COMMIT, parsed and checked (:func:`storage.metadata.commit_problems`).
+def read_commit(loc: Location, seg_id: str) -> dict[str, Any] | None:
+    """A segment's COMMIT, parsed and checked (:func:`storage.metadata.commit_problems`); None when it has none
+    (an uncommitted segment).
 
     Raises:
-        IntegrityError: missing, unparsable, or fails a check.
+        IntegrityError: unparsable, or fails a check.
         FormatVersionError: committed by a newer ddx.
     """
     file = "/".join((SEGMENTS, seg_id, "COMMIT"))
     try:
         data = loc.read_bytes(SEGMENTS, seg_id, "COMMIT")
-    except FileNotFoundError as exc:
-        raise Damage(file, "is missing").error(loc.url) from exc
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: segments/zarr.json, listed beside segments
+        return None
     doc, why = parse_json(data)
     if doc is None:
         raise Damage(file, str(why)).error(loc.url)

@@ -254,16 +254,17 @@ class TeacherStore:
         """
 
         def attempt() -> tuple[list[SegmentReader], list[str]]:
-            ids = [s for s in self.loc.listdir(SEGMENTS) if not s.startswith(".")]
+            ids = [s for s in self.loc.listdir(SEGMENTS) if not s.startswith(".") and s != "zarr.json"]  # the group's
             commits: dict[str, dict[str, Any]] = {}
             damaged: dict[str, IntegrityError] = {}
             for s in ids:
-                if not self.loc.exists(SEGMENTS, s, "COMMIT"):
-                    continue
                 try:
-                    commits[s] = read_commit(self.loc, s)
+                    doc = read_commit(self.loc, s)  # one read, no existence check first
                 except IntegrityError as exc:
                     damaged[s] = exc
+                    continue
+                if doc is not None:  # else uncommitted: a writer's, or abandoned
+                    commits[s] = doc
             replaced = {r for doc in commits.values() for r in commit_replaces(doc)}
             for s, error in damaged.items():
                 if s not in replaced:
@@ -273,8 +274,8 @@ class TeacherStore:
                 for s, doc in commits.items()
                 if s not in replaced
             ]
-            gone_meanwhile = [s for s in replaced & (set(commits) | set(damaged)) if not self.loc.isdir(SEGMENTS, s)]
-            return readers, sorted(replaced & (set(commits) | set(damaged)) - set(gone_meanwhile))
+            waiting = replaced & (set(commits) | set(damaged))
+            return readers, sorted(s for s in waiting if self.loc.isdir(SEGMENTS, s))  # not removed meanwhile
 
         for _ in range(tries - 1):
             try:

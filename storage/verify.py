@@ -102,13 +102,14 @@ def verify_store(
     keys: dict[str, np.ndarray] = {}
     replaces: dict[str, list[str]] = {}
     names = loc.listdir(SEGMENTS)
-    committed = [n for n in names if not n.startswith(".") and loc.exists(SEGMENTS, n, "COMMIT")]
-    skipped = _replaced_by_sound_commits(loc, committed)  # never read again: removed (maybe half) by compaction
+    segs = [n for n in names if not n.startswith(".") and n != "zarr.json"]  # the group's own metadata, not a segment
+    commits = {n: data for n in segs if (data := _commit_bytes(loc, n)) is not None}
+    skipped = _replaced_by_sound_commits(commits)  # never read again: removed (maybe half) by compaction
     for name in names:
         if name in skipped:
             continue
-        if name in committed:
-            seg_keys = _verify_segment(loc, name, dim, dtype, report, replaces)
+        if name in commits:
+            seg_keys = _verify_segment(loc, name, commits[name], dim, dtype, report, replaces)
             if seg_keys is not None:
                 keys[name] = seg_keys
         else:
@@ -130,19 +131,24 @@ def verify_store(
     return report
 
 
-def _replaced_by_sound_commits(loc: Location, committed: list[str]) -> set[str]:
+def _commit_bytes(loc: Location, seg_id: str) -> bytes | None:
+    """The segment's COMMIT as stored; None when it has none (segments/zarr.json is listed beside the segments)."""
+    try:
+        return loc.read_bytes(SEGMENTS, seg_id, "COMMIT")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _replaced_by_sound_commits(commits: dict[str, bytes]) -> set[str]:
     """Segments that an intact COMMIT of another segment replaces: readers skip them, and a compaction killed while
     removing one (an object store deletes file by file) may have left any part of it, so their files are not
     checked (the replacing segment is, in full)."""
     out: set[str] = set()
-    for name in committed:
-        try:
-            doc, _ = parse_json(loc.read_bytes(SEGMENTS, name, "COMMIT"))
-        except FileNotFoundError:
-            continue
+    for name, data in commits.items():
+        doc, _ = parse_json(data)
         if doc is not None and not commit_problems(doc, name) and isinstance(doc.get("replaces"), list):
             out |= {str(s) for s in doc["replaces"] if str(s) != name}
-    return out & set(committed)
+    return out & set(commits)
 
 
 def _verify_root(loc: Location, report: VerifyReport) -> tuple[int | None, str | None]:
@@ -182,13 +188,19 @@ def _verify_root(loc: Location, report: VerifyReport) -> tuple[int | None, str |
 
 
 def _verify_segment(
-    loc: Location, seg_id: str, dim: int | None, dtype: str | None, report: VerifyReport, replaces: dict[str, list[str]]
+    loc: Location,
+    seg_id: str,
+    commit: bytes,
+    dim: int | None,
+    dtype: str | None,
+    report: VerifyReport,
+    replaces: dict[str, list[str]],
 ) -> np.ndarray | None:
-    """Check one committed segment; returns its keys (for the duplicate count) when its index is sound, and
-    records the segments its COMMIT replaces (a compaction) in ``replaces``."""
+    """Check one committed segment (``commit``: its COMMIT's bytes); returns its keys (for the duplicate count) when
+    its index is sound, and records the segments its COMMIT replaces (a compaction) in ``replaces``."""
     base = f"{SEGMENTS}/{seg_id}"
     report.segments += 1
-    doc, why = parse_json(loc.read_bytes(SEGMENTS, seg_id, "COMMIT"))
+    doc, why = parse_json(commit)
     if doc is None:
         report.damage([Damage(f"{base}/COMMIT", str(why))])
         return None
