@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_store(path: Path, rows: int, dim: int) -> float:
-    """Write ``rows`` rows of random float16 bits through the writer; returns rows/s."""
+    """Write ``rows`` rows of random finite float16 bits through the writer; returns rows/s."""
     spec = TeacherSpec(
         model="bench-synthetic",
         weights_id="files:bench",
@@ -85,7 +85,8 @@ def build_store(path: Path, rows: int, dim: int) -> float:
         for s in range(0, rows, block):
             e = min(s + block, rows)
             keys = content_keys("passage", [f"scale passage {i}" for i in range(s, e)])
-            vecs = np.frombuffer(rng.bytes((e - s) * dim * 2), dtype=np.float16).reshape(e - s, dim)
+            bits = rng.integers(0, 1 << 16, size=(e - s, dim), dtype=np.uint16) & 0xBFFF  # top exponent bit off:
+            vecs = bits.view(np.float16)  # random, incompressible and finite (the writer refuses NaN/inf)
             roles = (np.arange(s, e) % 10 == 0).astype(np.uint8)
             w.append(keys, vecs, roles, np.full(e - s, 128, np.int32))
     return rows / (time.perf_counter() - t0)
